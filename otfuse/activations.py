@@ -1,0 +1,92 @@
+"""Activations of every neuron space on a sample of inputs (for ``mode="acts"``).
+
+For a space with n units, its activation matrix has shape (n, m): one row per unit, one column per
+(sample, position) pair, gathered from every traced node whose unit axis is exactly that space. Columns
+are subsampled with a fixed seed, identically for every model, so rows of two models are comparable.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.fx
+
+from otfuse.discovery import NeuronSpace, SpaceGraph
+
+ActivationPoint = Literal["pre", "post"]
+PREFERENCE = {"pre": ("pre", "norm", "post"), "post": ("post", "norm", "pre")}
+
+
+def activation_nodes(space: NeuronSpace, point: ActivationPoint) -> list[tuple[str, int]]:
+    """The nodes (name, unit axis) whose values describe ``space``: the first kind found in order of
+    preference (``pre``: layer outputs and residual sums; ``post``: outputs of nonlinearities)."""
+    for kind in PREFERENCE[point]:
+        nodes = [(name, axis) for name, k, axis in space.nodes if k == kind]
+        if nodes:
+            return nodes
+    return []
+
+
+class _Recorder(torch.fx.Interpreter):
+    def __init__(self, gm: torch.fx.GraphModule, wanted: set[str]) -> None:
+        super().__init__(gm)
+        self.wanted = wanted
+        self.values: dict[str, torch.Tensor] = {}
+
+    def run_node(self, n: torch.fx.Node):
+        out = super().run_node(n)
+        if n.name in self.wanted:
+            self.values[n.name] = out.detach()
+        return out
+
+
+def collect_activations(
+    graph: SpaceGraph,
+    inputs: torch.Tensor,
+    *,
+    point: ActivationPoint = "pre",
+    max_columns: int = 50_000,
+    seed: int = 0,
+    batch_size: int = 256,
+) -> dict[int, torch.Tensor]:
+    """Activation matrix (n_units, m) of every transportable space, on ``inputs`` (N, ...).
+
+    The model runs in eval mode under ``torch.no_grad``. Each node contributes at most
+    ``max_columns`` columns, chosen by ``seed`` alone so that all models use the same ones.
+    """
+    spaces = [s for s in graph.spaces if not s.fixed]
+    chosen = {s.index: activation_nodes(s, point) for s in spaces}
+    wanted = {name for nodes in chosen.values() for name, _ in nodes}
+    values = _run(graph.graph_module, inputs, wanted, batch_size)
+    result: dict[int, torch.Tensor] = {}
+    for s in spaces:
+        parts = [_unit_rows(values[name], axis, max_columns, seed + i) for i, (name, axis) in enumerate(chosen[s.index])]
+        if parts:
+            result[s.index] = torch.cat(parts, dim=1)
+    return result
+
+
+def _run(gm: torch.fx.GraphModule, inputs: torch.Tensor, wanted: set[str], batch_size: int) -> dict[str, torch.Tensor]:
+    was_training = gm.training
+    gm.eval()
+    chunks: dict[str, list[torch.Tensor]] = {name: [] for name in wanted}
+    try:
+        with torch.no_grad():
+            for start in range(0, len(inputs), batch_size):
+                recorder = _Recorder(gm, wanted)
+                recorder.run(inputs[start : start + batch_size])
+                for name, value in recorder.values.items():
+                    chunks[name].append(value)
+    finally:
+        gm.train(was_training)
+    return {name: torch.cat(parts, dim=0) for name, parts in chunks.items() if parts}
+
+
+def _unit_rows(value: torch.Tensor, axis: int, max_columns: int, seed: int) -> torch.Tensor:
+    rows = value.movedim(axis, 0).reshape(value.shape[axis], -1).float()
+    if rows.shape[1] <= max_columns:
+        return rows
+    gen = torch.Generator().manual_seed(seed)
+    keep = torch.randperm(rows.shape[1], generator=gen)[:max_columns].sort().values
+    return rows[:, keep]

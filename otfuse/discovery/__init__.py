@@ -1,0 +1,76 @@
+"""Neuron-space discovery from a ``torch.fx`` trace (no hand-written spec per architecture)."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+from torch import nn
+
+from otfuse.discovery.layout import Layout, Member, NeuronSpace, Segment, SpaceGraph
+from otfuse.discovery.rules import info_of, rule_for, where
+from otfuse.discovery.walker import Feature, Info, ParamRef, SpaceBuilder, trace
+from otfuse.errors import UnsupportedOpError
+
+__all__ = ["Layout", "Member", "NeuronSpace", "Segment", "SpaceGraph", "discover"]
+
+
+def discover(model: nn.Module, example_input: torch.Tensor | tuple) -> SpaceGraph:
+    """Find the neuron spaces of ``model`` by tracing it on ``example_input``.
+
+    Args:
+        model: any ``torch.fx``-traceable module.
+        example_input: a tensor (or tuple of tensors) the model accepts, e.g. shape (2, 3, 32, 32).
+
+    Returns:
+        The :class:`SpaceGraph`: every space with its size and member parameter axes, in visiting
+        order. Spaces reaching the model's output are fixed.
+
+    Raises:
+        UnsupportedOpError: an op with tracked units and no rule, naming the op and the node.
+        OtfuseError: the model cannot be traced or does not accept ``example_input``.
+    """
+    gm = trace(model, example_input)
+    builder = SpaceBuilder(gm)
+    for node in gm.graph.nodes:
+        builder.info[node] = _visit(builder, node)
+    return builder.build()
+
+
+def _visit(b: SpaceBuilder, node: torch.fx.Node) -> Info:
+    if node.op == "placeholder":
+        return None
+    if node.op == "get_attr":
+        return ParamRef(str(node.target))
+    if node.op == "output":
+        for arg in _flatten(node.args):
+            info = info_of(b, arg)
+            if isinstance(info, Feature):
+                b.fix(info.layout)
+        return None
+    rule = rule_for(b, node)
+    return rule(b, node) if rule is not None else _unknown(b, node)
+
+
+def _unknown(b: SpaceBuilder, node: torch.fx.Node) -> Info:
+    """An op with no rule: fine only if no tracked units flow into it and it holds no parameters."""
+    if node.op == "call_module":
+        module = b.modules[node.target]
+        if any(True for _ in module.parameters()) or any(True for _ in module.buffers()):
+            raise UnsupportedOpError(
+                f"module '{node.target}' ({type(module).__name__}) is not supported: otfuse does not "
+                "know how its parameters relate to the units it reads and writes"
+            )
+        label = f"module '{node.target}' ({type(module).__name__})"
+    else:
+        label = where(node)
+    if any(isinstance(info_of(b, a), (Feature, ParamRef)) for a in node.all_input_nodes):
+        raise UnsupportedOpError(f"{label} is not supported on tensors whose units are aligned")
+    return None
+
+
+def _flatten(args: object) -> list:
+    if isinstance(args, (list, tuple)):
+        return [x for a in args for x in _flatten(a)]
+    if isinstance(args, dict):
+        return [x for a in args.values() for x in _flatten(a)]
+    return [args]

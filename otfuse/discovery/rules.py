@@ -1,0 +1,411 @@
+"""What each traced op does to neuron spaces (the table of DESIGN.md, as code).
+
+A rule takes the :class:`~otfuse.discovery.walker.SpaceBuilder` and a node and returns the node's info.
+Rules for modules are looked up by module type, rules for functions and methods by target. An op with
+no rule is accepted only when none of its inputs carries tracked units; otherwise it is an
+:class:`~otfuse.errors.UnsupportedOpError` that names the op and the node.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from otfuse.discovery.layout import Layout, Segment
+from otfuse.discovery.walker import Feature, Info, ParamRef, SpaceBuilder, shape_of
+from otfuse.errors import UnsupportedOpError
+
+Rule = Callable[[SpaceBuilder, torch.fx.Node], Info]
+
+
+def where(node: torch.fx.Node) -> str:
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", node.target)
+    return f"op '{target}' at node '{node.name}'"
+
+
+def info_of(b: SpaceBuilder, arg: object) -> Info:
+    return b.info.get(arg) if isinstance(arg, torch.fx.Node) else None
+
+
+def tracked_input(b: SpaceBuilder, node: torch.fx.Node) -> Info:
+    """Info of the node's first argument; parameters cannot flow where this is used."""
+    info = info_of(b, node.args[0]) if node.args else None
+    if isinstance(info, ParamRef):
+        raise UnsupportedOpError(f"{where(node)}: parameter '{info.name}' used in an unsupported way")
+    return info
+
+
+def require_axis(node: torch.fx.Node, info: Info, axis: int, ndim: int, what: str) -> None:
+    if isinstance(info, Feature) and info.axis != axis % ndim:
+        raise UnsupportedOpError(
+            f"{where(node)}: {what} acts on axis {axis % ndim} but the units lie on axis {info.axis}"
+        )
+
+
+# -- layers that open a new space ----------------------------------------------------------------
+def linear(b: SpaceBuilder, node: torch.fx.Node) -> Info:
+    mod: nn.Linear = b.modules[node.target]
+    x = tracked_input(b, node)
+    ndim = len(shape_of(node))
+    require_axis(node, x, -1, ndim, "Linear")
+    if isinstance(x, Feature):
+        b.add_member(f"{node.target}.weight", 1, x.layout, "consumer")
+    return open_space(b, node, mod.out_features, ndim - 1)
+
+
+def open_space(b: SpaceBuilder, node: torch.fx.Node, size: int, axis: int, groups: int = 1) -> Info:
+    """A new space on output axis ``axis`` whose producers are the module's weight (dim 0) and bias."""
+    space = b.new_space(size, str(node.target))
+    layout = Layout.of(space)
+    b.constrain_groups(layout, groups, where(node))
+    b.add_module_members(str(node.target), ("weight", "bias"), 0, layout, "producer")
+    out = Feature(axis, layout)
+    b.tag(node, out, "pre")
+    return out
+
+
+def conv(b: SpaceBuilder, node: torch.fx.Node) -> Info:
+    """Conv with groups=1 opens a space; depthwise passes it through; grouped keeps units in groups."""
+    mod: nn.Conv2d = b.modules[node.target]
+    x = tracked_input(b, node)
+    require_axis(node, x, 1, len(shape_of(node)), type(mod).__name__)
+    g, c_in, c_out = mod.groups, mod.in_channels, mod.out_channels
+    if g == 1:
+        if isinstance(x, Feature):
+            b.add_member(f"{node.target}.weight", 1, x.layout, "consumer")
+        return open_space(b, node, c_out, 1)
+    if g == c_in:  # depthwise: output channel o reads input channel o // (c_out // c_in)
+        if not isinstance(x, Feature):
+            return None
+        layout = x.layout.repeated(inner=c_out // c_in)
+        b.add_module_members(str(node.target), ("weight", "bias"), 0, layout, "norm")
+        return Feature(1, layout)
+    if isinstance(x, Feature):
+        b.constrain_groups(x.layout, g, where(node))
+        b.add_member(f"{node.target}.weight", 1, x.layout, "consumer", groups=g)
+    return open_space(b, node, c_out, 1, groups=g)
+
+
+def embedding(b: SpaceBuilder, node: torch.fx.Node) -> Info:
+    mod: nn.Embedding = b.modules[node.target]
+    space = b.new_space(mod.embedding_dim, str(node.target))
+    b.add_member(f"{node.target}.weight", 1, Layout.of(space), "producer")
+    out = Feature(len(shape_of(node)) - 1, Layout.of(space))
+    b.tag(node, out, "pre")
+    return out
+
+
+# -- normalisation layers: per-unit parameters join the incoming space --------------------------
+def batch_norm(b: SpaceBuilder, node: torch.fx.Node) -> Info:
+    x = tracked_input(b, node)
+    require_axis(node, x, 1, len(shape_of(node)), "BatchNorm")
+    if isinstance(x, Feature):
+        names = ("weight", "bias", "running_mean", "running_var")
+        b.add_module_members(str(node.target), names, 0, x.layout, "norm")
+        b.tag(node, x, "norm")
+    return x
+
+
+def layer_norm(b: SpaceBuilder, node: torch.fx.Node) -> Info:
+    mod: nn.LayerNorm = b.modules[node.target]
+    x = tracked_input(b, node)
+    ndim = len(shape_of(node))
+    first = ndim - len(mod.normalized_shape)
+    if isinstance(x, Feature) and x.axis >= first:
+        b.add_module_members(str(node.target), ("weight", "bias"), x.axis - first, x.layout, "norm")
+        b.tag(node, x, "norm")
+    return x
+
+
+def group_norm(b: SpaceBuilder, node: torch.fx.Node) -> Info:
+    mod: nn.GroupNorm = b.modules[node.target]
+    x = tracked_input(b, node)
+    require_axis(node, x, 1, len(shape_of(node)), "GroupNorm")
+    if isinstance(x, Feature):
+        if 1 < mod.num_groups < mod.num_channels:
+            b.constrain_groups(x.layout, mod.num_groups, where(node))
+        b.add_module_members(str(node.target), ("weight", "bias"), 0, x.layout, "norm")
+        b.tag(node, x, "norm")
+    return x
+
+
+# -- ops that keep the units where they are --------------------------------------------------------
+def passthrough(b: SpaceBuilder, node: torch.fx.Node) -> Info:
+    return tracked_input(b, node)
+
+
+def nonlinearity(b: SpaceBuilder, node: torch.fx.Node) -> Info:
+    x = tracked_input(b, node)
+    b.tag(node, x, "post")
+    return x
+
+
+def pooling(b: SpaceBuilder, node: torch.fx.Node) -> Info:
+    x = tracked_input(b, node)
+    require_axis(node, x, 1, len(shape_of(node)), "pooling")
+    return x
+
+
+# -- elementwise binary ops and residual sums ----------------------------------------------------
+def elementwise(b: SpaceBuilder, node: torch.fx.Node) -> Info:
+    """``a + b``, ``a * b`` ...: broadcast operands index the same units, so their spaces merge."""
+    out_shape = shape_of(node)
+    if out_shape is None:
+        return None
+    ndim = len(out_shape)
+    operands = [a for a in list(node.args) + list(node.kwargs.values()) if isinstance(a, torch.fx.Node)]
+    features = []
+    for a in operands:
+        info = info_of(b, a)
+        if isinstance(info, Feature):
+            features.append(Feature(info.axis + ndim - len(shape_of(a)), info.layout))
+    if not features:
+        return None
+    out = features[0]
+    for f in features[1:]:
+        if f.axis != out.axis:
+            raise UnsupportedOpError(f"{where(node)}: combines units lying on different axes")
+        b.merge_layouts(out.layout, f.layout, where(node))
+    for a in operands:
+        join_broadcast_operand(b, node, a, out, ndim)
+    if node.target in (operator.add, torch.add, "add", operator.iadd, "add_"):
+        b.tag(node, out, "pre")
+    return out
+
+
+def join_broadcast_operand(b: SpaceBuilder, node: torch.fx.Node, arg, out: Feature, ndim: int) -> None:
+    """A parameter broadcast along the units joins their space; a fixed tensor fixes them."""
+    info, shape = info_of(b, arg), shape_of(arg)
+    if isinstance(info, Feature) or shape is None:
+        return
+    axis = out.axis - (ndim - len(shape))
+    if axis < 0 or shape[axis] == 1:
+        return
+    if isinstance(info, ParamRef):
+        b.add_member(info.name, axis, out.layout, "norm")
+    else:
+        b.fix(out.layout)
+
+
+# -- shape changes -----------------------------------------------------------------------------
+def reshape(b: SpaceBuilder, node: torch.fx.Node) -> Info:
+    """view / reshape / flatten / squeeze / unsqueeze, read off the shapes before and after.
+
+    Merging the unit axis with trailing axes repeats every unit (``inner``), merging it with leading
+    axes repeats the whole axis (``outer``); splitting the unit axis is not supported.
+    """
+    x = tracked_input(b, node)
+    if not isinstance(x, Feature):
+        return x
+    src, dst = shape_of(node.args[0]), shape_of(node)
+    n = src[x.axis]
+    outer, inner = math.prod(src[: x.axis]), math.prod(src[x.axis + 1 :])
+    for k, size in enumerate(dst):
+        before = math.prod(dst[:k])
+        if outer % before or size % ((outer // before) * n):
+            continue
+        q = outer // before
+        r = size // (q * n)
+        if r and inner % r == 0 and math.prod(dst[k + 1 :]) == inner // r:
+            return Feature(k, x.layout.repeated(inner=r, outer=q))
+    raise UnsupportedOpError(f"{where(node)}: reshape {src} -> {dst} splits the axis of the units")
+
+
+def permute(b: SpaceBuilder, node: torch.fx.Node) -> Info:
+    x = tracked_input(b, node)
+    if not isinstance(x, Feature):
+        return x
+    ndim = len(shape_of(node))
+    if node.target in (torch.transpose, "transpose", "swapaxes", torch.swapaxes):
+        d0, d1 = (a % ndim for a in node.args[1:3])
+        order = list(range(ndim))
+        order[d0], order[d1] = order[d1], order[d0]
+    elif node.target == "t":
+        order = [1, 0] if ndim == 2 else [0]
+    else:
+        dims = node.args[1:] if node.target == "permute" else node.args[1]
+        if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+            dims = dims[0]
+        order = [d % ndim for d in dims]
+    return Feature(order.index(x.axis), x.layout)
+
+
+def reduction(b: SpaceBuilder, node: torch.fx.Node) -> Info:
+    """mean / sum / amax ... over some axes. Reducing over the units is permutation-invariant."""
+    x = tracked_input(b, node)
+    if not isinstance(x, Feature):
+        return None
+    ndim = len(shape_of(node.args[0]))
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    keepdim = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+    if dim is None:
+        return None
+    dims = {d % ndim for d in (dim if isinstance(dim, (tuple, list)) else (dim,))}
+    if x.axis in dims:
+        return None
+    return Feature(x.axis if keepdim else x.axis - sum(d < x.axis for d in dims), x.layout)
+
+
+def concatenate(b: SpaceBuilder, node: torch.fx.Node) -> Info:
+    """``torch.cat``: along the unit axis the layouts are concatenated, elsewhere they merge."""
+    tensors = node.args[0]
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0) % len(shape_of(node))
+    infos = [info_of(b, t) for t in tensors]
+    if any(isinstance(i, ParamRef) for i in infos):
+        raise UnsupportedOpError(f"{where(node)}: concatenates a parameter")
+    features = [i for i in infos if isinstance(i, Feature)]
+    if not features:
+        return None
+    if all(f.axis != dim for f in features):
+        return elementwise_like(b, node, tensors, features)
+    segments: list[Segment] = []
+    for t, info in zip(tensors, infos):
+        if info is None:
+            segments.append(Segment(b.new_space(shape_of(t)[dim], f"{node.name}:fixed", fixed=True)))
+        elif info.axis != dim or info.layout.outer != 1:
+            raise UnsupportedOpError(f"{where(node)}: concatenates units along mismatched axes")
+        else:
+            segments.extend(info.layout.segments)
+    return Feature(dim, Layout(tuple(segments)))
+
+
+def elementwise_like(b: SpaceBuilder, node: torch.fx.Node, tensors, features: list[Feature]) -> Info:
+    out = features[0]
+    for f in features[1:]:
+        if f.axis != out.axis:
+            raise UnsupportedOpError(f"{where(node)}: combines units lying on different axes")
+        b.merge_layouts(out.layout, f.layout, where(node))
+    for t in tensors:
+        join_broadcast_operand(b, node, t, out, len(shape_of(node)))
+    return out
+
+
+def stack(b: SpaceBuilder, node: torch.fx.Node) -> Info:
+    tensors = node.args[0]
+    ndim = len(shape_of(node))
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0) % ndim
+    infos = [info_of(b, t) for t in tensors]
+    features = [i for i in infos if isinstance(i, Feature)]
+    if not features:
+        return None
+    shifted = [Feature(f.axis + (f.axis >= dim), f.layout) for f in features]
+    return elementwise_like(b, node, tensors, shifted)
+
+
+def getitem(b: SpaceBuilder, node: torch.fx.Node) -> Info:
+    """Basic indexing (ints, slices, None, ...) that leaves the unit axis whole."""
+    x = info_of(b, node.args[0])
+    if isinstance(x, ParamRef):
+        raise UnsupportedOpError(f"{where(node)}: indexes parameter '{x.name}'")
+    if not isinstance(x, Feature):
+        return None
+    index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+    ndim = len(shape_of(node.args[0]))
+    named = sum(1 for i in index if i is not None and i is not Ellipsis)
+    src = dst = 0
+    for item in index:
+        if item is None:
+            dst += 1
+        elif item is Ellipsis:
+            src, dst = src + ndim - named, dst + ndim - named
+        elif isinstance(item, slice) or isinstance(item, int):
+            full = isinstance(item, slice) and item == slice(None)
+            if src == x.axis:
+                if not full:
+                    raise UnsupportedOpError(f"{where(node)}: indexing selects some of the units")
+                return Feature(dst, x.layout)
+            src, dst = src + 1, dst + (0 if isinstance(item, int) else 1)
+        else:
+            raise UnsupportedOpError(f"{where(node)}: advanced indexing of a tensor with units")
+    return Feature(dst + x.axis - src, x.layout)
+
+
+def non_tensor(b: SpaceBuilder, node: torch.fx.Node) -> Info:
+    return None
+
+
+MODULE_RULES: list[tuple[tuple[type, ...], Rule]] = [
+    ((nn.Linear,), linear),
+    ((nn.Conv1d, nn.Conv2d, nn.Conv3d), conv),
+    ((nn.Embedding,), embedding),
+    ((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d), batch_norm),
+    ((nn.LayerNorm,), layer_norm),
+    ((nn.GroupNorm,), group_norm),
+    (
+        (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.Mish,
+         nn.Hardswish, nn.Hardtanh, nn.Softplus),
+        nonlinearity,
+    ),
+    ((nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity, nn.Softmax, nn.LogSoftmax), passthrough),
+    (
+        (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+         nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+         nn.AdaptiveMaxPool2d),
+        pooling,
+    ),
+    ((nn.Flatten, nn.Unflatten), reshape),
+]
+
+_NONLINEAR = [
+    torch.relu, F.relu, F.relu6, F.gelu, F.silu, F.elu, F.leaky_relu, F.hardswish, F.mish,
+    F.softplus, torch.sigmoid, torch.tanh, F.sigmoid, F.tanh, "relu", "sigmoid", "tanh", "relu_",
+]
+_PASSTHROUGH = [
+    F.dropout, torch.exp, torch.abs, torch.neg, operator.neg, torch.sqrt, torch.rsqrt, F.softmax,
+    F.log_softmax, torch.softmax, torch.log_softmax, torch.clamp, "exp", "abs", "neg", "sqrt",
+    "rsqrt", "clamp", "contiguous", "clone", "float", "double", "half", "to", "type_as", "detach",
+    "softmax", "log_softmax", "dropout",
+]
+_ELEMENTWISE = [
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.imul,
+    torch.add, torch.sub, torch.mul, torch.div, "add", "sub", "mul", "div", "add_", "mul_",
+    operator.pow, torch.pow, "pow",
+]
+_POOLING = [
+    F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
+]
+_RESHAPE = [
+    torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, "view", "reshape", "flatten",
+    "squeeze", "unsqueeze", "view_as",
+]
+_PERMUTE = [torch.transpose, torch.permute, torch.swapaxes, "transpose", "permute", "t", "swapaxes"]
+_REDUCTION = [
+    torch.mean, torch.sum, torch.amax, torch.amin, torch.logsumexp, "mean", "sum", "amax", "amin",
+    "logsumexp",
+]
+_NON_TENSOR = [getattr, "size", "dim", "numel"]
+
+FUNCTION_RULES: dict[object, Rule] = {
+    **{t: nonlinearity for t in _NONLINEAR},
+    **{t: passthrough for t in _PASSTHROUGH},
+    **{t: elementwise for t in _ELEMENTWISE},
+    **{t: pooling for t in _POOLING},
+    **{t: reshape for t in _RESHAPE},
+    **{t: permute for t in _PERMUTE},
+    **{t: reduction for t in _REDUCTION},
+    **{t: non_tensor for t in _NON_TENSOR},
+    torch.cat: concatenate,
+    torch.concat: concatenate,
+    torch.stack: stack,
+    operator.getitem: getitem,
+}
+
+
+def rule_for(b: SpaceBuilder, node: torch.fx.Node) -> Rule | None:
+    if node.op == "call_module":
+        module = b.modules[node.target]
+        for types, rule in MODULE_RULES:
+            if isinstance(module, types):
+                return rule
+        return None
+    try:
+        return FUNCTION_RULES.get(node.target)
+    except TypeError:  # unhashable target
+        return None

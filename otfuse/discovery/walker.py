@@ -1,0 +1,193 @@
+"""Walk a ``torch.fx`` trace and build the neuron spaces of a model.
+
+Every traced value gets an *info*: :class:`Feature` (the value has one axis whose units are tracked,
+with its :class:`~otfuse.discovery.layout.Layout`), :class:`ParamRef` (the value is a parameter read with
+``get_attr``) or ``None`` (nothing of it is transported: the model input, sizes, values whose units are
+fixed). Op rules (:mod:`otfuse.discovery.rules`) compute the info of each node from its inputs and
+record which parameter axes belong to which space; spaces joined by residual sums are merged with a
+union-find.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from otfuse.discovery.layout import ActivationKind, Layout, Member, NeuronSpace, Role, SpaceGraph
+from otfuse.errors import OtfuseError, UnsupportedOpError
+
+
+@dataclass(frozen=True)
+class Feature:
+    """A traced tensor whose axis ``axis`` indexes units laid out as ``layout``."""
+
+    axis: int
+    layout: Layout
+
+
+@dataclass(frozen=True)
+class ParamRef:
+    """A traced value that is the parameter or buffer ``name`` of the model."""
+
+    name: str
+
+
+Info = Feature | ParamRef | None
+
+
+class SpaceBuilder:
+    """Union-find over spaces plus the members and activation nodes found so far."""
+
+    def __init__(self, gm: torch.fx.GraphModule) -> None:
+        self.gm = gm
+        self.modules = dict(gm.named_modules())
+        self.parent: list[int] = []
+        self.size: list[int] = []
+        self.name: list[str] = []
+        self.fixed: list[bool] = []
+        self.groups: list[int] = []
+        self.members: list[Member] = []
+        self.tags: list[tuple[int, str, ActivationKind, int]] = []
+        self.info: dict[torch.fx.Node, Info] = {}
+        self.params_seen: set[str] = set()
+
+    # -- spaces ---------------------------------------------------------------------------------
+    def new_space(self, size: int, name: str, fixed: bool = False) -> int:
+        self.parent.append(len(self.parent))
+        self.size.append(int(size))
+        self.name.append(name)
+        self.fixed.append(fixed)
+        self.groups.append(1)
+        return len(self.parent) - 1
+
+    def find(self, s: int) -> int:
+        while self.parent[s] != s:
+            self.parent[s] = self.parent[self.parent[s]]
+            s = self.parent[s]
+        return s
+
+    def union(self, a: int, b: int, where: str) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return
+        if self.size[ra] != self.size[rb]:
+            raise UnsupportedOpError(
+                f"{where}: joins units of different sizes ({self.size[ra]} and {self.size[rb]})"
+            )
+        keep, drop = min(ra, rb), max(ra, rb)
+        self.parent[drop] = keep
+        self.fixed[keep] = self.fixed[keep] or self.fixed[drop]
+        self.groups[keep] = math.lcm(self.groups[keep], self.groups[drop])
+
+    def fix(self, layout: Layout) -> None:
+        for s in layout.spaces():
+            self.fixed[self.find(s)] = True
+
+    def constrain_groups(self, layout: Layout, groups: int, where: str) -> None:
+        """Units of ``layout`` must stay within ``groups`` contiguous groups (GroupNorm, grouped conv)."""
+        if groups == 1:
+            return
+        if len(layout.segments) != 1 or layout.segments[0].inner != 1 or layout.outer != 1:
+            raise UnsupportedOpError(f"{where}: groups over a concatenated or repeated axis")
+        root = self.find(layout.segments[0].space)
+        self.groups[root] = math.lcm(self.groups[root], groups)
+
+    def merge_layouts(self, a: Layout, b: Layout, where: str) -> None:
+        """Declare that layouts ``a`` and ``b`` index the same units (an elementwise op joins them)."""
+        same_shape = len(a.segments) == len(b.segments) and a.outer == b.outer
+        if not same_shape or any(x.inner != y.inner for x, y in zip(a.segments, b.segments)):
+            raise UnsupportedOpError(
+                f"{where}: combines axes laid out differently ({a.describe()} and {b.describe()})"
+            )
+        for x, y in zip(a.segments, b.segments):
+            self.union(x.space, y.space, where)
+
+    # -- members and activations ----------------------------------------------------------------
+    def add_member(
+        self, param: str, axis: int, layout: Layout, role: Role, groups: int = 1
+    ) -> None:
+        self.members.append(Member(param, axis, layout, role, groups))
+        self.params_seen.add(param)
+
+    def add_module_members(
+        self, prefix: str, names: Iterable[str], axis: int, layout: Layout, role: Role
+    ) -> None:
+        module = self.modules[prefix]
+        for name in names:
+            if getattr(module, name, None) is not None:
+                self.add_member(f"{prefix}.{name}", axis, layout, role)
+
+    def tag(self, node: torch.fx.Node, feature: Info, kind: ActivationKind) -> None:
+        """Remember ``node`` as a source of activations for its space, when its axis is plain."""
+        if not isinstance(feature, Feature):
+            return
+        layout = feature.layout
+        if len(layout.segments) == 1 and layout.outer == 1 and layout.segments[0].inner == 1:
+            self.tags.append((layout.segments[0].space, node.name, kind, feature.axis))
+
+    # -- result ---------------------------------------------------------------------------------
+    def build(self) -> SpaceGraph:
+        roots = sorted({self.find(m_space) for m in self.members for m_space in m.layout.spaces()})
+        canonical = {root: i for i, root in enumerate(roots)}
+        mapping = {s: canonical[self.find(s)] for s in range(len(self.parent)) if self.find(s) in canonical}
+        spaces, seen = [], set()
+        for root, index in canonical.items():
+            name = self.name[root] if self.name[root] not in seen else f"{self.name[root]}#{index}"
+            seen.add(name)
+            if self.size[root] % self.groups[root]:
+                raise UnsupportedOpError(
+                    f"space of {self.name[root]}: {self.size[root]} units cannot form "
+                    f"{self.groups[root]} equal groups"
+                )
+            spaces.append(
+                NeuronSpace(index, name, self.size[root], self.fixed[root], self.groups[root])
+            )
+        for member in self.members:
+            remapped = member.remap(mapping)
+            for s in remapped.layout.spaces():
+                if remapped not in spaces[s].members:
+                    spaces[s].members.append(remapped)
+        for raw, node_name, kind, axis in self.tags:
+            if raw in mapping:
+                spaces[mapping[raw]].nodes.append((node_name, kind, axis))
+        return SpaceGraph(spaces, self.gm, set(self.params_seen))
+
+
+def trace(model: nn.Module, example_input: torch.Tensor | tuple) -> torch.fx.GraphModule:
+    """Trace ``model`` with ``torch.fx`` and annotate every node with its shape on ``example_input``.
+
+    The model is run in eval mode (so BatchNorm statistics are untouched) and restored afterwards.
+    """
+    try:
+        gm = torch.fx.symbolic_trace(model)
+    except Exception as exc:  # noqa: BLE001 - any tracing failure is reported the same way
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OtfuseError(
+            f"cannot trace {type(model).__name__} with torch.fx ({first}); "
+            "otfuse needs a model without data-dependent Python control flow"
+        ) from None
+    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*inputs)
+    except Exception as exc:  # noqa: BLE001
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OtfuseError(f"example input does not fit {type(model).__name__}: {first}") from None
+    finally:
+        model.train(was_training)
+    return gm
+
+
+def shape_of(node: torch.fx.Node) -> tuple[int, ...] | None:
+    """Shape of a traced tensor, or None when the node is not a single tensor."""
+    meta = node.meta.get("tensor_meta") if isinstance(node, torch.fx.Node) else None
+    shape = getattr(meta, "shape", None)
+    return tuple(int(d) for d in shape) if shape is not None else None

@@ -1,0 +1,311 @@
+"""Fusion of K models: align every model to an anchor, then take the weighted average.
+
+.. math::
+
+    \\theta_{\\text{fused}} = \\sum_k w_k \\, \\operatorname{align}(\\theta_k \\to \\theta_{\\text{anchor}}),
+    \\qquad \\sum_k w_k = 1.
+
+Baselines in the same API: :func:`vanilla_average` (no alignment) and :class:`PredictionEnsemble`
+(average of the models' softmax outputs).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from otfuse.activations import ActivationPoint, collect_activations
+from otfuse.alignment import AlignOptions, Mode, align_state, check_compatible
+from otfuse.cost import CostName, MarginalName
+from otfuse.discovery import SpaceGraph, discover
+from otfuse.errors import DataError, OtfuseError
+from otfuse.transport import SolverName, TransportPlan
+
+StateDict = dict[str, torch.Tensor]
+
+
+@dataclass
+class FusionResult:
+    """What :func:`fuse` returns.
+
+    Attributes:
+        model: the fused model, a plain ``nn.Module`` of the anchor's architecture.
+        plans: for each input model, its plan per space name (empty for the anchor).
+        weights: the normalised weight of each model in the average.
+        anchor: index of the anchor model.
+        seconds: wall-clock time of the whole fusion.
+        spaces: the anchor's neuron spaces.
+        options: the alignment settings used.
+    """
+
+    model: nn.Module
+    plans: list[dict[str, TransportPlan]]
+    weights: list[float]
+    anchor: int
+    seconds: float
+    spaces: SpaceGraph
+    options: AlignOptions
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def costs(self) -> list[dict[str, float]]:
+        """Transport cost <T, C> per model and space."""
+        return [{name: plan.value for name, plan in plans.items()} for plans in self.plans]
+
+
+@dataclass
+class Prepared:
+    """Models checked, traced, and (for ``acts``) their activations on a shared sample."""
+
+    models: list[nn.Module]
+    graphs: list[SpaceGraph]
+    states: list[StateDict]
+    activations: list[dict[int, torch.Tensor]] | None
+
+    def activation_pair(self, b: int, a: int) -> tuple:
+        if self.activations is None:
+            return None, None
+        return self.activations[b], self.activations[a]
+
+
+def prepare(
+    models: Sequence[nn.Module],
+    options: AlignOptions,
+    *,
+    data: object = None,
+    example_input: torch.Tensor | tuple | None = None,
+) -> Prepared:
+    """Check the inputs, trace every model and collect activations when the mode needs them."""
+    options.check()
+    models = check_models(models)
+    sample = sample_inputs(data, options.num_samples, options.seed) if data is not None else None
+    if options.mode == "acts" and sample is None:
+        raise DataError("mode='acts' needs data: pass data=<inputs> (a tensor or a dataset)")
+    example = resolve_example_input(models[0], example_input, sample)
+    graphs = [discover(m, example) for m in models]
+    for g in graphs[1:]:
+        check_compatible(g, graphs[0])
+    states = [m.state_dict() for m in models]
+    acts = None
+    if options.mode == "acts":
+        acts = [collect_activations(g, sample, point=options.activations, seed=options.seed) for g in graphs]
+    return Prepared(models, graphs, states, acts)
+
+
+def check_models(models: Sequence[nn.Module]) -> list[nn.Module]:
+    if isinstance(models, nn.Module) or not isinstance(models, Iterable):
+        raise OtfuseError("models must be a list of nn.Module")
+    models = list(models)
+    if len(models) < 2:
+        raise OtfuseError(f"fusion needs at least two models, got {len(models)}")
+    for i, m in enumerate(models):
+        if not isinstance(m, nn.Module):
+            raise OtfuseError(f"model {i} is a {type(m).__name__}, not an nn.Module")
+        for name, value in m.state_dict().items():
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                raise OtfuseError(f"model {i} has NaN or Inf values in '{name}'")
+    return models
+
+
+def sample_inputs(data: object, n: int, seed: int) -> torch.Tensor:
+    """A seeded sample of at most ``n`` inputs from a tensor, a dataset with ``.images``, or batches."""
+    if hasattr(data, "images"):
+        data = data.images
+    if not isinstance(data, torch.Tensor):
+        data = _take_batches(data, n)
+    if data.ndim == 0 or len(data) == 0:
+        raise DataError("data holds no inputs")
+    if len(data) > n:
+        gen = torch.Generator().manual_seed(seed)
+        data = data[torch.randperm(len(data), generator=gen)[:n]]
+    return data
+
+
+def _take_batches(data: object, n: int) -> torch.Tensor:
+    if not isinstance(data, Iterable):
+        raise DataError(f"data must be a tensor, a dataset or batches of inputs, not {type(data).__name__}")
+    parts, total = [], 0
+    for batch in data:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if not isinstance(x, torch.Tensor):
+            raise DataError(f"data batches must hold tensors, not {type(x).__name__}")
+        parts.append(x)
+        total += len(x)
+        if total >= n:
+            break
+    if not parts:
+        raise DataError("data holds no inputs")
+    return torch.cat(parts)
+
+
+def resolve_example_input(
+    model: nn.Module, example_input: torch.Tensor | tuple | None, sample: torch.Tensor | None
+) -> torch.Tensor | tuple:
+    if example_input is not None:
+        return example_input
+    if sample is not None:
+        return sample[:2]
+    in_shape = getattr(model, "otfuse_config", {}).get("in_shape")
+    if in_shape is not None:
+        return torch.zeros(2, *in_shape)
+    raise OtfuseError("pass example_input=<a tensor the models accept> (or data) so otfuse can trace them")
+
+
+def normalise_weights(weights: Sequence[float] | None, k: int) -> list[float]:
+    if weights is None:
+        return [1.0 / k] * k
+    weights = [float(w) for w in weights]
+    if len(weights) != k:
+        raise OtfuseError(f"got {len(weights)} weights for {k} models")
+    if any(not w >= 0 for w in weights) or sum(weights) <= 0:
+        raise OtfuseError("weights must be non-negative and sum to a positive number")
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+def average_states(states: Sequence[StateDict], weights: Sequence[float], reference: StateDict) -> StateDict:
+    """Weighted average of floating-point entries; other entries (counters) come from ``reference``."""
+    out = {}
+    for key, ref in reference.items():
+        if ref.is_floating_point():
+            out[key] = sum(w * s[key].to(ref.dtype) for w, s in zip(weights, states))
+        else:
+            out[key] = ref.clone()
+    return out
+
+
+def build_model(template: nn.Module, state: StateDict) -> nn.Module:
+    model = copy.deepcopy(template)
+    model.load_state_dict(state)
+    return model
+
+
+def fuse(
+    models: Sequence[nn.Module],
+    *,
+    mode: Mode = "wts",
+    solver: SolverName = "auto",
+    cost: CostName = "euclidean",
+    marginals: MarginalName = "uniform",
+    weights: Sequence[float] | None = None,
+    anchor: int = 0,
+    data: object = None,
+    example_input: torch.Tensor | tuple | None = None,
+    reg: float = 0.01,
+    activations: ActivationPoint = "pre",
+    num_samples: int = 200,
+    seed: int = 0,
+) -> FusionResult:
+    """Fuse K >= 2 models of one architecture family into one model of the anchor's architecture.
+
+    Every model is aligned to ``models[anchor]`` (see :func:`align`) and the aligned parameters are
+    averaged with ``weights`` (default uniform; normalised to sum to 1). Integer buffers come from the
+    anchor.
+
+    Returns:
+        A :class:`FusionResult`; ``result.model`` is a plain ``nn.Module`` whose ``state_dict`` loads into
+        the anchor's class without otfuse.
+    """
+    start = time.perf_counter()
+    options = AlignOptions(mode, solver, cost, marginals, reg, activations, num_samples, seed)
+    prepared = prepare(models, options, data=data, example_input=example_input)
+    k = len(prepared.models)
+    if not 0 <= anchor < k:
+        raise OtfuseError(f"anchor must be an index in 0..{k - 1}, got {anchor}")
+    w = normalise_weights(weights, k)
+    prepared_at = time.perf_counter()
+    aligned, plans = [], []
+    for i in range(k):
+        if i == anchor:
+            aligned.append(prepared.states[anchor])
+            plans.append({})
+            continue
+        state, space_plans = align_state(
+            prepared.states[i], prepared.graphs[i], prepared.states[anchor], prepared.graphs[anchor],
+            options, *prepared.activation_pair(i, anchor),
+        )
+        aligned.append(state)
+        plans.append(space_plans)
+    fused = build_model(prepared.models[anchor], average_states(aligned, w, prepared.states[anchor]))
+    end = time.perf_counter()
+    timings = {"prepare": prepared_at - start, "align_and_average": end - prepared_at}
+    return FusionResult(fused, plans, w, anchor, end - start, prepared.graphs[anchor], options, timings)
+
+
+def align(
+    model: nn.Module,
+    anchor: nn.Module,
+    *,
+    mode: Mode = "wts",
+    solver: SolverName = "auto",
+    cost: CostName = "euclidean",
+    marginals: MarginalName = "uniform",
+    data: object = None,
+    example_input: torch.Tensor | tuple | None = None,
+    reg: float = 0.01,
+    activations: ActivationPoint = "pre",
+    num_samples: int = 200,
+    seed: int = 0,
+) -> nn.Module:
+    """A copy of ``model`` transported into ``anchor``'s widths and unit order.
+
+    Args:
+        model: the model B to align; not modified.
+        anchor: the model A to align to; the result has its architecture and widths.
+        mode: ``wts`` (data-free: costs from incoming weights, with the past correction) or ``acts``
+            (costs from activations on a seeded sample of ``num_samples`` rows of ``data``).
+        solver: ``auto`` (assignment when widths are equal and marginals uniform, else exact),
+            ``exact`` (network simplex), ``sinkhorn`` (entropic, with ``reg``) or ``assignment``.
+        cost: ground metric: ``euclidean``, ``sqeuclidean``, ``cosine`` or ``correlation``.
+        marginals: ``uniform``, ``l1`` or ``l2`` (mass proportional to each unit's weight norm).
+        data: inputs (N, ...) for ``acts`` (a tensor, a dataset with ``.images`` or batches); also
+            gives the example input when that is None.
+        example_input: an input the models accept, e.g. shape (2, 3, 32, 32), for tracing.
+        reg: Sinkhorn's entropic regularisation, relative to the largest cost.
+        activations: ``pre`` (layer outputs) or ``post`` (after the nonlinearity), for ``acts``.
+        num_samples, seed: size and seed of the activation sample.
+
+    Returns:
+        A new module of the anchor's architecture holding B's aligned parameters. With equal widths and
+        hard plans it computes exactly what ``model`` computes.
+    """
+    options = AlignOptions(mode, solver, cost, marginals, reg, activations, num_samples, seed)
+    prepared = prepare([anchor, model], options, data=data, example_input=example_input)
+    state, _ = align_state(
+        prepared.states[1], prepared.graphs[1], prepared.states[0], prepared.graphs[0], options,
+        *prepared.activation_pair(1, 0),
+    )
+    return build_model(anchor, state)
+
+
+def vanilla_average(models: Sequence[nn.Module], weights: Sequence[float] | None = None) -> nn.Module:
+    """Parameter-wise weighted average with no alignment (the baseline that OT fusion improves on)."""
+    models = check_models(models)
+    states = [m.state_dict() for m in models]
+    for i, s in enumerate(states[1:], start=1):
+        if s.keys() != states[0].keys() or any(s[k].shape != v.shape for k, v in states[0].items()):
+            raise OtfuseError(f"vanilla averaging needs identical shapes; model {i} differs from model 0")
+    return build_model(models[0], average_states(states, normalise_weights(weights, len(models)), states[0]))
+
+
+class PredictionEnsemble(nn.Module):
+    """Weighted average of the members' softmax outputs; ``forward`` returns its logarithm, so
+    ``argmax`` gives the ensemble's prediction and ``cross_entropy`` its loss."""
+
+    def __init__(self, models: Sequence[nn.Module], weights: Sequence[float] | None = None) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(check_models(models))
+        self.register_buffer("weights", torch.tensor(normalise_weights(weights, len(self.members))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = sum(w * torch.softmax(m(x), dim=-1) for w, m in zip(self.weights, self.members))
+        return torch.log(probs.clamp_min(1e-30))
+
+
+def ensemble(models: Sequence[nn.Module], weights: Sequence[float] | None = None) -> PredictionEnsemble:
+    """The prediction ensemble of ``models`` (K times the parameters and inference cost)."""
+    return PredictionEnsemble(models, weights)

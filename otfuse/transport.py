@@ -1,0 +1,169 @@
+"""Optimal-transport plans between the units of two models.
+
+Given masses :math:`\\mu` (n_b,) and :math:`\\nu` (n_a,) and a cost :math:`C` (n_b, n_a), a plan is
+
+.. math::
+
+    T^\\star = \\arg\\min_{T \\ge 0,\\ T\\mathbf 1 = \\mu,\\ T^\\top \\mathbf 1 = \\nu} \\langle T, C\\rangle
+    \\;(- \\varepsilon H(T) \\text{ for Sinkhorn}).
+
+Solvers: ``exact`` (network simplex, POT's ``ot.emd``), ``sinkhorn`` (log-domain entropic OT, POT),
+``assignment`` (``scipy.optimize.linear_sum_assignment``: the exact plan when n_a == n_b with uniform
+masses, which is then a permutation scaled by 1/n), ``auto`` (assignment when it applies, else exact).
+A plan restricted to ``groups`` blocks is block-diagonal: units never leave their group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import ot
+from scipy.optimize import linear_sum_assignment
+
+from otfuse.errors import OtfuseError, TransportError
+
+SolverName = Literal["auto", "exact", "sinkhorn", "assignment"]
+SOLVERS: tuple[str, ...] = ("auto", "exact", "sinkhorn", "assignment")
+
+
+@dataclass
+class TransportPlan:
+    """A transport plan from the units of model B to those of anchor A.
+
+    Attributes:
+        matrix: the plan T, shape (n_b, n_a), entries summing to 1.
+        cost: the ground cost C it was solved on, shape (n_b, n_a).
+        solver: which solver produced it.
+        permutation: when T is a scaled permutation, ``permutation[j]`` is the unit of B sent to unit j
+            of A; else None.
+    """
+
+    matrix: np.ndarray
+    cost: np.ndarray
+    solver: str
+    permutation: np.ndarray | None = None
+    _corrected: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def value(self) -> float:
+        """Transport cost :math:`\\langle T, C\\rangle`."""
+        return float((self.matrix * self.cost).sum())
+
+    @property
+    def corrected(self) -> np.ndarray:
+        """:math:`\\hat T = T\\,\\mathrm{diag}(1/\\nu)`, shape (n_b, n_a): every column sums to 1, so each
+        unit of A receives a convex combination of B's units."""
+        if self._corrected is None:
+            col = self.matrix.sum(0, keepdims=True)
+            self._corrected = self.matrix / np.maximum(col, 1e-300)
+        return self._corrected
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.matrix.shape
+
+
+def solve(
+    cost: np.ndarray,
+    mu: np.ndarray,
+    nu: np.ndarray,
+    *,
+    solver: SolverName = "auto",
+    reg: float = 0.01,
+    groups: int = 1,
+) -> TransportPlan:
+    """Solve the OT problem between masses ``mu`` (n_b,) and ``nu`` (n_a,) with cost (n_b, n_a).
+
+    ``reg`` is Sinkhorn's entropic regularisation relative to the largest cost. ``groups`` > 1 solves
+    one problem per diagonal block (each block's masses renormalised to 1/groups).
+    """
+    if solver not in SOLVERS:
+        raise OtfuseError(f"unknown solver '{solver}'; choose one of {', '.join(SOLVERS)}")
+    if groups == 1:
+        matrix, perm = _solve_block(cost, mu / mu.sum(), nu / nu.sum(), solver, reg)
+        return TransportPlan(matrix, cost, solver, perm)
+    nb, na = cost.shape[0] // groups, cost.shape[1] // groups
+    matrix = np.zeros_like(cost)
+    perms = []
+    for g in range(groups):
+        rows, cols = slice(g * nb, (g + 1) * nb), slice(g * na, (g + 1) * na)
+        block, perm = _solve_block(cost[rows, cols], _normed(mu[rows]), _normed(nu[cols]), solver, reg)
+        matrix[rows, cols] = block / groups
+        perms.append(None if perm is None else perm + g * nb)
+    perm = None if any(p is None for p in perms) else np.concatenate(perms)
+    return TransportPlan(matrix, cost, solver, perm)
+
+
+def _normed(x: np.ndarray) -> np.ndarray:
+    return x / x.sum()
+
+
+def _is_uniform(x: np.ndarray) -> bool:
+    return bool(np.allclose(x, 1.0 / len(x), rtol=1e-9, atol=0))
+
+
+def _solve_block(
+    cost: np.ndarray, mu: np.ndarray, nu: np.ndarray, solver: str, reg: float
+) -> tuple[np.ndarray, np.ndarray | None]:
+    nb, na = cost.shape
+    hard_applies = nb == na and _is_uniform(mu) and _is_uniform(nu)
+    if solver == "assignment" and not hard_applies:
+        raise OtfuseError(
+            "solver 'assignment' needs equal widths and uniform marginals; use 'exact' or 'sinkhorn'"
+        )
+    if solver == "assignment" or (solver == "auto" and hard_applies):
+        return _assignment(cost)
+    if solver == "sinkhorn":
+        return _sinkhorn(cost, mu, nu, reg), None
+    return _exact(cost, mu, nu)
+
+
+def _assignment(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    n = cost.shape[0]
+    rows, cols = linear_sum_assignment(cost)
+    perm = np.empty(n, dtype=np.int64)
+    perm[cols] = rows
+    matrix = np.zeros_like(cost)
+    matrix[rows, cols] = 1.0 / n
+    return matrix, perm
+
+
+def _exact(cost: np.ndarray, mu: np.ndarray, nu: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Network simplex with an iteration budget that grows with the problem; no convergence is an error."""
+    nb, na = cost.shape
+    budget = max(100_000, 50 * (nb + na) ** 2)
+    matrix, log = ot.emd(mu, nu, np.ascontiguousarray(cost), numItermax=budget, log=True)
+    if log.get("result_code") != 1:
+        raise TransportError(
+            f"exact OT on a {nb}x{na} problem did not reach an optimum ({log.get('warning')}); "
+            "try solver='sinkhorn'"
+        )
+    return matrix, _as_permutation(matrix)
+
+
+def _sinkhorn(cost: np.ndarray, mu: np.ndarray, nu: np.ndarray, reg: float) -> np.ndarray:
+    """Log-domain Sinkhorn on the cost scaled to [0, 1]; a plan off its marginals is an error."""
+    scale = cost.max() if cost.max() > 0 else 1.0
+    matrix = ot.sinkhorn(
+        mu, nu, cost / scale, reg, method="sinkhorn_log", numItermax=5000, stopThr=1e-9, warn=False
+    )
+    err = np.abs(matrix.sum(1) - mu).sum() + np.abs(matrix.sum(0) - nu).sum()
+    if not np.isfinite(matrix).all() or err > 1e-3:
+        raise TransportError(
+            f"Sinkhorn with reg={reg} did not converge (marginal error {err:.2g}); raise reg or use "
+            "solver='exact'"
+        )
+    return matrix
+
+
+def _as_permutation(matrix: np.ndarray) -> np.ndarray | None:
+    """``perm`` with matrix[perm[j], j] the only non-zero of column j, if T is a scaled permutation."""
+    nb, na = matrix.shape
+    if nb != na:
+        return None
+    nonzero = matrix > 1e-12
+    if not (nonzero.sum(0) == 1).all() or not (nonzero.sum(1) == 1).all():
+        return None
+    return nonzero.argmax(0)
