@@ -1,0 +1,151 @@
+"""Neuron-space discovery: the spaces found, and clear errors for what is not understood."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import permuted
+from models import FIXTURES, build, example
+from torch import nn
+
+import otfuse
+from otfuse.errors import OtfuseError, UnsupportedOpError
+
+
+def test_mlp_spaces_and_fixed_ends():
+    graph = otfuse.spaces(build("mlp"), example("mlp"))
+    hidden = graph.transportable()
+    assert [s.size for s in hidden] == [24, 12]
+    assert {m.param for m in hidden[0].members} == {"fc1.weight", "fc2.weight"}
+    assert {(m.param, m.axis, m.role) for m in hidden[1].members} == {
+        ("fc2.weight", 0, "producer"), ("fc2.bias", 0, "producer"), ("fc3.weight", 1, "consumer")
+    }
+    assert graph.spaces[-1].fixed and graph.spaces[-1].name == "fc3"
+    assert "24 units" in str(graph)
+
+
+def test_residual_stream_is_one_space_and_shortcut_opens_a_new_one():
+    graph = otfuse.spaces(build("resnet"), example("resnet"))
+    stream = next(s for s in graph.spaces if s.name == "conv1")
+    params = {m.param for m in stream.members}
+    assert {"layer1.0.conv2.weight", "layer1.1.conv2.weight", "bn1.running_var"} <= params
+    stage2 = next(s for s in graph.spaces if "layer2.0.shortcut.0.weight" in {m.param for m in s.members if m.axis == 0})
+    assert {"layer2.1.conv2.weight", "fc.weight"} <= {m.param for m in stage2.members}
+    assert len(graph.transportable()) == 6
+
+
+def test_flatten_repeats_channels_and_cat_concatenates():
+    vgg = otfuse.spaces(build("vgg"), example("vgg"))
+    last = vgg.transportable()[-1]
+    consumer = next(m for m in last.members if m.param == "classifier.weight")
+    assert consumer.layout.segments[0].inner == 4  # 2x2 positions per channel
+    cat = otfuse.spaces(build("cat"), example("cat"))
+    mix = next(m for s in cat.spaces for m in s.members if m.param == "mix.weight" and m.axis == 1)
+    assert [seg.space for seg in mix.layout.segments] == [
+        next(s.index for s in cat.spaces if s.name == n) for n in ("left", "right", "stem")
+    ]
+
+
+def test_group_norm_and_grouped_conv_constrain_groups():
+    graph = otfuse.spaces(build("depthwise"), example("depthwise"))
+    by_name = {s.name: s for s in graph.spaces}
+    assert by_name["pointwise"].groups == 4 and by_name["grouped"].groups == 4
+    assert "depthwise.weight" in {m.param for m in by_name["stem"].members}
+
+
+@pytest.mark.parametrize("name", list(FIXTURES))
+def test_random_permutation_of_discovered_spaces_preserves_function(name):
+    """If discovery missed a member axis, permuting its space would change the outputs."""
+    model, x = build(name), example(name)
+    other, _ = permuted(model, x, seed=3)
+    torch.testing.assert_close(other(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_discovery_leaves_batchnorm_statistics_and_mode_alone():
+    model = build("vgg").train()
+    before = model.features[1].running_mean.clone()
+    otfuse.spaces(model, example("vgg"))
+    assert model.training
+    torch.testing.assert_close(model.features[1].running_mean, before)
+
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow
+            return self.fc(x)
+        return x
+
+
+class WithLSTM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.GRU(4, 8, batch_first=True)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc(self.rnn(x)[0])
+
+
+class SplitsUnits(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 8)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.out(self.fc(x)[:, :4])
+
+
+class UnknownOp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 8)
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.out(torch.cumsum(self.fc(x), dim=1))
+
+
+def test_untraceable_model_is_a_clear_error():
+    with pytest.raises(OtfuseError, match="cannot trace Untraceable"):
+        otfuse.spaces(Untraceable(), torch.randn(2, 4))
+
+
+@pytest.mark.parametrize(
+    "model, x, pattern",
+    [
+        (WithLSTM(), torch.randn(2, 3, 4), "module 'rnn' \\(GRU\\) is not supported"),
+        (SplitsUnits(), torch.randn(2, 4), "indexing selects some of the units"),
+        (UnknownOp(), torch.randn(2, 4), "cumsum"),
+    ],
+)
+def test_unsupported_ops_name_the_op(model, x, pattern):
+    with pytest.raises(UnsupportedOpError, match=pattern) as err:
+        otfuse.spaces(model, x)
+    assert "\n" not in str(err.value)
+
+
+def test_wrong_example_input_is_a_clear_error():
+    with pytest.raises(OtfuseError, match="example input does not fit MLP"):
+        otfuse.spaces(build("mlp"), torch.randn(2, 3, 5))
+
+
+def test_functional_calls_and_views_are_understood():
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 6, 3)
+            self.fc = nn.Linear(6 * 4, 3)
+
+        def forward(self, x):
+            x = F.max_pool2d(F.relu(self.conv(x)), 2)
+            return self.fc(x.reshape(x.shape[0], -1))
+
+    model, x = Functional(), torch.randn(2, 1, 6, 6)
+    graph = otfuse.spaces(model, x)
+    assert [s.size for s in graph.transportable()] == [6]
+    other, _ = permuted(model, x)
+    torch.testing.assert_close(other(x), model(x))
