@@ -23,7 +23,7 @@ import torch
 
 from otfuse.activations import ActivationPoint
 from otfuse.cost import CostName, MarginalName, ground_cost, unit_masses
-from otfuse.discovery import Member, NeuronSpace, SpaceGraph
+from otfuse.discovery import Member, NeuronSpace, Segment, SpaceGraph
 from otfuse.errors import ArchitectureMismatchError, OtfuseError, TransportError
 from otfuse.transport import SolverName, TransportPlan, solve
 
@@ -66,6 +66,8 @@ def transport_member(
     if member.groups > 1:
         return _transport_grouped(tensor, member, plan)
     layout = member.layout
+    if _is_plain(layout, space):
+        return _contract_axis(tensor, member.axis, plan)
     x = tensor.movedim(member.axis, -1)
     lead = x.shape[:-1]
     x = x.reshape(-1, layout.outer, layout.length(sizes) // layout.outer)
@@ -80,6 +82,18 @@ def transport_member(
         pieces.append(piece)
     x = torch.cat(pieces, dim=-1)
     return x.reshape(*lead, x.shape[-1]).movedim(-1, member.axis)
+
+
+def _is_plain(layout, space: int) -> bool:
+    return layout.outer == 1 and layout.segments == (Segment(space),)
+
+
+def _contract_axis(x: torch.Tensor, axis: int, plan: TransportPlan) -> torch.Tensor:
+    """Contract axis ``axis`` (length n_b) of ``x`` with the corrected plan; it becomes length n_a."""
+    if plan.permutation is not None:
+        return x.index_select(axis, torch.as_tensor(plan.permutation))
+    t_hat = torch.as_tensor(plan.corrected, dtype=x.dtype)
+    return torch.tensordot(x, t_hat, dims=([axis], [0])).movedim(-1, axis)
 
 
 def _contract(x: torch.Tensor, plan: TransportPlan) -> torch.Tensor:
@@ -109,6 +123,8 @@ def unit_features(
 ) -> torch.Tensor:
     """Rows (n, d): every entry of ``tensor`` that belongs to each unit of ``space`` along the member axis."""
     layout = member.layout
+    if _is_plain(layout, space):
+        return tensor.movedim(member.axis, 0).reshape(tensor.shape[member.axis], -1)
     x = tensor.movedim(member.axis, -1)
     x = x.reshape(-1, layout.outer, layout.length(sizes) // layout.outer)
     rows, offset = [], 0

@@ -32,7 +32,8 @@ def ground_cost(x: torch.Tensor, y: torch.Tensor, metric: CostName = "euclidean"
     """Cost matrix between the rows of ``x`` (n_b, d) and ``y`` (n_a, d); returns (n_b, n_a) float64."""
     if metric not in COSTS:
         raise OtfuseError(f"unknown cost '{metric}'; choose one of {', '.join(COSTS)}")
-    x, y = x.double(), y.double()
+    # float32 matrix products are exact enough to rank costs and several times faster than float64
+    x, y = x.float(), y.float()
     if metric in ("cosine", "correlation"):
         if metric == "correlation":
             x, y = x - x.mean(1, keepdim=True), y - y.mean(1, keepdim=True)
@@ -44,7 +45,7 @@ def ground_cost(x: torch.Tensor, y: torch.Tensor, metric: CostName = "euclidean"
         cost = sq.clamp_min(0.0)
         if metric == "euclidean":
             cost = cost.sqrt()
-    return cost.numpy()
+    return cost.double().numpy()
 
 
 def unit_masses(features: torch.Tensor, kind: MarginalName = "uniform") -> np.ndarray:
