@@ -131,7 +131,9 @@ def unit_features(
     for seg in layout.segments:
         n = sizes[seg.space]
         if seg.space == space:
-            piece = x[..., offset : offset + n * seg.inner].reshape(x.shape[0], layout.outer, n, seg.inner)
+            piece = x[..., offset : offset + n * seg.inner].reshape(
+                x.shape[0], layout.outer, n, seg.inner
+            )
             rows.append(piece.permute(2, 0, 1, 3).reshape(n, -1))
         offset += n * seg.inner
     return torch.cat(rows, dim=1)
@@ -147,8 +149,13 @@ def _members_by_param(graph: SpaceGraph) -> dict[str, list[tuple[Member, int]]]:
 
 
 def _weight_features(
-    space: NeuronSpace, state_b: StateDict, sizes_b: Mapping[int, int], state_a: StateDict,
-    sizes_a: Mapping[int, int], resolved: set[int], by_param: dict,
+    space: NeuronSpace,
+    state_b: StateDict,
+    sizes_b: Mapping[int, int],
+    state_a: StateDict,
+    sizes_a: Mapping[int, int],
+    resolved: set[int],
+    by_param: dict,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Features of B's and A's units of ``space`` from members whose other axes are resolved."""
     for role in ("producer", "norm", "consumer"):
@@ -157,8 +164,12 @@ def _weight_features(
         same_shape = [m for m in candidates if state_b[m.param].shape == state_a[m.param].shape]
         for chosen in (ready, same_shape):
             if chosen:
-                fb = torch.cat([unit_features(state_b[m.param], m, space.index, sizes_b) for m in chosen], 1)
-                fa = torch.cat([unit_features(state_a[m.param], m, space.index, sizes_a) for m in chosen], 1)
+                fb = torch.cat(
+                    [unit_features(state_b[m.param], m, space.index, sizes_b) for m in chosen], 1
+                )
+                fa = torch.cat(
+                    [unit_features(state_a[m.param], m, space.index, sizes_a) for m in chosen], 1
+                )
                 return fb, fa
     raise TransportError(
         f"cannot build a weight cost for space '{space.name}' of models of different widths; "
@@ -167,7 +178,7 @@ def _weight_features(
 
 
 def _other_axes_resolved(member: Member, space: int, resolved: set[int], by_param: dict) -> bool:
-    for other, other_space in by_param[member.param]:
+    for other, _ in by_param[member.param]:
         if other.axis != member.axis and not other.layout.spaces() <= resolved:
             return False
     return True
@@ -193,7 +204,9 @@ def align_state(
     for space in graph_b.transportable():
         if options.mode == "acts":
             fb, fa = acts_b[space.index], acts_a[space.index]
-            mass_b, mass_a = _weight_features(space, state, sizes, state_a, sizes_a, resolved, by_param)
+            mass_b, mass_a = _weight_features(
+                space, state, sizes, state_a, sizes_a, resolved, by_param
+            )
         else:
             fb, fa = _weight_features(space, state, sizes, state_a, sizes_a, resolved, by_param)
             mass_b, mass_a = fb, fa
@@ -201,7 +214,9 @@ def align_state(
         mu, nu = unit_masses(mass_b, options.marginals), unit_masses(mass_a, options.marginals)
         plan = solve(cost, mu, nu, solver=options.solver, reg=options.reg, groups=space.groups)
         for member in space.members:
-            state[member.param] = transport_member(state[member.param], member, space.index, plan, sizes)
+            state[member.param] = transport_member(
+                state[member.param], member, space.index, plan, sizes
+            )
         sizes[space.index] = sizes_a[space.index]
         resolved.add(space.index)
         plans[space.name] = plan

@@ -24,6 +24,8 @@ from otfuse.alignment import AlignOptions, Mode, align_state, check_compatible
 from otfuse.cost import CostName, MarginalName
 from otfuse.discovery import SpaceGraph, discover
 from otfuse.errors import DataError, OtfuseError
+from otfuse.refinement import align_to_average, refine_plans
+from otfuse.repair import REPAIRS, RepairName, apply_repair
 from otfuse.transport import SolverName, TransportPlan
 
 StateDict = dict[str, torch.Tensor]
@@ -41,6 +43,8 @@ class FusionResult:
         seconds: wall-clock time of the whole fusion.
         spaces: the anchor's neuron spaces.
         options: the alignment settings used.
+        timings: seconds per stage.
+        refinement: objective logs of refinement (per model index, and ``"average"``), when used.
     """
 
     model: nn.Module
@@ -51,6 +55,7 @@ class FusionResult:
     spaces: SpaceGraph
     options: AlignOptions
     timings: dict[str, float] = field(default_factory=dict)
+    refinement: dict = field(default_factory=dict)
 
     def costs(self) -> list[dict[str, float]]:
         """Transport cost <T, C> per model and space."""
@@ -65,6 +70,8 @@ class Prepared:
     graphs: list[SpaceGraph]
     states: list[StateDict]
     activations: list[dict[int, torch.Tensor]] | None
+    sample: torch.Tensor | None
+    example_input: torch.Tensor | tuple
 
     def activation_pair(self, b: int, a: int) -> tuple:
         if self.activations is None:
@@ -92,8 +99,11 @@ def prepare(
     states = [m.state_dict() for m in models]
     acts = None
     if options.mode == "acts":
-        acts = [collect_activations(g, sample, point=options.activations, seed=options.seed) for g in graphs]
-    return Prepared(models, graphs, states, acts)
+        acts = [
+            collect_activations(g, sample, point=options.activations, seed=options.seed)
+            for g in graphs
+        ]
+    return Prepared(models, graphs, states, acts, sample, example)
 
 
 def check_models(models: Sequence[nn.Module]) -> list[nn.Module]:
@@ -127,7 +137,9 @@ def sample_inputs(data: object, n: int, seed: int) -> torch.Tensor:
 
 def _take_batches(data: object, n: int) -> torch.Tensor:
     if not isinstance(data, Iterable):
-        raise DataError(f"data must be a tensor, a dataset or batches of inputs, not {type(data).__name__}")
+        raise DataError(
+            f"data must be a tensor, a dataset or batches of inputs, not {type(data).__name__}"
+        )
     parts, total = [], 0
     for batch in data:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
@@ -152,7 +164,9 @@ def resolve_example_input(
     in_shape = getattr(model, "otfuse_config", {}).get("in_shape")
     if in_shape is not None:
         return torch.zeros(2, *in_shape)
-    raise OtfuseError("pass example_input=<a tensor the models accept> (or data) so otfuse can trace them")
+    raise OtfuseError(
+        "pass example_input=<a tensor the models accept> (or data) so otfuse can trace them"
+    )
 
 
 def normalise_weights(weights: Sequence[float] | None, k: int) -> list[float]:
@@ -167,7 +181,9 @@ def normalise_weights(weights: Sequence[float] | None, k: int) -> list[float]:
     return [w / total for w in weights]
 
 
-def average_states(states: Sequence[StateDict], weights: Sequence[float], reference: StateDict) -> StateDict:
+def average_states(
+    states: Sequence[StateDict], weights: Sequence[float], reference: StateDict
+) -> StateDict:
     """Weighted average of floating-point entries; other entries (counters) come from ``reference``."""
     out = {}
     for key, ref in reference.items():
@@ -199,12 +215,24 @@ def fuse(
     activations: ActivationPoint = "pre",
     num_samples: int = 200,
     seed: int = 0,
+    repair: RepairName = "none",
+    refine: bool = False,
+    to_average: bool = False,
+    max_sweeps: int = 10,
 ) -> FusionResult:
     """Fuse K >= 2 models of one architecture family into one model of the anchor's architecture.
 
-    Every model is aligned to ``models[anchor]`` (see :func:`align`) and the aligned parameters are
-    averaged with ``weights`` (default uniform; normalised to sum to 1). Integer buffers come from the
-    anchor.
+    Every model is aligned to ``models[anchor]`` (see :func:`align` for the alignment options) and the
+    aligned parameters are averaged with ``weights`` (default uniform; normalised to sum to 1).
+    Integer buffers come from the anchor.
+
+    Args:
+        repair: statistics repair on the sample of ``data``: ``none``, ``bn`` (recompute BatchNorm
+            statistics) or ``repair`` (BatchNorm reset, then REPAIR rescaling of every layer).
+        refine: after the greedy pass, re-solve each space against all its weights (weight matching
+            with OT plans) until no plan changes, at most ``max_sweeps`` sweeps.
+        to_average: for K > 2, re-align every model to the running average of the aligned models
+            (at most ``max_sweeps`` rounds) instead of to the anchor alone.
 
     Returns:
         A :class:`FusionResult`; ``result.model`` is a plain ``nn.Module`` whose ``state_dict`` loads into
@@ -212,28 +240,63 @@ def fuse(
     """
     start = time.perf_counter()
     options = AlignOptions(mode, solver, cost, marginals, reg, activations, num_samples, seed)
+    if repair not in REPAIRS:
+        raise OtfuseError(f"unknown repair '{repair}'; choose one of {', '.join(REPAIRS)}")
     prepared = prepare(models, options, data=data, example_input=example_input)
     k = len(prepared.models)
     if not 0 <= anchor < k:
         raise OtfuseError(f"anchor must be an index in 0..{k - 1}, got {anchor}")
+    if repair != "none" and prepared.sample is None:
+        raise DataError(f"repair='{repair}' needs data: pass data=<inputs> (a tensor or a dataset)")
     w = normalise_weights(weights, k)
-    prepared_at = time.perf_counter()
-    aligned, plans = [], []
-    for i in range(k):
+    aligned, plans, logs = _align_all(prepared, anchor, options, refine, max_sweeps)
+    if to_average and k > 2:
+        average = lambda states, ws: average_states(states, ws, prepared.states[anchor])  # noqa: E731
+        aligned, plans, logs["average"] = align_to_average(
+            prepared.states,
+            prepared.graphs,
+            anchor,
+            w,
+            aligned,
+            options,
+            max_rounds=max_sweeps,
+            average=average,
+        )
+    fused = build_model(
+        prepared.models[anchor], average_states(aligned, w, prepared.states[anchor])
+    )
+    aligned_at = time.perf_counter()
+    if repair != "none":
+        parents = [build_model(prepared.models[anchor], s) for s in aligned]
+        apply_repair(repair, fused, parents, w, prepared.sample, prepared.example_input)
+    end = time.perf_counter()
+    timings = {"align_and_average": aligned_at - start, "repair": end - aligned_at}
+    return FusionResult(
+        fused, plans, w, anchor, end - start, prepared.graphs[anchor], options, timings, logs
+    )
+
+
+def _align_all(
+    prepared: Prepared, anchor: int, options: AlignOptions, refine: bool, max_sweeps: int
+) -> tuple[list[StateDict], list[dict[str, TransportPlan]], dict]:
+    """Align every model to the anchor (greedy pass, then optional weight-matching refinement)."""
+    aligned, plans, logs = [], [], {}
+    for i, state in enumerate(prepared.states):
         if i == anchor:
-            aligned.append(prepared.states[anchor])
+            aligned.append(state)
             plans.append({})
             continue
-        state, space_plans = align_state(
-            prepared.states[i], prepared.graphs[i], prepared.states[anchor], prepared.graphs[anchor],
-            options, *prepared.activation_pair(i, anchor),
+        args = (state, prepared.graphs[i], prepared.states[anchor], prepared.graphs[anchor])
+        aligned_state, space_plans = align_state(
+            *args, options, *prepared.activation_pair(i, anchor)
         )
-        aligned.append(state)
+        if refine:
+            aligned_state, space_plans, logs[i] = refine_plans(
+                *args, space_plans, options, max_sweeps=max_sweeps
+            )
+        aligned.append(aligned_state)
         plans.append(space_plans)
-    fused = build_model(prepared.models[anchor], average_states(aligned, w, prepared.states[anchor]))
-    end = time.perf_counter()
-    timings = {"prepare": prepared_at - start, "align_and_average": end - prepared_at}
-    return FusionResult(fused, plans, w, anchor, end - start, prepared.graphs[anchor], options, timings)
+    return aligned, plans, logs
 
 
 def align(
@@ -276,20 +339,30 @@ def align(
     options = AlignOptions(mode, solver, cost, marginals, reg, activations, num_samples, seed)
     prepared = prepare([anchor, model], options, data=data, example_input=example_input)
     state, _ = align_state(
-        prepared.states[1], prepared.graphs[1], prepared.states[0], prepared.graphs[0], options,
+        prepared.states[1],
+        prepared.graphs[1],
+        prepared.states[0],
+        prepared.graphs[0],
+        options,
         *prepared.activation_pair(1, 0),
     )
     return build_model(anchor, state)
 
 
-def vanilla_average(models: Sequence[nn.Module], weights: Sequence[float] | None = None) -> nn.Module:
+def vanilla_average(
+    models: Sequence[nn.Module], weights: Sequence[float] | None = None
+) -> nn.Module:
     """Parameter-wise weighted average with no alignment (the baseline that OT fusion improves on)."""
     models = check_models(models)
     states = [m.state_dict() for m in models]
     for i, s in enumerate(states[1:], start=1):
         if s.keys() != states[0].keys() or any(s[k].shape != v.shape for k, v in states[0].items()):
-            raise OtfuseError(f"vanilla averaging needs identical shapes; model {i} differs from model 0")
-    return build_model(models[0], average_states(states, normalise_weights(weights, len(models)), states[0]))
+            raise OtfuseError(
+                f"vanilla averaging needs identical shapes; model {i} differs from model 0"
+            )
+    return build_model(
+        models[0], average_states(states, normalise_weights(weights, len(models)), states[0])
+    )
 
 
 class PredictionEnsemble(nn.Module):
@@ -306,6 +379,8 @@ class PredictionEnsemble(nn.Module):
         return torch.log(probs.clamp_min(1e-30))
 
 
-def ensemble(models: Sequence[nn.Module], weights: Sequence[float] | None = None) -> PredictionEnsemble:
+def ensemble(
+    models: Sequence[nn.Module], weights: Sequence[float] | None = None
+) -> PredictionEnsemble:
     """The prediction ensemble of ``models`` (K times the parameters and inference cost)."""
     return PredictionEnsemble(models, weights)

@@ -1,0 +1,212 @@
+"""Statistics repair of a fused model (BatchNorm reset, REPAIR-style rescaling).
+
+Averaging aligned units shrinks the spread of their activations layer after layer, and averaged
+BatchNorm statistics no longer describe the fused model. Two remedies, on a sample of inputs:
+
+* ``bn``: recompute the running statistics of every BatchNorm layer of the fused model.
+* ``repair``: for every layer output whose units lie plainly on one axis (a Linear or Conv output, or
+  the normalisation layer that directly follows it), make each fused unit's mean and standard
+  deviation over the sample match the weighted average of the parents' aligned units,
+
+  .. math::
+
+      y' = a \\odot (y - m_f) + m_t, \\qquad a = s_t / s_f,
+
+  and fold :math:`a` and the shift into that layer's own weight and bias (scale only where the layer
+  has no bias). Layers are corrected in graph order, each on the statistics that the corrections
+  before it produce. The architecture never changes.
+
+REPAIR: Jordan et al., "REPAIR: REnormalizing Permuted Activations for Interpolation Repair" (2022).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.fx
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from otfuse.discovery import SpaceGraph, discover
+from otfuse.errors import OtfuseError
+
+RepairName = Literal["none", "bn", "repair"]
+REPAIRS: tuple[str, ...] = ("none", "bn", "repair")
+_NORMS = (_BatchNorm, nn.LayerNorm, nn.GroupNorm)
+_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def reset_batchnorm(model: nn.Module, inputs: torch.Tensor, *, batch_size: int = 256) -> nn.Module:
+    """Recompute every BatchNorm's running mean and variance of ``model`` on ``inputs`` (N, ...).
+
+    The statistics are exact averages over the batches (momentum ``None``); other layers stay in eval
+    mode (no dropout). Modifies ``model`` in place and returns it in eval mode.
+    """
+    norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    if not norms:
+        return model
+    model.eval()
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    with torch.no_grad():
+        for start in range(0, len(inputs), batch_size):
+            model(inputs[start : start + batch_size])
+    for m, momentum in zip(norms, saved):
+        m.momentum = momentum
+    return model.eval()
+
+
+@dataclass(frozen=True)
+class CorrectionPoint:
+    """A traced layer output that repair rescales, and the parameters that absorb the correction.
+
+    Attributes:
+        node: name of the traced node.
+        axis: unit axis of the node's output.
+        weight: parameter scaled per unit along its axis 0 (a layer's weight, a norm's scale).
+        bias: parameter that takes the shift, or None (then only the scale is corrected).
+    """
+
+    node: str
+    axis: int
+    weight: str
+    bias: str | None
+
+
+def correction_points(graph: SpaceGraph) -> list[CorrectionPoint]:
+    """Layer outputs of the transportable spaces of ``graph``, in graph order.
+
+    A Linear or Conv output that feeds only a normalisation layer is corrected at that layer instead.
+    """
+    gm = graph.graph_module
+    modules = dict(gm.named_modules())
+    axes = {name: axis for s in graph.spaces if not s.fixed for name, _, axis in s.nodes}
+    points = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or node.name not in axes:
+            continue
+        module = modules[node.target]
+        if isinstance(module, _LAYERS) and _feeds_only_a_norm(node, modules):
+            continue
+        if isinstance(module, _LAYERS + _NORMS) and getattr(module, "weight", None) is not None:
+            if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) != 1:
+                continue
+            bias = f"{node.target}.bias" if getattr(module, "bias", None) is not None else None
+            points.append(
+                CorrectionPoint(node.name, axes[node.name], f"{node.target}.weight", bias)
+            )
+    return points
+
+
+def _feeds_only_a_norm(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
+    users = list(node.users)
+    return (
+        len(users) == 1
+        and users[0].op == "call_module"
+        and isinstance(modules[users[0].target], _NORMS)
+    )
+
+
+def unit_statistics(value: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation (n,) of each unit of ``value`` over every other axis."""
+    rows = value.movedim(axis, 0).reshape(value.shape[axis], -1).double()
+    return rows.mean(1), rows.std(1, unbiased=False)
+
+
+class _StatisticsRecorder(torch.fx.Interpreter):
+    def __init__(self, gm: torch.fx.GraphModule, points: Sequence[CorrectionPoint]) -> None:
+        super().__init__(gm)
+        self.points = {p.node: p for p in points}
+        self.stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def run_node(self, n: torch.fx.Node):
+        out = super().run_node(n)
+        if n.name in self.points:
+            self.stats[n.name] = unit_statistics(out, self.points[n.name].axis)
+        return out
+
+
+class _Repairer(torch.fx.Interpreter):
+    """Runs the fused model once; at each point, folds the correction into its parameters."""
+
+    def __init__(self, gm, points, targets, params: dict[str, nn.Parameter]) -> None:
+        super().__init__(gm)
+        self.points = {p.node: p for p in points}
+        self.targets = targets
+        self.params = params
+
+    def run_node(self, n: torch.fx.Node):
+        out = super().run_node(n)
+        point = self.points.get(n.name)
+        if point is None:
+            return out
+        mean_f, std_f = unit_statistics(out, point.axis)
+        mean_t, std_t = self.targets[n.name]
+        scale = std_t / std_f.clamp_min(1e-8)
+        shift = mean_t - scale * mean_f if point.bias is not None else torch.zeros_like(mean_t)
+        weight = self.params[point.weight]
+        weight.mul_(scale.to(weight.dtype).reshape(-1, *([1] * (weight.ndim - 1))))
+        if point.bias is not None:
+            bias = self.params[point.bias]
+            bias.mul_(scale.to(bias.dtype)).add_(shift.to(bias.dtype))
+        shape = [1] * out.ndim
+        shape[point.axis] = -1
+        return out * scale.to(out.dtype).reshape(shape) + shift.to(out.dtype).reshape(shape)
+
+
+def repair_statistics(
+    fused: nn.Module,
+    parents: Sequence[nn.Module],
+    weights: Sequence[float],
+    inputs: torch.Tensor,
+    example_input: torch.Tensor | tuple,
+) -> nn.Module:
+    """REPAIR: match the fused units' mean and std to the weighted average of the aligned parents'.
+
+    ``parents`` must already be aligned to the fused model's widths and unit order. Modifies ``fused``
+    in place and returns it.
+    """
+    graph = discover(fused, example_input)
+    points = correction_points(graph)
+    if not points:
+        return fused
+    targets = {p.node: (0.0, 0.0) for p in points}
+    with torch.no_grad():
+        for parent, w in zip(parents, weights):
+            recorder = _StatisticsRecorder(
+                discover(parent, example_input).graph_module.eval(), points
+            )
+            recorder.run(inputs)
+            for name, (mean, std) in recorder.stats.items():
+                targets[name] = (targets[name][0] + w * mean, targets[name][1] + w * std)
+        params = dict(fused.named_parameters())
+        _Repairer(graph.graph_module.eval(), points, targets, params).run(inputs)
+    return fused
+
+
+def apply_repair(
+    kind: RepairName,
+    fused: nn.Module,
+    parents: Sequence[nn.Module],
+    weights: Sequence[float],
+    inputs: torch.Tensor | None,
+    example_input: torch.Tensor | tuple,
+) -> nn.Module:
+    """Dispatch on ``kind``: ``none``, ``bn`` (BatchNorm reset) or ``repair`` (BatchNorm reset, then
+    REPAIR rescaling)."""
+    if kind not in REPAIRS:
+        raise OtfuseError(f"unknown repair '{kind}'; choose one of {', '.join(REPAIRS)}")
+    if kind == "none":
+        return fused
+    if inputs is None:
+        raise OtfuseError(f"repair='{kind}' needs data: pass data=<inputs>")
+    reset_batchnorm(fused, inputs)
+    if kind == "repair":
+        repair_statistics(fused, parents, weights, inputs, example_input)
+    return fused
