@@ -61,13 +61,18 @@ def collect_activations(
     values = _run(graph.graph_module, inputs, wanted, batch_size)
     result: dict[int, torch.Tensor] = {}
     for s in spaces:
-        parts = [_unit_rows(values[name], axis, max_columns, seed + i) for i, (name, axis) in enumerate(chosen[s.index])]
+        parts = [
+            _unit_rows(values[name], axis, max_columns, seed + i)
+            for i, (name, axis) in enumerate(chosen[s.index])
+        ]
         if parts:
             result[s.index] = torch.cat(parts, dim=1)
     return result
 
 
-def _run(gm: torch.fx.GraphModule, inputs: torch.Tensor, wanted: set[str], batch_size: int) -> dict[str, torch.Tensor]:
+def _run(
+    gm: torch.fx.GraphModule, inputs: torch.Tensor, wanted: set[str], batch_size: int
+) -> dict[str, torch.Tensor]:
     was_training = gm.training
     gm.eval()
     chunks: dict[str, list[torch.Tensor]] = {name: [] for name in wanted}

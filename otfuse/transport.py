@@ -89,7 +89,9 @@ def solve(
     perms = []
     for g in range(groups):
         rows, cols = slice(g * nb, (g + 1) * nb), slice(g * na, (g + 1) * na)
-        block, perm = _solve_block(cost[rows, cols], _normed(mu[rows]), _normed(nu[cols]), solver, reg)
+        block, perm = _solve_block(
+            cost[rows, cols], _normed(mu[rows]), _normed(nu[cols]), solver, reg
+        )
         matrix[rows, cols] = block / groups
         perms.append(None if perm is None else perm + g * nb)
     perm = None if any(p is None for p in perms) else np.concatenate(perms)
@@ -130,7 +132,9 @@ def _assignment(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return matrix, perm
 
 
-def _exact(cost: np.ndarray, mu: np.ndarray, nu: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+def _exact(
+    cost: np.ndarray, mu: np.ndarray, nu: np.ndarray
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Network simplex with an iteration budget that grows with the problem; no convergence is an error."""
     nb, na = cost.shape
     budget = max(100_000, 50 * (nb + na) ** 2)

@@ -13,7 +13,9 @@ from otfuse.alignment import transport_member
 from otfuse.transport import TransportPlan
 
 
-def permuted(model: nn.Module, example_input: torch.Tensor, seed: int = 0) -> tuple[nn.Module, dict]:
+def permuted(
+    model: nn.Module, example_input: torch.Tensor, seed: int = 0
+) -> tuple[nn.Module, dict]:
     """A copy of ``model`` with a random permutation planted in every transportable space.
 
     The permutation respects the space's groups. Returns the model and the permutation per space name.
@@ -30,7 +32,9 @@ def permuted(model: nn.Module, example_input: torch.Tensor, seed: int = 0) -> tu
         matrix[perm, np.arange(n)] = 1.0 / n
         plan = TransportPlan(matrix, np.zeros((n, n)), "planted", perm)
         for member in space.members:
-            state[member.param] = transport_member(state[member.param], member, space.index, plan, sizes)
+            state[member.param] = transport_member(
+                state[member.param], member, space.index, plan, sizes
+            )
         perms[space.name] = perm
     out = copy.deepcopy(model)
     out.load_state_dict(state)

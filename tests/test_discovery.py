@@ -17,7 +17,9 @@ def test_mlp_spaces_and_fixed_ends():
     assert [s.size for s in hidden] == [24, 12]
     assert {m.param for m in hidden[0].members} == {"fc1.weight", "fc2.weight"}
     assert {(m.param, m.axis, m.role) for m in hidden[1].members} == {
-        ("fc2.weight", 0, "producer"), ("fc2.bias", 0, "producer"), ("fc3.weight", 1, "consumer")
+        ("fc2.weight", 0, "producer"),
+        ("fc2.bias", 0, "producer"),
+        ("fc3.weight", 1, "consumer"),
     }
     assert graph.spaces[-1].fixed and graph.spaces[-1].name == "fc3"
     assert "24 units" in str(graph)
@@ -28,7 +30,11 @@ def test_residual_stream_is_one_space_and_shortcut_opens_a_new_one():
     stream = next(s for s in graph.spaces if s.name == "conv1")
     params = {m.param for m in stream.members}
     assert {"layer1.0.conv2.weight", "layer1.1.conv2.weight", "bn1.running_var"} <= params
-    stage2 = next(s for s in graph.spaces if "layer2.0.shortcut.0.weight" in {m.param for m in s.members if m.axis == 0})
+    stage2 = next(
+        s
+        for s in graph.spaces
+        if "layer2.0.shortcut.0.weight" in {m.param for m in s.members if m.axis == 0}
+    )
     assert {"layer2.1.conv2.weight", "fc.weight"} <= {m.param for m in stage2.members}
     assert len(graph.transportable()) == 6
 

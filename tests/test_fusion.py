@@ -21,7 +21,9 @@ def data_for(name: str, n: int = 64) -> torch.Tensor:
 def test_planted_permutation_is_recovered_exactly(name, mode, solver):
     model, x = build(name), example(name)
     other, planted = permuted(model, x, seed=11)
-    result = otfuse.fuse([model, other], mode=mode, solver=solver, data=data_for(name), example_input=x)
+    result = otfuse.fuse(
+        [model, other], mode=mode, solver=solver, data=data_for(name), example_input=x
+    )
     assert max_state_diff(result.model, model) < 1e-5
     for space, perm in planted.items():
         np.testing.assert_array_equal(result.plans[1][space].permutation, np.argsort(perm))
@@ -51,12 +53,17 @@ def test_fusing_a_model_with_itself_returns_it(name):
 @pytest.mark.parametrize("marginals", ["uniform", "l1", "l2"])
 def test_plans_have_the_requested_marginals(solver, marginals):
     anchor, model = build("mlp", seed=0), build("mlp", seed=1, width=32)
-    result = otfuse.fuse([anchor, model], solver=solver, marginals=marginals, example_input=example("mlp"))
+    result = otfuse.fuse(
+        [anchor, model], solver=solver, marginals=marginals, example_input=example("mlp")
+    )
     plan = result.plans[1]["fc1"]
     assert plan.shape == (32, 24)
     norms = {
         "uniform": (np.ones(32), np.ones(24)),
-        "l1": (model.fc1.weight.detach().norm(p=1, dim=1), anchor.fc1.weight.detach().norm(p=1, dim=1)),
+        "l1": (
+            model.fc1.weight.detach().norm(p=1, dim=1),
+            anchor.fc1.weight.detach().norm(p=1, dim=1),
+        ),
         "l2": (model.fc1.weight.detach().norm(dim=1), anchor.fc1.weight.detach().norm(dim=1)),
     }[marginals]
     mu, nu = (np.asarray(torch.as_tensor(v, dtype=torch.float64)) for v in norms)
@@ -138,16 +145,48 @@ def test_sinkhorn_plans_are_soft_and_fusion_runs():
         (lambda m, x: otfuse.fuse(m, example_input=x), OtfuseError, "list of nn.Module"),
         (lambda m, x: otfuse.fuse([m, "model"], example_input=x), OtfuseError, "not an nn.Module"),
         (lambda m, x: otfuse.fuse([m, m], mode="acts", example_input=x), DataError, "needs data"),
-        (lambda m, x: otfuse.fuse([m, m], mode="bogus", example_input=x), OtfuseError, "unknown mode"),
-        (lambda m, x: otfuse.fuse([m, m], solver="bogus", example_input=x), OtfuseError, "unknown solver"),
-        (lambda m, x: otfuse.fuse([m, m], cost="bogus", example_input=x), OtfuseError, "unknown cost"),
-        (lambda m, x: otfuse.fuse([m, m], weights=[1], example_input=x), OtfuseError, "1 weights for 2"),
-        (lambda m, x: otfuse.fuse([m, m], weights=[1, -1], example_input=x), OtfuseError, "non-negative"),
-        (lambda m, x: otfuse.fuse([m, m], weights=[0, 0], example_input=x), OtfuseError, "positive"),
+        (
+            lambda m, x: otfuse.fuse([m, m], mode="bogus", example_input=x),
+            OtfuseError,
+            "unknown mode",
+        ),
+        (
+            lambda m, x: otfuse.fuse([m, m], solver="bogus", example_input=x),
+            OtfuseError,
+            "unknown solver",
+        ),
+        (
+            lambda m, x: otfuse.fuse([m, m], cost="bogus", example_input=x),
+            OtfuseError,
+            "unknown cost",
+        ),
+        (
+            lambda m, x: otfuse.fuse([m, m], weights=[1], example_input=x),
+            OtfuseError,
+            "1 weights for 2",
+        ),
+        (
+            lambda m, x: otfuse.fuse([m, m], weights=[1, -1], example_input=x),
+            OtfuseError,
+            "non-negative",
+        ),
+        (
+            lambda m, x: otfuse.fuse([m, m], weights=[0, 0], example_input=x),
+            OtfuseError,
+            "positive",
+        ),
         (lambda m, x: otfuse.fuse([m, m], anchor=2, example_input=x), OtfuseError, "anchor"),
         (lambda m, x: otfuse.fuse([m, m]), OtfuseError, "example_input"),
-        (lambda m, x: otfuse.fuse([m, build("vgg")], example_input=x), OtfuseError, "does not fit|different"),
-        (lambda m, x: otfuse.fuse([m, m], solver="assignment", marginals="l2", example_input=x), OtfuseError, "assignment"),
+        (
+            lambda m, x: otfuse.fuse([m, build("vgg")], example_input=x),
+            OtfuseError,
+            "does not fit|different",
+        ),
+        (
+            lambda m, x: otfuse.fuse([m, m], solver="assignment", marginals="l2", example_input=x),
+            OtfuseError,
+            "assignment",
+        ),
     ],
 )
 def test_bad_input_is_a_clear_one_line_error(call, error, pattern):

@@ -25,7 +25,11 @@ Rule = Callable[[SpaceBuilder, torch.fx.Node], Info]
 
 
 def where(node: torch.fx.Node) -> str:
-    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", node.target)
+    target = (
+        node.target
+        if isinstance(node.target, str)
+        else getattr(node.target, "__name__", node.target)
+    )
     return f"op '{target}' at node '{node.name}'"
 
 
@@ -37,7 +41,9 @@ def tracked_input(b: SpaceBuilder, node: torch.fx.Node) -> Info:
     """Info of the node's first argument; parameters cannot flow where this is used."""
     info = info_of(b, node.args[0]) if node.args else None
     if isinstance(info, ParamRef):
-        raise UnsupportedOpError(f"{where(node)}: parameter '{info.name}' used in an unsupported way")
+        raise UnsupportedOpError(
+            f"{where(node)}: parameter '{info.name}' used in an unsupported way"
+        )
     return info
 
 
@@ -159,7 +165,9 @@ def elementwise(b: SpaceBuilder, node: torch.fx.Node) -> Info:
     if out_shape is None:
         return None
     ndim = len(out_shape)
-    operands = [a for a in list(node.args) + list(node.kwargs.values()) if isinstance(a, torch.fx.Node)]
+    operands = [
+        a for a in list(node.args) + list(node.kwargs.values()) if isinstance(a, torch.fx.Node)
+    ]
     features = []
     for a in operands:
         info = info_of(b, a)
@@ -179,7 +187,9 @@ def elementwise(b: SpaceBuilder, node: torch.fx.Node) -> Info:
     return out
 
 
-def join_broadcast_operand(b: SpaceBuilder, node: torch.fx.Node, arg, out: Feature, ndim: int) -> None:
+def join_broadcast_operand(
+    b: SpaceBuilder, node: torch.fx.Node, arg, out: Feature, ndim: int
+) -> None:
     """A parameter broadcast along the units joins their space; a fixed tensor fixes them."""
     info, shape = info_of(b, arg), shape_of(arg)
     if isinstance(info, Feature) or shape is None:
@@ -267,7 +277,9 @@ def concatenate(b: SpaceBuilder, node: torch.fx.Node) -> Info:
     segments: list[Segment] = []
     for t, info in zip(tensors, infos):
         if info is None:
-            segments.append(Segment(b.new_space(shape_of(t)[dim], f"{node.name}:fixed", fixed=True)))
+            segments.append(
+                Segment(b.new_space(shape_of(t)[dim], f"{node.name}:fixed", fixed=True))
+            )
         elif info.axis != dim or info.layout.outer != 1:
             raise UnsupportedOpError(f"{where(node)}: concatenates units along mismatched axes")
         else:
@@ -275,7 +287,9 @@ def concatenate(b: SpaceBuilder, node: torch.fx.Node) -> Info:
     return Feature(dim, Layout(tuple(segments)))
 
 
-def elementwise_like(b: SpaceBuilder, node: torch.fx.Node, tensors, features: list[Feature]) -> Info:
+def elementwise_like(
+    b: SpaceBuilder, node: torch.fx.Node, tensors, features: list[Feature]
+) -> Info:
     out = features[0]
     for f in features[1:]:
         if f.axis != out.axis:
@@ -338,46 +352,158 @@ MODULE_RULES: list[tuple[tuple[type, ...], Rule]] = [
     ((nn.LayerNorm,), layer_norm),
     ((nn.GroupNorm,), group_norm),
     (
-        (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.Mish,
-         nn.Hardswish, nn.Hardtanh, nn.Softplus),
+        (
+            nn.ReLU,
+            nn.ReLU6,
+            nn.GELU,
+            nn.SiLU,
+            nn.Tanh,
+            nn.Sigmoid,
+            nn.LeakyReLU,
+            nn.ELU,
+            nn.Mish,
+            nn.Hardswish,
+            nn.Hardtanh,
+            nn.Softplus,
+        ),
         nonlinearity,
     ),
-    ((nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity, nn.Softmax, nn.LogSoftmax), passthrough),
     (
-        (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-         nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
-         nn.AdaptiveMaxPool2d),
+        (
+            nn.Dropout,
+            nn.Dropout1d,
+            nn.Dropout2d,
+            nn.Dropout3d,
+            nn.Identity,
+            nn.Softmax,
+            nn.LogSoftmax,
+        ),
+        passthrough,
+    ),
+    (
+        (
+            nn.MaxPool1d,
+            nn.MaxPool2d,
+            nn.MaxPool3d,
+            nn.AvgPool1d,
+            nn.AvgPool2d,
+            nn.AvgPool3d,
+            nn.AdaptiveAvgPool1d,
+            nn.AdaptiveAvgPool2d,
+            nn.AdaptiveAvgPool3d,
+            nn.AdaptiveMaxPool1d,
+            nn.AdaptiveMaxPool2d,
+        ),
         pooling,
     ),
     ((nn.Flatten, nn.Unflatten), reshape),
 ]
 
 _NONLINEAR = [
-    torch.relu, F.relu, F.relu6, F.gelu, F.silu, F.elu, F.leaky_relu, F.hardswish, F.mish,
-    F.softplus, torch.sigmoid, torch.tanh, F.sigmoid, F.tanh, "relu", "sigmoid", "tanh", "relu_",
+    torch.relu,
+    F.relu,
+    F.relu6,
+    F.gelu,
+    F.silu,
+    F.elu,
+    F.leaky_relu,
+    F.hardswish,
+    F.mish,
+    F.softplus,
+    torch.sigmoid,
+    torch.tanh,
+    F.sigmoid,
+    F.tanh,
+    "relu",
+    "sigmoid",
+    "tanh",
+    "relu_",
 ]
 _PASSTHROUGH = [
-    F.dropout, torch.exp, torch.abs, torch.neg, operator.neg, torch.sqrt, torch.rsqrt, F.softmax,
-    F.log_softmax, torch.softmax, torch.log_softmax, torch.clamp, "exp", "abs", "neg", "sqrt",
-    "rsqrt", "clamp", "contiguous", "clone", "float", "double", "half", "to", "type_as", "detach",
-    "softmax", "log_softmax", "dropout",
+    F.dropout,
+    torch.exp,
+    torch.abs,
+    torch.neg,
+    operator.neg,
+    torch.sqrt,
+    torch.rsqrt,
+    F.softmax,
+    F.log_softmax,
+    torch.softmax,
+    torch.log_softmax,
+    torch.clamp,
+    "exp",
+    "abs",
+    "neg",
+    "sqrt",
+    "rsqrt",
+    "clamp",
+    "contiguous",
+    "clone",
+    "float",
+    "double",
+    "half",
+    "to",
+    "type_as",
+    "detach",
+    "softmax",
+    "log_softmax",
+    "dropout",
 ]
 _ELEMENTWISE = [
-    operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.imul,
-    torch.add, torch.sub, torch.mul, torch.div, "add", "sub", "mul", "div", "add_", "mul_",
-    operator.pow, torch.pow, "pow",
+    operator.add,
+    operator.sub,
+    operator.mul,
+    operator.truediv,
+    operator.iadd,
+    operator.imul,
+    torch.add,
+    torch.sub,
+    torch.mul,
+    torch.div,
+    "add",
+    "sub",
+    "mul",
+    "div",
+    "add_",
+    "mul_",
+    operator.pow,
+    torch.pow,
+    "pow",
 ]
 _POOLING = [
-    F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d,
-    F.adaptive_avg_pool2d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
+    F.max_pool1d,
+    F.max_pool2d,
+    F.avg_pool1d,
+    F.avg_pool2d,
+    F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d,
 ]
 _RESHAPE = [
-    torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, "view", "reshape", "flatten",
-    "squeeze", "unsqueeze", "view_as",
+    torch.flatten,
+    torch.reshape,
+    torch.squeeze,
+    torch.unsqueeze,
+    "view",
+    "reshape",
+    "flatten",
+    "squeeze",
+    "unsqueeze",
+    "view_as",
 ]
 _PERMUTE = [torch.transpose, torch.permute, torch.swapaxes, "transpose", "permute", "t", "swapaxes"]
 _REDUCTION = [
-    torch.mean, torch.sum, torch.amax, torch.amin, torch.logsumexp, "mean", "sum", "amax", "amin",
+    torch.mean,
+    torch.sum,
+    torch.amax,
+    torch.amin,
+    torch.logsumexp,
+    "mean",
+    "sum",
+    "amax",
+    "amin",
     "logsumexp",
 ]
 _NON_TENSOR = [getattr, "size", "dim", "numel"]

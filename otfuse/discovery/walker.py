@@ -135,7 +135,9 @@ class SpaceBuilder:
     def build(self) -> SpaceGraph:
         roots = sorted({self.find(m_space) for m in self.members for m_space in m.layout.spaces()})
         canonical = {root: i for i, root in enumerate(roots)}
-        mapping = {s: canonical[self.find(s)] for s in range(len(self.parent)) if self.find(s) in canonical}
+        mapping = {
+            s: canonical[self.find(s)] for s in range(len(self.parent)) if self.find(s) in canonical
+        }
         spaces, seen = [], set()
         for root, index in canonical.items():
             name = self.name[root] if self.name[root] not in seen else f"{self.name[root]}#{index}"
