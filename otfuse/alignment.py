@@ -164,17 +164,17 @@ def _weight_features(
         same_shape = [m for m in candidates if state_b[m.param].shape == state_a[m.param].shape]
         for chosen in (ready, same_shape):
             if chosen:
-                fb = torch.cat(
-                    [unit_features(state_b[m.param], m, space.index, sizes_b) for m in chosen], 1
-                )
-                fa = torch.cat(
-                    [unit_features(state_a[m.param], m, space.index, sizes_a) for m in chosen], 1
-                )
+                fb = _concat([unit_features(state_b[m.param], m, space.index, sizes_b) for m in chosen])
+                fa = _concat([unit_features(state_a[m.param], m, space.index, sizes_a) for m in chosen])
                 return fb, fa
     raise TransportError(
         f"cannot build a weight cost for space '{space.name}' of models of different widths; "
         "use mode='acts'"
     )
+
+
+def _concat(features: list[torch.Tensor]) -> torch.Tensor:
+    return features[0] if len(features) == 1 else torch.cat(features, dim=1)
 
 
 def _other_axes_resolved(member: Member, space: int, resolved: set[int], by_param: dict) -> bool:
