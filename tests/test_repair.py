@@ -7,9 +7,9 @@ from helpers import max_state_diff, permuted
 from models import FIXTURES, build, example
 
 import otfuse
-from otfuse.repair import correction_points, reset_batchnorm, unit_statistics
 from otfuse.discovery import discover
 from otfuse.errors import OtfuseError
+from otfuse.repair import correction_points, reset_batchnorm, unit_statistics
 
 
 def sample(name, n=128):

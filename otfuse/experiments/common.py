@@ -1,0 +1,104 @@
+"""Pieces shared by the experiments: cached training of parents, evaluation rows, tables.
+
+Trained parents are cached as safetensors (with a JSON sidecar) under ``runs/cache`` (or
+``$OTFUSE_CACHE``), keyed by everything that determines them: architecture, data, subset, training
+configuration and seed. A cached model is loaded safely (``otfuse.checkpoints``) instead of retrained.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from otfuse import zoo
+from otfuse.checkpoints import load_into, load_state_dict, save_model
+from otfuse.data import Dataset
+from otfuse.errors import OtfuseError
+from otfuse.training import TrainConfig, evaluate, train
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("OTFUSE_CACHE", "runs/cache"))
+
+
+@dataclass
+class Row:
+    """One line of a results table."""
+
+    method: str
+    accuracy: float  # percent, on the test split
+    loss: float  # mean cross-entropy on the test split
+    seconds: float  # training time (parents) or fusion time (fused models)
+    params: int  # parameters needed at inference
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def evaluate_row(method: str, model: nn.Module, test: Dataset, seconds: float) -> Row:
+    result = evaluate(model, test)
+    return Row(method, result.accuracy, result.loss, seconds, count_params(model))
+
+
+def _key(arch: str, arch_kwargs: dict, data: Dataset, config: TrainConfig) -> str:
+    digest = hashlib.sha256()
+    digest.update(json.dumps([arch, arch_kwargs, asdict(config)], sort_keys=True, default=str).encode())
+    digest.update(data.name.encode())
+    digest.update(data.labels.numpy().tobytes())
+    digest.update(data.images[:: max(1, len(data) // 64)].numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def train_or_load(
+    arch: str,
+    arch_kwargs: dict,
+    data: Dataset,
+    config: TrainConfig,
+    *,
+    progress: bool = True,
+    label: str = "",
+) -> tuple[nn.Module, float]:
+    """A zoo model trained on ``data`` with ``config``, from the cache when it was trained before.
+
+    Returns the model (eval mode) and the seconds its training took (0 when loaded from cache).
+    """
+    model = zoo.create(arch, **arch_kwargs)
+    path = cache_dir() / f"{arch}-{_key(arch, arch_kwargs, data, config)}.safetensors"
+    if path.exists():
+        try:
+            load_into(model, load_state_dict(path))
+            return model.eval(), 0.0
+        except OtfuseError:
+            path.unlink(missing_ok=True)  # a damaged cache entry is retrained
+    torch.manual_seed(config.seed)
+    model = zoo.create(arch, **arch_kwargs)
+    if progress and label:
+        print(f"training {label} ...", flush=True)
+    start = time.perf_counter()
+    train(model, data, config, progress=progress)
+    seconds = time.perf_counter() - start
+    meta = {"arch": arch, "arch_kwargs": arch_kwargs, "data": data.name, "examples": len(data),
+            "train_config": asdict(config), "seconds": seconds}
+    save_model(path, model, meta, overwrite=True)
+    return model.eval(), seconds
+
+
+def markdown_table(rows: Sequence[Row], *, extra: dict[str, Sequence[str]] | None = None) -> str:
+    """Rows as a Markdown table: method, accuracy, loss, seconds, parameters (+ extra columns)."""
+    extra = extra or {}
+    head = ["method", "test acc (%)", "test loss", "time (s)", "params", *extra]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for i, r in enumerate(rows):
+        cells = [r.method, f"{r.accuracy:.2f}", f"{r.loss:.4f}", f"{r.seconds:.2f}", f"{r.params:,}"]
+        cells += [values[i] for values in extra.values()]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,267 @@
+"""Plain training, fine-tuning and evaluation of classifiers on a :class:`~otfuse.data.Dataset`.
+
+SGD with momentum and weight decay, cross-entropy loss, a learning rate that follows ``schedule``.
+On CPU, training is deterministic given ``TrainConfig.seed`` (and the number of threads).
+
+>>> history = train(model, load_dataset("fashion-mnist"), TrainConfig(epochs=5))
+>>> evaluate(model, load_dataset("fashion-mnist", "test")).accuracy
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from otfuse.data import Dataset
+from otfuse.errors import OtfuseError
+
+__all__ = [
+    "EpochStats",
+    "Evaluation",
+    "FinetuneResult",
+    "TrainConfig",
+    "TrainConfigError",
+    "TrainHistory",
+    "evaluate",
+    "finetune",
+    "learning_rate",
+    "predict_logits",
+    "seed_everything",
+    "train",
+]
+
+SCHEDULES = ("cosine", "step", "constant")
+
+
+class TrainConfigError(OtfuseError):
+    """A training option is out of range."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10  # passes over the training set
+    batch_size: int = 128  # examples per SGD step; the last batch of an epoch may be smaller
+    lr: float = 0.05  # peak learning rate
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 5e-4  # L2 penalty, applied to every parameter
+    schedule: str = "cosine"  # "cosine" (to 0), "step" (x0.1 at 50% and 75%) or "constant"
+    seed: int = 0  # seeds the weights' RNG use, the shuffling and dropout
+    num_threads: int | None = None  # torch CPU threads while training; None leaves torch's setting
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise TrainConfigError(
+                f"epochs and batch_size must be at least 1, got {self.epochs} and {self.batch_size}"
+            )
+        if self.lr <= 0 or self.momentum < 0 or self.weight_decay < 0:
+            raise TrainConfigError("lr must be positive and momentum, weight_decay not negative")
+        if self.schedule not in SCHEDULES:
+            raise TrainConfigError(
+                f"unknown schedule '{self.schedule}': choose one of {', '.join(SCHEDULES)}"
+            )
+        if self.num_threads is not None and self.num_threads < 1:
+            raise TrainConfigError(f"num_threads must be at least 1, got {self.num_threads}")
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    epoch: int  # counted from 1
+    loss: float  # mean training cross-entropy over the epoch (while the weights moved)
+    accuracy: float  # training accuracy over the epoch, in percent
+    lr: float  # learning rate at the last step of the epoch
+    seconds: float  # wall time of the epoch, evaluation included
+    eval_loss: float | None = None  # on eval_dataset after the epoch, if one was given
+    eval_accuracy: float | None = None
+
+
+@dataclass
+class TrainHistory:
+    epochs: list[EpochStats] = field(default_factory=list)
+
+    @property
+    def losses(self) -> list[float]:
+        return [e.loss for e in self.epochs]
+
+    @property
+    def accuracies(self) -> list[float]:
+        return [e.accuracy for e in self.epochs]
+
+    @property
+    def final(self) -> EpochStats:
+        return self.epochs[-1]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    accuracy: float  # percent of examples whose arg-max logit is the label, 0-100
+    loss: float  # mean cross-entropy
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    model: nn.Module  # the fine-tuned copy; the model passed in is untouched
+    history: TrainHistory
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's random number generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
+    """The learning rate for SGD step ``step`` (0-based) out of ``total_steps``."""
+    progress = step / max(1, total_steps)
+    if config.schedule == "cosine":
+        return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if config.schedule == "step":
+        return config.lr * 0.1 ** ((progress >= 0.5) + (progress >= 0.75))
+    return config.lr
+
+
+def train(
+    model: nn.Module,
+    dataset: Dataset,
+    config: TrainConfig,
+    *,
+    progress: bool = True,
+    eval_dataset: Dataset | None = None,
+) -> TrainHistory:
+    """Train ``model`` in place on ``dataset`` and return the per-epoch statistics.
+
+    ``dataset.images`` (N, C, H, W) are fed as they are; ``model`` must map them to logits (B, K).
+    With ``eval_dataset``, the model is evaluated on it after every epoch.
+    """
+    seed_everything(config.seed)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+    )
+    loader = dataset.loader(config.batch_size, shuffle=True, seed=config.seed)
+    total_steps = config.epochs * len(loader)
+    history = TrainHistory()
+    bar = tqdm(total=total_steps, disable=not progress, desc="train", unit="step", leave=False)
+    with _num_threads(config.num_threads), bar:
+        for epoch in range(1, config.epochs + 1):
+            start = time.perf_counter()
+            loss, accuracy, lr = _train_epoch(model, loader, optimizer, config, epoch, bar)
+            evaluation = evaluate(model, eval_dataset) if eval_dataset is not None else None
+            history.epochs.append(
+                EpochStats(
+                    epoch=epoch,
+                    loss=loss,
+                    accuracy=accuracy,
+                    lr=lr,
+                    seconds=time.perf_counter() - start,
+                    eval_loss=evaluation.loss if evaluation else None,
+                    eval_accuracy=evaluation.accuracy if evaluation else None,
+                )
+            )
+    return history
+
+
+def _train_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    config: TrainConfig,
+    epoch: int,
+    bar: tqdm,
+) -> tuple[float, float, float]:
+    """One pass over ``loader``; returns mean loss, accuracy (percent) and the last lr."""
+    model.train()
+    device = _device(model)
+    steps, total_steps = (epoch - 1) * len(loader), config.epochs * len(loader)
+    loss_sum, correct, seen, lr = 0.0, 0, 0, config.lr
+    for i, (images, labels) in enumerate(loader):
+        lr = learning_rate(config, steps + i, total_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        images, labels = images.to(device), labels.to(device)
+        logits = model(images)
+        loss = F.cross_entropy(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.item() * len(labels)
+        correct += int((logits.argmax(1) == labels).sum())
+        seen += len(labels)
+        bar.update()
+        bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}", lr=f"{lr:.4f}", refresh=False)
+    return loss_sum / seen, 100.0 * correct / seen, lr
+
+
+def finetune(
+    model: nn.Module,
+    dataset: Dataset,
+    config: TrainConfig | None = None,
+    *,
+    progress: bool = True,
+    eval_dataset: Dataset | None = None,
+) -> FinetuneResult:
+    """Fine-tune a copy of ``model`` (e.g. a fused one) with the training loop of :func:`train`.
+
+    The model passed in is left untouched; the result holds the trained copy and its history.
+    The default budget is short: one epoch, cosine schedule from lr 0.01.
+    """
+    config = config if config is not None else TrainConfig(epochs=1, lr=0.01)
+    tuned = copy.deepcopy(model)
+    history = train(tuned, dataset, config, progress=progress, eval_dataset=eval_dataset)
+    return FinetuneResult(model=tuned, history=history)
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    """Logits (N, K) of ``model`` for ``images`` (N, C, H, W), in eval mode, without gradients.
+
+    The model's train/eval mode is restored afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    device = _device(model)
+    try:
+        chunks = [model(batch.to(device)).cpu() for batch in images.split(batch_size)]
+    finally:
+        model.train(was_training)
+    return torch.cat(chunks)
+
+
+def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 1000) -> Evaluation:
+    """Accuracy (percent) and mean cross-entropy of ``model`` on ``dataset``, in eval mode."""
+    if len(dataset) == 0:
+        raise TrainConfigError("cannot evaluate on an empty dataset")
+    logits = predict_logits(model, dataset.images, batch_size)
+    loss = F.cross_entropy(logits, dataset.labels).item()
+    accuracy = 100.0 * (logits.argmax(1) == dataset.labels).float().mean().item()
+    return Evaluation(accuracy=accuracy, loss=loss)
+
+
+def _device(model: nn.Module) -> torch.device:
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+@contextlib.contextmanager
+def _num_threads(n: int | None) -> Iterator[None]:
+    """Use ``n`` torch CPU threads inside the block (no change when ``n`` is None)."""
+    if n is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
