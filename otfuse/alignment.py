@@ -164,8 +164,12 @@ def _weight_features(
         same_shape = [m for m in candidates if state_b[m.param].shape == state_a[m.param].shape]
         for chosen in (ready, same_shape):
             if chosen:
-                fb = _concat([unit_features(state_b[m.param], m, space.index, sizes_b) for m in chosen])
-                fa = _concat([unit_features(state_a[m.param], m, space.index, sizes_a) for m in chosen])
+                fb = _concat(
+                    [unit_features(state_b[m.param], m, space.index, sizes_b) for m in chosen]
+                )
+                fa = _concat(
+                    [unit_features(state_a[m.param], m, space.index, sizes_a) for m in chosen]
+                )
                 return fb, fa
     raise TransportError(
         f"cannot build a weight cost for space '{space.name}' of models of different widths; "

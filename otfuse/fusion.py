@@ -24,11 +24,13 @@ from otfuse.alignment import AlignOptions, Mode, align_state, check_compatible
 from otfuse.cost import CostName, MarginalName
 from otfuse.discovery import SpaceGraph, discover
 from otfuse.errors import DataError, OtfuseError
+from otfuse.recipes import resolve
 from otfuse.refinement import align_to_average, refine_plans
 from otfuse.repair import REPAIRS, RepairName, apply_repair
 from otfuse.transport import SolverName, TransportPlan
 
 StateDict = dict[str, torch.Tensor]
+ALIGN_FIELDS = ("mode", "solver", "cost", "marginals", "reg", "activations", "num_samples", "seed")
 
 
 @dataclass
@@ -45,6 +47,7 @@ class FusionResult:
         options: the alignment settings used.
         timings: seconds per stage.
         refinement: objective logs of refinement (per model index, and ``"average"``), when used.
+        settings: every fusion option used, with the recipe they came from.
     """
 
     model: nn.Module
@@ -56,6 +59,7 @@ class FusionResult:
     options: AlignOptions
     timings: dict[str, float] = field(default_factory=dict)
     refinement: dict = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)
 
     def costs(self) -> list[dict[str, float]]:
         """Transport cost <T, C> per model and space."""
@@ -205,32 +209,44 @@ def build_model(template: nn.Module, state: StateDict) -> nn.Module:
 def fuse(
     models: Sequence[nn.Module],
     *,
-    mode: Mode = "wts",
-    solver: SolverName = "auto",
-    cost: CostName = "euclidean",
-    marginals: MarginalName = "uniform",
+    recipe: str | None = None,
     weights: Sequence[float] | None = None,
     anchor: int = 0,
     data: object = None,
     example_input: torch.Tensor | tuple | None = None,
-    reg: float = 0.01,
-    activations: ActivationPoint = "pre",
-    num_samples: int = 200,
-    seed: int = 0,
-    repair: RepairName = "none",
-    refine: bool = False,
-    to_average: bool = False,
-    max_sweeps: int = 10,
+    mode: Mode | None = None,
+    solver: SolverName | None = None,
+    cost: CostName | None = None,
+    marginals: MarginalName | None = None,
+    reg: float | None = None,
+    activations: ActivationPoint | None = None,
+    num_samples: int | None = None,
+    seed: int | None = None,
+    repair: RepairName | None = None,
+    refine: bool | None = None,
+    to_average: bool | None = None,
+    max_sweeps: int | None = None,
 ) -> FusionResult:
     """Fuse K >= 2 models of one architecture family into one model of the anchor's architecture.
 
-    Every model is aligned to ``models[anchor]`` (see :func:`align` for the alignment options) and the
-    aligned parameters are averaged with ``weights`` (default uniform; normalised to sum to 1).
-    Integer buffers come from the anchor.
+    Every model is aligned to ``models[anchor]`` and the aligned parameters are averaged with
+    ``weights`` (default uniform; normalised to sum to 1). Integer buffers come from the anchor.
+
+    Options left as None come from ``recipe`` (:mod:`otfuse.recipes`): by default the ``data`` recipe
+    when ``data`` is given and the ``data-free`` recipe otherwise; ``paper-wts`` and ``paper-acts``
+    are the paper's one-shot method. The alignment options (``mode``, ``solver``, ``cost``,
+    ``marginals``, ``reg``, ``activations``, ``num_samples``, ``seed``) are those of :func:`align`.
 
     Args:
-        repair: statistics repair on the sample of ``data``: ``none``, ``bn`` (recompute BatchNorm
-            statistics) or ``repair`` (BatchNorm reset, then REPAIR rescaling of every layer).
+        models: K >= 2 models of one architecture family (widths may differ).
+        weights: weight of each model in the average, e.g. proportional to its data size.
+        anchor: index of the model whose architecture, widths and unit order the result has.
+        data: unlabeled inputs (a tensor (N, ...), a dataset with ``.images`` or batches) for
+            ``acts`` and repair; a seeded sample of ``num_samples`` of them is used.
+        example_input: an input the models accept, for tracing (default: from ``data`` or the
+            model's ``otfuse_config``).
+        repair: statistics repair on the sample: ``none``, ``bn`` (recompute BatchNorm statistics)
+            or ``repair`` (BatchNorm reset, then REPAIR rescaling of every layer).
         refine: after the greedy pass, re-solve each space against all its weights (weight matching
             with OT plans) until no plan changes, at most ``max_sweeps`` sweeps.
         to_average: for K > 2, re-align every model to the running average of the aligned models
@@ -238,21 +254,42 @@ def fuse(
 
     Returns:
         A :class:`FusionResult`; ``result.model`` is a plain ``nn.Module`` whose ``state_dict`` loads into
-        the anchor's class without otfuse.
+        the anchor's class without otfuse; ``result.settings`` holds every option used.
     """
     start = time.perf_counter()
-    options = AlignOptions(mode, solver, cost, marginals, reg, activations, num_samples, seed)
-    if repair not in REPAIRS:
-        raise OtfuseError(f"unknown repair '{repair}'; choose one of {', '.join(REPAIRS)}")
+    settings = resolve(
+        recipe,
+        data is not None,
+        mode=mode,
+        solver=solver,
+        cost=cost,
+        marginals=marginals,
+        reg=reg,
+        activations=activations,
+        num_samples=num_samples,
+        seed=seed,
+        repair=repair,
+        refine=refine,
+        to_average=to_average,
+        max_sweeps=max_sweeps,
+    )
+    options = AlignOptions(*(settings[f] for f in ALIGN_FIELDS))
+    if settings["repair"] not in REPAIRS:
+        raise OtfuseError(
+            f"unknown repair '{settings['repair']}'; choose one of {', '.join(REPAIRS)}"
+        )
     prepared = prepare(models, options, data=data, example_input=example_input)
     k = len(prepared.models)
     if not 0 <= anchor < k:
         raise OtfuseError(f"anchor must be an index in 0..{k - 1}, got {anchor}")
-    if repair != "none" and prepared.sample is None:
-        raise DataError(f"repair='{repair}' needs data: pass data=<inputs> (a tensor or a dataset)")
+    if settings["repair"] != "none" and prepared.sample is None:
+        raise DataError(
+            f"repair='{settings['repair']}' needs data: pass data=<inputs> (a tensor or a dataset)"
+        )
     w = normalise_weights(weights, k)
-    aligned, plans, logs = _align_all(prepared, anchor, options, refine, max_sweeps)
-    if to_average and k > 2:
+    sweeps = settings["max_sweeps"]
+    aligned, plans, logs = _align_all(prepared, anchor, options, settings["refine"], sweeps)
+    if settings["to_average"] and k > 2:
         average = lambda states, ws: average_states(states, ws, prepared.states[anchor])  # noqa: E731
         aligned, plans, logs["average"] = align_to_average(
             prepared.states,
@@ -261,20 +298,29 @@ def fuse(
             w,
             aligned,
             options,
-            max_rounds=max_sweeps,
+            max_rounds=sweeps,
             average=average,
         )
     fused = build_model(
         prepared.models[anchor], average_states(aligned, w, prepared.states[anchor])
     )
     aligned_at = time.perf_counter()
-    if repair != "none":
+    if settings["repair"] != "none":
         parents = [build_model(prepared.models[anchor], s) for s in aligned]
-        apply_repair(repair, fused, parents, w, prepared.sample, prepared.example_input)
+        apply_repair(settings["repair"], fused, parents, w, prepared.sample, prepared.example_input)
     end = time.perf_counter()
     timings = {"align_and_average": aligned_at - start, "repair": end - aligned_at}
     return FusionResult(
-        fused, plans, w, anchor, end - start, prepared.graphs[anchor], options, timings, logs
+        fused,
+        plans,
+        w,
+        anchor,
+        end - start,
+        prepared.graphs[anchor],
+        options,
+        timings,
+        logs,
+        settings,
     )
 
 

@@ -44,3 +44,8 @@ def permuted(
 def max_state_diff(a: nn.Module, b: nn.Module) -> float:
     sa, sb = a.state_dict(), b.state_dict()
     return max((sa[k].double() - sb[k].double()).abs().max().item() for k in sa if sa[k].numel())
+
+
+def fuse(models, **kwargs):
+    """The paper's one-shot fusion unless a test asks for more."""
+    return otfuse.fuse(models, **{"recipe": "paper-wts", **kwargs})

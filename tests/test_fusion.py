@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from helpers import max_state_diff, permuted
+from helpers import fuse, max_state_diff, permuted
 from models import FIXTURES, build, example
 
 import otfuse
@@ -21,9 +21,7 @@ def data_for(name: str, n: int = 64) -> torch.Tensor:
 def test_planted_permutation_is_recovered_exactly(name, mode, solver):
     model, x = build(name), example(name)
     other, planted = permuted(model, x, seed=11)
-    result = otfuse.fuse(
-        [model, other], mode=mode, solver=solver, data=data_for(name), example_input=x
-    )
+    result = fuse([model, other], mode=mode, solver=solver, data=data_for(name), example_input=x)
     assert max_state_diff(result.model, model) < 1e-5
     for space, perm in planted.items():
         np.testing.assert_array_equal(result.plans[1][space].permutation, np.argsort(perm))
@@ -44,7 +42,7 @@ def test_align_with_hard_plans_preserves_function(name):
 def test_fusing_a_model_with_itself_returns_it(name):
     model, x = build(name), example(name)
     for mode in ("wts", "acts"):
-        result = otfuse.fuse([model, model], mode=mode, data=data_for(name), example_input=x)
+        result = fuse([model, model], mode=mode, data=data_for(name), example_input=x)
         assert max_state_diff(result.model, model) < 1e-6
         torch.testing.assert_close(result.model(x), model(x))
 
@@ -53,9 +51,7 @@ def test_fusing_a_model_with_itself_returns_it(name):
 @pytest.mark.parametrize("marginals", ["uniform", "l1", "l2"])
 def test_plans_have_the_requested_marginals(solver, marginals):
     anchor, model = build("mlp", seed=0), build("mlp", seed=1, width=32)
-    result = otfuse.fuse(
-        [anchor, model], solver=solver, marginals=marginals, example_input=example("mlp")
-    )
+    result = fuse([anchor, model], solver=solver, marginals=marginals, example_input=example("mlp"))
     plan = result.plans[1]["fc1"]
     assert plan.shape == (32, 24)
     norms = {
@@ -80,7 +76,7 @@ def test_plans_have_the_requested_marginals(solver, marginals):
 def test_different_widths_give_an_anchor_shaped_model(name, mode):
     kwargs = {"resmlp": {"width": 24, "hidden": 48}}.get(name, {"width": 12})
     anchor, wide, x = build(name, seed=0), build(name, seed=1, **kwargs), example(name)
-    result = otfuse.fuse([anchor, wide], mode=mode, data=data_for(name), example_input=x)
+    result = fuse([anchor, wide], mode=mode, data=data_for(name), example_input=x)
     for key, value in result.model.state_dict().items():
         assert value.shape == anchor.state_dict()[key].shape, key
     assert torch.isfinite(result.model(x)).all()
@@ -91,19 +87,19 @@ def test_different_widths_give_an_anchor_shaped_model(name, mode):
 def test_four_models_with_weights(name):
     model, x = build(name), example(name)
     copies = [permuted(model, x, seed=s)[0] for s in range(3)]
-    result = otfuse.fuse([model, *copies], weights=[1, 2, 3, 4], anchor=2, example_input=x)
+    result = fuse([model, *copies], weights=[1, 2, 3, 4], anchor=2, example_input=x)
     assert max_state_diff(result.model, copies[1]) < 1e-5  # the anchor's unit order
     torch.testing.assert_close(result.model(x), model(x), atol=1e-5, rtol=1e-5)
     assert result.weights == pytest.approx([0.1, 0.2, 0.3, 0.4])
     assert len(result.plans) == 4 and result.plans[2] == {}
     others = [build(name, seed=s) for s in range(4)]
-    mixed = otfuse.fuse(others, example_input=x)
+    mixed = fuse(others, example_input=x)
     assert torch.isfinite(mixed.model(x)).all()
 
 
 def test_fused_state_dict_loads_without_otfuse():
     anchor, model, x = build("resnet", seed=0), build("resnet", seed=1), example("resnet")
-    fused = otfuse.fuse([anchor, model], example_input=x).model
+    fused = fuse([anchor, model], example_input=x).model
     assert type(fused) is type(anchor)
     fresh = type(anchor)()
     fresh.load_state_dict(fused.state_dict())
@@ -114,7 +110,7 @@ def test_one_shot_fusion_is_closer_to_parents_than_vanilla_averaging():
     """Two permuted copies: vanilla averaging destroys the function, OT fusion keeps it."""
     model, x = build("mlp"), example("mlp", n=32)
     other, _ = permuted(model, x, seed=5)
-    ot_out = otfuse.fuse([model, other], example_input=x).model(x)
+    ot_out = fuse([model, other], example_input=x).model(x)
     vanilla_out = otfuse.vanilla_average([model, other])(x)
     assert (ot_out - model(x)).abs().max() < 1e-5
     assert (vanilla_out - model(x)).abs().max() > 1e-2
@@ -131,7 +127,7 @@ def test_baselines():
 
 def test_sinkhorn_plans_are_soft_and_fusion_runs():
     anchor, model, x = build("vgg", seed=0), build("vgg", seed=1), example("vgg")
-    result = otfuse.fuse([anchor, model], solver="sinkhorn", reg=0.05, example_input=x)
+    result = fuse([anchor, model], solver="sinkhorn", reg=0.05, example_input=x)
     plan = next(iter(result.plans[1].values()))
     assert plan.permutation is None and (plan.matrix > 1e-6).sum() > plan.shape[0]
     assert torch.isfinite(result.model(x)).all()
@@ -140,50 +136,50 @@ def test_sinkhorn_plans_are_soft_and_fusion_runs():
 @pytest.mark.parametrize(
     "call, error, pattern",
     [
-        (lambda m, x: otfuse.fuse([], example_input=x), OtfuseError, "at least two models"),
-        (lambda m, x: otfuse.fuse([m], example_input=x), OtfuseError, "at least two models"),
-        (lambda m, x: otfuse.fuse(m, example_input=x), OtfuseError, "list of nn.Module"),
-        (lambda m, x: otfuse.fuse([m, "model"], example_input=x), OtfuseError, "not an nn.Module"),
-        (lambda m, x: otfuse.fuse([m, m], mode="acts", example_input=x), DataError, "needs data"),
+        (lambda m, x: fuse([], example_input=x), OtfuseError, "at least two models"),
+        (lambda m, x: fuse([m], example_input=x), OtfuseError, "at least two models"),
+        (lambda m, x: fuse(m, example_input=x), OtfuseError, "list of nn.Module"),
+        (lambda m, x: fuse([m, "model"], example_input=x), OtfuseError, "not an nn.Module"),
+        (lambda m, x: fuse([m, m], mode="acts", example_input=x), DataError, "needs data"),
         (
-            lambda m, x: otfuse.fuse([m, m], mode="bogus", example_input=x),
+            lambda m, x: fuse([m, m], mode="bogus", example_input=x),
             OtfuseError,
             "unknown mode",
         ),
         (
-            lambda m, x: otfuse.fuse([m, m], solver="bogus", example_input=x),
+            lambda m, x: fuse([m, m], solver="bogus", example_input=x),
             OtfuseError,
             "unknown solver",
         ),
         (
-            lambda m, x: otfuse.fuse([m, m], cost="bogus", example_input=x),
+            lambda m, x: fuse([m, m], cost="bogus", example_input=x),
             OtfuseError,
             "unknown cost",
         ),
         (
-            lambda m, x: otfuse.fuse([m, m], weights=[1], example_input=x),
+            lambda m, x: fuse([m, m], weights=[1], example_input=x),
             OtfuseError,
             "1 weights for 2",
         ),
         (
-            lambda m, x: otfuse.fuse([m, m], weights=[1, -1], example_input=x),
+            lambda m, x: fuse([m, m], weights=[1, -1], example_input=x),
             OtfuseError,
             "non-negative",
         ),
         (
-            lambda m, x: otfuse.fuse([m, m], weights=[0, 0], example_input=x),
+            lambda m, x: fuse([m, m], weights=[0, 0], example_input=x),
             OtfuseError,
             "positive",
         ),
-        (lambda m, x: otfuse.fuse([m, m], anchor=2, example_input=x), OtfuseError, "anchor"),
-        (lambda m, x: otfuse.fuse([m, m]), OtfuseError, "example_input"),
+        (lambda m, x: fuse([m, m], anchor=2, example_input=x), OtfuseError, "anchor"),
+        (lambda m, x: fuse([m, m]), OtfuseError, "example_input"),
         (
-            lambda m, x: otfuse.fuse([m, build("vgg")], example_input=x),
+            lambda m, x: fuse([m, build("vgg")], example_input=x),
             OtfuseError,
             "does not fit|different",
         ),
         (
-            lambda m, x: otfuse.fuse([m, m], solver="assignment", marginals="l2", example_input=x),
+            lambda m, x: fuse([m, m], solver="assignment", marginals="l2", example_input=x),
             OtfuseError,
             "assignment",
         ),
@@ -208,7 +204,7 @@ def test_architectures_that_differ_are_refused():
             return self.fc3(self.extra(self.fc2(self.fc1(x).relu()).relu()).relu())
 
     with pytest.raises(ArchitectureMismatchError, match="different architectures"):
-        otfuse.fuse([build("mlp"), Deeper()], example_input=example("mlp"))
+        fuse([build("mlp"), Deeper()], example_input=example("mlp"))
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -217,4 +213,17 @@ def test_non_finite_weights_are_refused(bad):
     with torch.no_grad():
         other.fc2.weight[0, 0] = bad
     with pytest.raises(OtfuseError, match="model 1 has NaN or Inf values in 'fc2.weight'"):
-        otfuse.fuse([model, other], example_input=example("mlp"))
+        fuse([model, other], example_input=example("mlp"))
+
+
+def test_defaults_follow_the_recipes():
+    model, x = build("resnet"), example("resnet")
+    free = otfuse.fuse([model, model], example_input=x)
+    assert free.settings["recipe"] == "data-free" and free.settings["mode"] == "wts"
+    with_data = otfuse.fuse([model, model], data=data_for("resnet"))
+    assert with_data.settings["recipe"] == "data"
+    assert with_data.settings["mode"] == "acts" and with_data.settings["repair"] != "none"
+    overridden = otfuse.fuse([model, model], data=data_for("resnet"), repair="none", mode="wts")
+    assert overridden.settings["repair"] == "none" and overridden.settings["mode"] == "wts"
+    with pytest.raises(OtfuseError, match="unknown recipe"):
+        otfuse.fuse([model, model], recipe="magic", example_input=x)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from helpers import max_state_diff, permuted
+from helpers import fuse, max_state_diff, permuted
 from models import FIXTURES, build, example
 
 import otfuse
@@ -23,14 +23,16 @@ def test_batchnorm_reset_matches_statistics_computed_by_hand():
     with torch.no_grad():
         y = conv(x)
     torch.testing.assert_close(bn.running_mean, y.mean(dim=(0, 2, 3)), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(bn.running_var, y.var(dim=(0, 2, 3), unbiased=True), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        bn.running_var, y.var(dim=(0, 2, 3), unbiased=True), atol=1e-4, rtol=1e-4
+    )
     assert not model.training
 
 
 @pytest.mark.parametrize("name", list(FIXTURES))
 def test_repair_makes_fused_statistics_match_their_targets(name):
     anchor, other, x = build(name, seed=0), build(name, seed=1), sample(name)
-    result = otfuse.fuse([anchor, other], data=x, repair="repair", example_input=x[:2])
+    result = fuse([anchor, other], data=x, repair="repair", example_input=x[:2])
     fused = result.model
     parents = [anchor, otfuse.align(other, anchor, example_input=x[:2])]
     graph = discover(fused, x[:2])
@@ -64,34 +66,34 @@ def test_repairing_the_fusion_of_a_model_with_itself_changes_nothing(name):
     model, x = build(name), sample(name)
     # BatchNorm statistics of a model on its own sample are what a reset computes
     reset_batchnorm(model, x, batch_size=len(x))
-    result = otfuse.fuse([model, model], data=x, repair="repair", example_input=x[:2])
+    result = fuse([model, model], data=x, repair="repair", example_input=x[:2])
     assert max_state_diff(result.model, model) < 1e-4
 
 
 def test_repair_needs_data():
     model = build("mlp")
     with pytest.raises(OtfuseError, match="needs data"):
-        otfuse.fuse([model, model], repair="repair", example_input=example("mlp"))
+        fuse([model, model], repair="repair", example_input=example("mlp"))
     with pytest.raises(OtfuseError, match="unknown repair"):
-        otfuse.fuse([model, model], repair="magic", example_input=example("mlp"))
+        fuse([model, model], repair="magic", example_input=example("mlp"))
 
 
 @pytest.mark.parametrize("name", list(FIXTURES))
 def test_refinement_never_increases_the_objective_and_keeps_planted_permutations(name):
     model, x = build(name), example(name)
     other, planted = permuted(model, x, seed=4)
-    result = otfuse.fuse([model, other], refine=True, example_input=x)
+    result = fuse([model, other], refine=True, example_input=x)
     assert max_state_diff(result.model, model) < 1e-5
     for space, perm in planted.items():
         np.testing.assert_array_equal(result.plans[1][space].permutation, np.argsort(perm))
-    different = otfuse.fuse([model, build(name, seed=2)], refine=True, example_input=x)
+    different = fuse([model, build(name, seed=2)], refine=True, example_input=x)
     objective = different.refinement[1].objective
     assert all(b <= a for a, b in zip(objective, objective[1:]))
 
 
 def test_refinement_improves_weight_matching_on_random_models():
     a, b, x = build("resnet", seed=0), build("resnet", seed=5), example("resnet")
-    log = otfuse.fuse([a, b], refine=True, example_input=x).refinement[1]
+    log = fuse([a, b], refine=True, example_input=x).refinement[1]
     assert log.objective[-1] <= log.objective[0]
 
 
@@ -99,11 +101,11 @@ def test_refinement_improves_weight_matching_on_random_models():
 def test_alignment_to_the_running_average(name):
     x = example(name)
     models = [build(name, seed=s) for s in range(4)]
-    result = otfuse.fuse(models, to_average=True, example_input=x)
+    result = fuse(models, to_average=True, example_input=x)
     objective = result.refinement["average"].objective
     assert all(b <= a for a, b in zip(objective, objective[1:]))
     assert torch.isfinite(result.model(x)).all()
     model = build(name)
     copies = [model] + [permuted(model, x, seed=s)[0] for s in range(3)]
-    same = otfuse.fuse(copies, to_average=True, example_input=x)
+    same = fuse(copies, to_average=True, example_input=x)
     torch.testing.assert_close(same.model(x), model(x), atol=1e-5, rtol=1e-5)

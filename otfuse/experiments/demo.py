@@ -58,17 +58,29 @@ def main(
     parents, rows = [], []
     for seed, name in [(0, "A"), (1, "B")]:
         config = TrainConfig(epochs=epochs, lr=0.05, seed=seed)
-        model, seconds = train_or_load("mlpnet", {"in_shape": (1, 28, 28)}, train, config,
-                                       progress=progress, label=f"MLPNet {name} (seed {seed})")
+        model, seconds = train_or_load(
+            "mlpnet",
+            {"in_shape": (1, 28, 28)},
+            train,
+            config,
+            progress=progress,
+            label=f"MLPNet {name} (seed {seed})",
+        )
         parents.append(model)
         rows.append(evaluate_row(f"parent {name} (seed {seed})", model, test, seconds))
     rows += fusion_rows(parents, train, test)
     table = markdown_table(rows)
-    print(f"\nFashion-MNIST, two MLPNets ({epochs} epochs each on {len(train)} images), test set of "
-          f"{len(test)} images. Time: training (0 = cached) or fusion.\n")
+    print(
+        f"\nFashion-MNIST, two MLPNets ({epochs} epochs each on {len(train)} images), test set of "
+        f"{len(test)} images. Time: training (0 = cached) or fusion.\n"
+    )
     print(table)
-    results = {"experiment": "demo", "epochs": epochs, "train_examples": len(train),
-               "rows": [asdict(r) for r in rows]}
+    results = {
+        "experiment": "demo",
+        "epochs": epochs,
+        "train_examples": len(train),
+        "rows": [asdict(r) for r in rows],
+    }
     out = Path(out)
     atomic_write_text(out / "results.json", json.dumps(results, indent=2))
     atomic_write_text(out / "report.md", f"# otfuse demo\n\n{table}\n")
