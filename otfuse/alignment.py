@@ -205,15 +205,13 @@ def align_state(
     resolved = {s.index for s in graph_b.spaces if s.fixed}
     by_param = _members_by_param(graph_b)
     plans: dict[str, TransportPlan] = {}
+    need_weights = options.mode == "wts" or options.marginals != "uniform"
     for space in graph_b.transportable():
-        if options.mode == "acts":
-            fb, fa = acts_b[space.index], acts_a[space.index]
-            mass_b, mass_a = _weight_features(
-                space, state, sizes, state_a, sizes_a, resolved, by_param
-            )
-        else:
-            fb, fa = _weight_features(space, state, sizes, state_a, sizes_a, resolved, by_param)
-            mass_b, mass_a = fb, fa
+        by_weights = None
+        if need_weights:
+            by_weights = _weight_features(space, state, sizes, state_a, sizes_a, resolved, by_param)
+        fb, fa = by_weights if options.mode == "wts" else (acts_b[space.index], acts_a[space.index])
+        mass_b, mass_a = by_weights if by_weights is not None else (fb, fa)
         cost = ground_cost(fb, fa, options.cost)
         mu, nu = unit_masses(mass_b, options.marginals), unit_masses(mass_a, options.marginals)
         plan = solve(cost, mu, nu, solver=options.solver, reg=options.reg, groups=space.groups)
