@@ -1,0 +1,88 @@
+"""Fusion of small models trained here on real Fashion-MNIST (a few seconds of training)."""
+
+import numpy as np
+import pytest
+import torch
+
+import otfuse
+from otfuse import zoo
+from otfuse.data import load_dataset, sample_inputs
+from otfuse.errors import DataError
+from otfuse.training import TrainConfig, evaluate, train
+
+
+@pytest.fixture(scope="module")
+def fashion():
+    try:
+        train_set, test_set = (
+            load_dataset("fashion-mnist", "train"),
+            load_dataset("fashion-mnist", "test"),
+        )
+    except DataError as err:
+        pytest.skip(f"Fashion-MNIST is not installed: {err}")
+    return train_set.subset(torch.arange(8000)), test_set.subset(torch.arange(2000))
+
+
+@pytest.fixture(scope="module")
+def parents(fashion):
+    train_set, _ = fashion
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = zoo.create("mlpnet", hidden=(128, 64))
+        train(model, train_set, TrainConfig(epochs=2, lr=0.05, seed=seed), progress=False)
+        models.append(model.eval())
+    return models
+
+
+def accuracy(model, fashion):
+    return evaluate(model, fashion[1]).accuracy
+
+
+def test_ot_fusion_beats_vanilla_averaging_and_stays_near_the_parents(parents, fashion):
+    sample = sample_inputs(fashion[0], 300, seed=0)
+    mean_parent = np.mean([accuracy(p, fashion) for p in parents])
+    vanilla = accuracy(otfuse.vanilla_average(parents), fashion)
+    for options in (
+        {"recipe": "paper-wts"},
+        {"recipe": "paper-acts", "data": sample},
+        {"data": sample},
+    ):
+        fused = accuracy(otfuse.fuse(parents, **options).model, fashion)
+        assert fused > vanilla + 2, options
+        assert fused > mean_parent - 4, options
+
+
+def test_activation_alignment_barely_depends_on_the_sample(parents, fashion):
+    """Two samples of 400 inputs: each plan is near-optimal for the other sample's cost (units that
+    swap are near-ties), and the two fused models are about equally accurate."""
+    results = []
+    for seed in (0, 1):
+        sample = sample_inputs(fashion[0], 400, seed=seed)
+        results.append(
+            otfuse.fuse(parents, recipe="paper-acts", cost="correlation", data=sample, seed=seed)
+        )
+    for space, plan in results[0].plans[1].items():
+        other = results[1].plans[1][space]
+        excess = (plan.matrix * other.cost).sum() / other.value - 1.0
+        random_excess = other.cost.mean() / other.value - 1.0  # a random matching
+        assert excess < 0.1 and excess < 0.2 * random_excess, (space, excess, random_excess)
+    x = fashion[1].images
+    with torch.no_grad():
+        same = (results[0].model(x).argmax(1) == results[1].model(x).argmax(1)).float().mean()
+    assert same > 0.85
+    accuracies = [accuracy(r.model, fashion) for r in results]
+    assert abs(accuracies[0] - accuracies[1]) < 1.5
+
+
+def test_data_recipe_repairs_statistics_on_real_data(parents, fashion):
+    sample = sample_inputs(fashion[0], 300, seed=0)
+    plain = otfuse.fuse(parents, recipe="paper-acts", data=sample).model
+    repaired = otfuse.fuse(parents, recipe="paper-acts", repair="repair", data=sample).model
+    # the fused model's hidden units should regain the spread their parents had
+    x = fashion[1].images[:500]
+    with torch.no_grad():
+        h_plain = plain.features[0](torch.flatten(x, 1)).std(0).mean()
+        h_repaired = repaired.features[0](torch.flatten(x, 1)).std(0).mean()
+        h_parent = np.mean([p.features[0](torch.flatten(x, 1)).std(0).mean() for p in parents])
+    assert abs(h_repaired - h_parent) < abs(h_plain - h_parent)
