@@ -8,7 +8,9 @@ table compares each parent, their prediction ensemble, vanilla averaging and OT 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+import time
+from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -16,30 +18,39 @@ import torch
 import otfuse
 from otfuse.checkpoints import atomic_write_text
 from otfuse.data import load_dataset, sample_inputs
-from otfuse.experiments.common import Row, evaluate_row, markdown_table, train_or_load
-from otfuse.training import TrainConfig
+from otfuse.experiments.common import (
+    STANDARD_PARENTS,
+    Row,
+    evaluate_row,
+    markdown_table,
+    train_parent,
+)
+
+FUSIONS = [
+    ("OT fusion, wts (paper)", {"recipe": "paper-wts"}),
+    ("OT fusion, acts (paper)", {"recipe": "paper-acts"}),
+    ("OT fusion, data-free recipe", {"recipe": "data-free"}),
+    ("OT fusion, data recipe", {"recipe": "data"}),
+]
 
 
 def fusion_rows(parents, train, test, *, num_samples: int = 400, seed: int = 0) -> list[Row]:
-    """Baselines and OT fusion of ``parents`` evaluated on ``test``."""
+    """Baselines and OT fusion of ``parents`` evaluated on ``test``; ``acts`` and the data recipe use
+    a seeded sample of ``num_samples`` unlabeled training images."""
     sample = sample_inputs(train, num_samples, seed)
-    rows = [otfuse_row("prediction ensemble", lambda: otfuse.ensemble(parents), test)]
-    rows.append(otfuse_row("vanilla average", lambda: otfuse.vanilla_average(parents), test))
-    for label, kwargs in [
-        ("OT fusion, wts (paper)", {"mode": "wts"}),
-        ("OT fusion, acts (paper)", {"mode": "acts", "data": sample}),
-    ]:
-        rows.append(otfuse_row(label, lambda kw=kwargs: otfuse.fuse(parents, **kw).model, test))
+    rows = [timed_row("prediction ensemble", lambda: otfuse.ensemble(parents), test)]
+    rows.append(timed_row("vanilla average", lambda: otfuse.vanilla_average(parents), test))
+    for label, options in FUSIONS:
+        data = sample if options["recipe"] in ("paper-acts", "data") else None
+        make = partial(otfuse.fuse, parents, data=data, example_input=sample[:2], **options)
+        rows.append(timed_row(label, lambda make=make: make().model, test))
     return rows
 
 
-def otfuse_row(label: str, make, test) -> Row:
-    import time
-
+def timed_row(label: str, make, test) -> Row:
     start = time.perf_counter()
     model = make()
-    seconds = time.perf_counter() - start
-    return evaluate_row(label, model, test, seconds)
+    return evaluate_row(label, model, test, time.perf_counter() - start)
 
 
 def main(
@@ -48,24 +59,18 @@ def main(
     quick: bool = False,
     progress: bool = True,
     out: str | Path = "runs/demo",
-    epochs: int = 5,
 ) -> dict:
     """Train two MLPNets (cached), fuse them, print the table and write ``out/results.json``."""
     train = load_dataset("fashion-mnist", "train", data_dir)
     test = load_dataset("fashion-mnist", "test", data_dir)
+    spec = STANDARD_PARENTS["mlpnet"]
     if quick:
-        train, epochs = train.subset(torch.arange(6000)), 1
+        train, spec = train.subset(torch.arange(6000)), replace(spec, epochs=1)
+    epochs = spec.epochs
     parents, rows = [], []
     for seed, name in [(0, "A"), (1, "B")]:
-        config = TrainConfig(epochs=epochs, lr=0.05, seed=seed)
-        model, seconds = train_or_load(
-            "mlpnet",
-            {"in_shape": (1, 28, 28)},
-            train,
-            config,
-            progress=progress,
-            label=f"MLPNet {name} (seed {seed})",
-        )
+        label = f"MLPNet {name} (seed {seed})"
+        model, seconds = train_parent(spec, train, seed, progress=progress, label=label)
         parents.append(model)
         rows.append(evaluate_row(f"parent {name} (seed {seed})", model, test, seconds))
     rows += fusion_rows(parents, train, test)
