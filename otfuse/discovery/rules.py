@@ -175,13 +175,7 @@ def elementwise(b: SpaceBuilder, node: torch.fx.Node) -> Info:
             features.append(Feature(info.axis + ndim - len(shape_of(a)), info.layout))
     if not features:
         return None
-    out = features[0]
-    for f in features[1:]:
-        if f.axis != out.axis:
-            raise UnsupportedOpError(f"{where(node)}: combines units lying on different axes")
-        b.merge_layouts(out.layout, f.layout, where(node))
-    for a in operands:
-        join_broadcast_operand(b, node, a, out, ndim)
+    out = merge_operands(b, node, operands, features)
     if node.target in (operator.add, torch.add, "add", operator.iadd, "add_"):
         b.tag(node, out, "pre")
     return out
@@ -273,7 +267,7 @@ def concatenate(b: SpaceBuilder, node: torch.fx.Node) -> Info:
     if not features:
         return None
     if all(f.axis != dim for f in features):
-        return elementwise_like(b, node, tensors, features)
+        return merge_operands(b, node, tensors, features)
     segments: list[Segment] = []
     for t, info in zip(tensors, infos):
         if info is None:
@@ -287,9 +281,10 @@ def concatenate(b: SpaceBuilder, node: torch.fx.Node) -> Info:
     return Feature(dim, Layout(tuple(segments)))
 
 
-def elementwise_like(
+def merge_operands(
     b: SpaceBuilder, node: torch.fx.Node, tensors, features: list[Feature]
-) -> Info:
+) -> Feature:
+    """Operands combined elementwise index the same units: merge their layouts, join broadcast ones."""
     out = features[0]
     for f in features[1:]:
         if f.axis != out.axis:
@@ -309,7 +304,7 @@ def stack(b: SpaceBuilder, node: torch.fx.Node) -> Info:
     if not features:
         return None
     shifted = [Feature(f.axis + (f.axis >= dim), f.layout) for f in features]
-    return elementwise_like(b, node, tensors, shifted)
+    return merge_operands(b, node, tensors, shifted)
 
 
 def getitem(b: SpaceBuilder, node: torch.fx.Node) -> Info:
