@@ -297,6 +297,7 @@ def fuse(
             anchor,
             w,
             aligned,
+            plans,
             options,
             max_rounds=sweeps,
             average=average,

@@ -134,6 +134,7 @@ def align_to_average(
     anchor: int,
     weights: Sequence[float],
     aligned: Sequence[StateDict],
+    plans: Sequence[dict[str, TransportPlan]],
     options: AlignOptions,
     *,
     max_rounds: int = 5,
@@ -141,12 +142,12 @@ def align_to_average(
 ) -> tuple[list[StateDict], list[dict[str, TransportPlan]], RefinementLog]:
     """Re-align every model to the weighted average of the aligned models until the plans settle.
 
-    ``aligned`` are the models aligned to the anchor (the greedy start); ``average`` computes the
+    ``aligned`` and ``plans`` are the greedy start (every model aligned to the anchor); ``average`` computes the
     weighted average of a list of states. Returns the best round's aligned states and plans.
     """
     graph_anchor = graphs[anchor]
     options = replace(options, mode="wts")  # the average has no activations of its own
-    best_states, best_plans = list(aligned), [{} for _ in states]
+    best_states, best_plans = list(aligned), list(plans)
     mean = average(best_states, weights)
     log = RefinementLog([_spread(best_states, mean, weights)], [])
     previous: list[dict[str, TransportPlan]] | None = None

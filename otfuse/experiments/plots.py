@@ -1,0 +1,132 @@
+"""Output files of the skill-transfer, widths and timing experiments: line plots, tables, JSON.
+
+Figures are drawn with matplotlib's Agg canvas (no display, no pyplot state) and every file is
+written atomically through :mod:`otfuse.checkpoints`, so an interrupted run never leaves half a file.
+
+>>> line_plot(out / "sweep.png", [Panel("all classes", [Series("OT", [0, 1], [80.0, 85.0])])])
+>>> print(grid(["w_A", "OT"], [["0.0", "80.00"]]))
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from otfuse.checkpoints import atomic_path, atomic_write_text
+
+__all__ = [
+    "Panel",
+    "Series",
+    "describe",
+    "grid",
+    "line_plot",
+    "percent",
+    "write_json",
+    "write_markdown",
+]
+
+
+@dataclass(frozen=True)
+class Series:
+    """One line of a panel: ``y`` against ``x`` (same length; None or NaN leaves a gap)."""
+
+    label: str
+    x: Sequence[float]
+    y: Sequence[float | None]
+    linestyle: str = "-"  # matplotlib line style: "-", "--", ":"
+    marker: str = "o"
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One set of axes: its series, plus horizontal reference lines (label -> y value)."""
+
+    title: str
+    series: Sequence[Series]
+    xlabel: str = ""
+    ylabel: str = ""
+    references: Mapping[str, float] = field(default_factory=dict)
+    loglog: bool = False  # logarithmic x and y axes
+
+
+def line_plot(
+    path: str | Path, panels: Sequence[Panel], *, title: str = "", panel_size=(5.5, 4.2)
+) -> Path:
+    """Draw ``panels`` side by side and save them as a PNG at ``path`` (atomically)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(panel_size[0] * len(panels), panel_size[1]), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, panel in zip(axes, panels):
+        _draw(ax, panel)
+    if title:
+        fig.suptitle(title)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    return Path(path)
+
+
+def _draw(ax: Any, panel: Panel) -> None:
+    for s in panel.series:
+        y = [math.nan if v is None else v for v in s.y]
+        ax.plot(list(s.x), y, linestyle=s.linestyle, marker=s.marker, markersize=4, label=s.label)
+    greys = ("black", "dimgray", "darkgray", "silver")
+    for i, (label, value) in enumerate(panel.references.items()):
+        style = ("--", "-.", ":")[i % 3]
+        ax.axhline(value, color=greys[i % len(greys)], linestyle=style, linewidth=1, label=label)
+    if panel.loglog:
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+    ax.set_title(panel.title)
+    ax.set_xlabel(panel.xlabel)
+    ax.set_ylabel(panel.ylabel)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="best")
+
+
+def describe(arch: str, kwargs: Mapping[str, Any]) -> str:
+    """``arch`` and its zoo keyword arguments for a report: 'vgg11 (width 0.25, in_shape 1x28x28)'."""
+    parts = [
+        f"{k} {'x'.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
+        for k, v in kwargs.items()
+    ]
+    return f"{arch} ({', '.join(parts)})" if parts else arch
+
+
+def percent(value: float | None) -> str:
+    """An accuracy cell: two decimals, or '-' when there is no value."""
+    return "-" if value is None else f"{value:.2f}"
+
+
+def grid(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A Markdown table of string cells."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_json(path: str | Path, results: Mapping[str, Any]) -> Path:
+    """``results`` as indented JSON (NaN written as null), atomically."""
+    return atomic_write_text(path, json.dumps(_finite(results), indent=2) + "\n")
+
+
+def write_markdown(path: str | Path, title: str, sections: Sequence[str]) -> Path:
+    """``# title`` then the non-empty Markdown ``sections``, blank-line separated, atomically."""
+    text = "\n\n".join([f"# {title}", *(s.strip() for s in sections if s.strip())])
+    return atomic_write_text(path, text + "\n")
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
