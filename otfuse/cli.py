@@ -65,15 +65,17 @@ from otfuse.checkpoints import (
 )
 from otfuse.cost import CostName, MarginalName
 from otfuse.data import Dataset, dataset_names, load_dataset
-from otfuse.errors import OtfuseError
+from otfuse.errors import ArchitectureMismatchError, OtfuseError
 from otfuse.interpolation import PathPoint, accuracy_drop, interpolate, loss_barrier
+from otfuse.recipes import recipe_names, resolve
 from otfuse.repair import REPAIRS
 from otfuse.training import TrainConfig, evaluate, seed_everything, train
 from otfuse.transport import SolverName
 
 PROG = "otfuse"
 ALIGN_OPTIONS = ("mode", "solver", "cost", "marginals", "reg", "activations", "num_samples", "seed")
-FUSE_OPTIONS = (*ALIGN_OPTIONS, "weights", "anchor", "repair", "refine", "to_average", "max_sweeps")
+RECIPE_OPTIONS = (*ALIGN_OPTIONS, "repair", "refine", "to_average", "max_sweeps")
+FUSE_OPTIONS = ("recipe", *RECIPE_OPTIONS, "weights", "anchor")
 NOT_IN_CONFIG = {"help", "config", "print_config", "force", "quiet", "json", "handler", "parser"}
 
 
@@ -169,7 +171,7 @@ def build_parser() -> ArgumentParser:
 def _command(commands, name: str, handler: Callable, help: str) -> ArgumentParser:
     p = commands.add_parser(name, help=help, description=help)
     p.set_defaults(handler=handler, parser=p)
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or status lines")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     return p
 
@@ -197,7 +199,12 @@ def _add_data(p: ArgumentParser, required: bool, split: str | None) -> None:
     p.add_argument("--data", required=required, default=None, metavar="NAME", help=names)
     p.add_argument("--data-dir", default=None, help="folder holding the dataset's files")
     if split is not None:
-        p.add_argument("--split", choices=("train", "test"), default=None, help=f"default {split}")
+        p.add_argument(
+            "--split",
+            choices=("train", "test"),
+            default=None,
+            help=f"split to use (default {split})",
+        )
 
 
 def _add_output(p: ArgumentParser, what: str) -> None:
@@ -207,7 +214,7 @@ def _add_output(p: ArgumentParser, what: str) -> None:
 
 def _add_align_options(p: ArgumentParser) -> None:
     """The alignment options of otfuse.align / otfuse.fuse; None means 'not given'."""
-    g = p.add_argument_group("alignment (defaults: otfuse's)")
+    g = p.add_argument_group("alignment (not given: otfuse decides)")
     g.add_argument("--mode", choices=MODES, default=None, help="wts (data-free) or acts (data)")
     g.add_argument("--solver", choices=get_args(SolverName), default=None)
     g.add_argument("--cost", choices=get_args(CostName), default=None, help="ground metric")
@@ -226,13 +233,29 @@ def _add_fuse(commands) -> None:
     p.add_argument("--format", choices=FORMATS, default=None, help="default: from OUT's suffix")
     _add_data(p, required=False, split="train")
     _add_align_options(p)
-    g = p.add_argument_group("fusion (defaults: otfuse's)")
+    g = p.add_argument_group("fusion (not given: otfuse decides)")
+    g.add_argument(
+        "--recipe",
+        choices=recipe_names(),
+        default=None,
+        help="named defaults (otfuse's default: data with --data, else data-free)",
+    )
     g.add_argument("--weights", type=parse_weights, default=None, help="e.g. 1,2: one per model")
     g.add_argument("--anchor", type=int, default=None, help="index of the anchor model")
     g.add_argument("--repair", choices=REPAIRS, default=None, help="statistics repair (needs data)")
-    g.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None)
-    g.add_argument("--to-average", action=argparse.BooleanOptionalAction, default=None)
-    g.add_argument("--max-sweeps", type=parse_positive_int, default=None)
+    g.add_argument(
+        "--refine",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="re-solve every plan against all its weights after the greedy pass",
+    )
+    g.add_argument(
+        "--to-average",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="K > 2: align every model to the running average",
+    )
+    g.add_argument("--max-sweeps", type=parse_positive_int, default=None, help="for the two above")
     p.add_argument(
         "--eval",
         action=argparse.BooleanOptionalAction,
@@ -291,13 +314,14 @@ def _add_demo(commands) -> None:
     p = _command(commands, "demo", cmd_demo, "fuse models on real data and show what it gains")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--quick", action="store_true", help="a smaller, faster run")
+    p.add_argument("--out", default=None, metavar="DIR", help="default: the demo's")
 
 
 def _add_experiment(commands) -> None:
     p = _command(commands, "experiment", cmd_experiment, "run one of the paper's experiments")
     p.add_argument("name", metavar="NAME")
     p.add_argument("--quick", action="store_true", help="a smaller, faster run")
-    p.add_argument("--out", default="results", metavar="DIR", help="default: results")
+    p.add_argument("--out", default=None, metavar="DIR", help="default: the experiment's")
     p.add_argument("--data-dir", default=None)
 
 
@@ -404,7 +428,7 @@ class ArchSpec:
     @classmethod
     def parse(cls, text: str) -> ArchSpec:
         parts = text.strip().split(":", 2)
-        if len(parts) == 1 or (len(parts) == 2 and ("=" in parts[1] or not parts[1])):
+        if len(parts) == 1 or (len(parts) == 2 and (parts[0] in zoo.names() or "=" in parts[1])):
             name = parts[0]
             if name not in zoo.names():
                 raise UsageError(
@@ -575,6 +599,8 @@ def check_output(path: str | None, force: bool, fmt: str | None = None) -> Path:
     out = Path(path)
     if out.is_dir():
         raise OtfuseError(f"{out} is a folder; pass a file name to -o")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise OtfuseError(f"cannot write {out}: {out.parent} is a file, not a folder")
     if out.exists() and not force:
         raise OtfuseError(f"{out} exists; pass --force to overwrite it")
     suffix = out.suffix.lower()
@@ -586,9 +612,28 @@ def check_output(path: str | None, force: bool, fmt: str | None = None) -> Path:
     return out
 
 
-def _status(args: argparse.Namespace, message: str) -> None:
-    if not args.quiet:
-        print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+def check_same_parameters(loaded: Sequence[Loaded]) -> None:
+    """Raise a one-line error naming two checkpoints whose parameter names differ."""
+    first = loaded[0]
+    keys = set(first.checkpoint.state_dict)
+    for item in loaded[1:]:
+        differ = sorted(keys ^ set(item.checkpoint.state_dict))
+        if differ:
+            shown = ", ".join(repr(k) for k in differ[:3]) + (" ..." if len(differ) > 3 else "")
+            raise ArchitectureMismatchError(
+                f"{item.name} and {first.name} have different parameters ({shown}); "
+                "use checkpoints of one architecture family"
+            )
+
+
+@contextlib.contextmanager
+def _naming(loaded: Sequence[Loaded]) -> Iterator[None]:
+    """Say which checkpoints a mismatch found by the library is about."""
+    try:
+        yield
+    except ArchitectureMismatchError as exc:
+        names = ", ".join(item.name for item in loaded)
+        raise ArchitectureMismatchError(f"{names} do not share one architecture: {exc}") from exc
 
 
 # --------------------------------------------------------------------------------------------------
@@ -611,8 +656,9 @@ def cmd_fuse(args: argparse.Namespace) -> Report:
                 check_accepts(item.model, dataset, item.name)
     if data is None and "in_shape" not in config:
         example_input(loaded[0].model, None)  # a clear message when nothing tells the input shape
-    _status(args, f"fusing {len(loaded)} models")
-    result = otfuse.fuse([item.model for item in loaded], **fuse_kwargs(config, data))
+    check_same_parameters(loaded)
+    with _naming(loaded):
+        result = otfuse.fuse([item.model for item in loaded], **fuse_kwargs(config, data))
     evaluation = evaluate_fusion(loaded, result, test_set) if test_set is not None else None
     metadata = fuse_metadata(config, loaded, result, data, evaluation)
     save_model(out, result.model, metadata, format=config.get("format"), overwrite=args.force)
@@ -683,12 +729,20 @@ def config_value(action: argparse.Action, key: str, value: object, path: str) ->
 
 
 def config_yaml(config: Mapping[str, Any]) -> str:
-    """The resolved config as YAML that ``--config`` reads back, listing what otfuse decides."""
+    """The resolved config as YAML that ``--config`` reads back; what the recipe fills in, as comments."""
     text = yaml.safe_dump(_lists(dict(config)), sort_keys=False, default_flow_style=None)
-    left = [name for name in FUSE_OPTIONS if name not in config]
+    settings = recipe_settings(config)
+    left = [name for name in RECIPE_OPTIONS if name not in config]
     if left:
-        text += f"# not given, so otfuse.fuse's defaults apply: {', '.join(left)}\n"
+        text += f"# not given, so otfuse.fuse takes them from recipe '{settings['recipe']}':\n"
+        text += "".join(f"#   {name}: {json.dumps(settings[name])}\n" for name in left)
     return text.rstrip("\n")
+
+
+def recipe_settings(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Every option otfuse.fuse will use: the recipe's values, overridden by the given ones."""
+    given = {name: config[name] for name in RECIPE_OPTIONS if name in config}
+    return resolve(config.get("recipe"), "data" in config, **given)
 
 
 def check_fuse_usage(config: Mapping[str, Any]) -> None:
@@ -702,14 +756,18 @@ def check_fuse_usage(config: Mapping[str, Any]) -> None:
         raise UsageError("--weights must be non-negative and sum to a positive number")
     if not 0 <= config.get("anchor", 0) < k:
         raise UsageError(f"--anchor must be an index in 0..{k - 1}, got {config['anchor']}")
+    if "data" in config:
+        return
+    settings = recipe_settings(config)
     needs_data = {
-        "--mode acts": config.get("mode") == "acts",
-        f"--repair {config.get('repair')}": config.get("repair", "none") != "none",
+        "mode acts": settings["mode"] == "acts",
+        f"repair {settings['repair']}": settings["repair"] != "none",
         "--eval": bool(config.get("eval")),
     }
     for option, needed in needs_data.items():
-        if needed and "data" not in config:
-            raise UsageError(f"{option} needs data: pass --data NAME (e.g. fashion-mnist)")
+        if needed:
+            source = f" (from recipe '{settings['recipe']}')" if "recipe" in config else ""
+            raise UsageError(f"{option}{source} needs data: pass --data NAME (e.g. fashion-mnist)")
 
 
 def _load_data(config: Mapping[str, Any], split: str) -> Dataset | None:
@@ -753,12 +811,7 @@ def fuse_metadata(
     evaluation: list[dict[str, Any]] | None,
 ) -> dict[str, Any]:
     anchor = loaded[result.anchor]
-    signature = inspect.signature(otfuse.fuse).parameters
-    settings = {**dataclasses.asdict(result.options), "weights": result.weights}
-    settings["anchor"] = result.anchor
-    for name in ("repair", "refine", "to_average", "max_sweeps"):
-        settings[name] = config.get(name, signature[name].default)
-    settings["solvers_used"] = sorted({p.solver for plans in result.plans for p in plans.values()})
+    settings = {**result.settings, "weights": result.weights, "anchor": result.anchor}
     metadata = {
         "otfuse_version": otfuse.__version__,
         "command": "fuse",
@@ -778,12 +831,12 @@ def fuse_metadata(
 
 def fuse_text(loaded: Sequence[Loaded], result, metadata: Mapping, out: Path) -> str:
     s = metadata["settings"]
-    solvers = "/".join(s["solvers_used"]) or "none"
     weights = ", ".join(f"{w:.3g}" for w in s["weights"])
+    options = ", ".join(f"{k} {s[k]}" for k in RECIPE_OPTIONS if k in s)
     lines = [
-        f"fused {len(loaded)} models in {result.seconds:.2f} s: mode {s['mode']}, solver "
-        f"{s['solver']} ({solvers}), cost {s['cost']}, anchor {loaded[result.anchor].name}, "
-        f"weights {weights}",
+        f"fused {len(loaded)} models in {result.seconds:.2f} s with recipe {s.get('recipe')}: "
+        f"{options}",
+        f"anchor {loaded[result.anchor].name}, weights {weights}",
         "transport cost per neuron space (model -> anchor):",
     ]
     for item, costs in zip(loaded, metadata["costs"]):
@@ -900,9 +953,9 @@ CSV_COLUMNS = ("t", "plain_accuracy", "plain_loss", "aligned_accuracy", "aligned
 
 
 def cmd_interpolate(args: argparse.Namespace) -> Report:
-    folder = Path(args.output or "")
     if args.output is None:
         raise UsageError("the output folder is missing: pass -o DIR")
+    folder = Path(args.output)
     files = {ext: folder / f"interpolation.{ext}" for ext in ("csv", "png", "json")}
     for path in files.values():
         check_output(str(path), args.force)
@@ -919,12 +972,13 @@ def cmd_interpolate(args: argparse.Namespace) -> Report:
     }
     if args.in_shape:
         kwargs["example_input"] = torch.zeros(2, *args.in_shape)
-    _status(args, f"aligning {b.name} to {a.name}")
-    aligned = otfuse.align(b.model, a.model, data=align_data, **kwargs)
+    check_same_parameters([a, b])
+    with _naming([a, b]):
+        aligned = otfuse.align(b.model, a.model, data=align_data, **kwargs)
     plain = _plain_path(a.model, b.model, eval_set, args)
     rows = interpolate(a.model, aligned, eval_set, args.steps, progress=not args.quiet)
     summary = interpolation_summary(a, b, eval_set, plain, rows, kwargs)
-    png = plot_paths(plain, rows, f"{Path(a.name).name} -> {Path(b.name).name}")
+    png = plot_paths(plain, rows, f"{Path(a.name).name} -> {Path(b.name).name}", eval_set.split)
     atomic_write_text(files["csv"], paths_csv(plain, rows))
     atomic_write_bytes(files["png"], png)
     atomic_write_text(files["json"], json.dumps(_jsonable(summary), indent=2) + "\n")
@@ -972,7 +1026,9 @@ def paths_csv(plain: list[PathPoint] | None, rows: list[PathPoint]) -> str:
     return buffer.getvalue()
 
 
-def plot_paths(plain: list[PathPoint] | None, rows: list[PathPoint], title: str) -> bytes:
+def plot_paths(
+    plain: list[PathPoint] | None, rows: list[PathPoint], title: str, split: str
+) -> bytes:
     """A PNG of loss and accuracy against t for both paths (matplotlib's Agg, no display)."""
     from matplotlib.figure import Figure  # a plain Figure draws with Agg and touches no GUI
 
@@ -984,8 +1040,8 @@ def plot_paths(plain: list[PathPoint] | None, rows: list[PathPoint], title: str)
         ts = [p.t for p in points]
         ax_loss.plot(ts, [p.loss for p in points], style, label=label, markersize=3)
         ax_acc.plot(ts, [p.accuracy for p in points], style, label=label, markersize=3)
-    ax_loss.set(xlabel="t  ((1-t)A + tB)", ylabel="test loss", title=title)
-    ax_acc.set(xlabel="t  ((1-t)A + tB)", ylabel="test accuracy (%)")
+    ax_loss.set(xlabel="t  ((1-t)A + tB)", ylabel=f"{split} loss", title=title)
+    ax_acc.set(xlabel="t  ((1-t)A + tB)", ylabel=f"{split} accuracy (%)")
     ax_loss.legend()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
@@ -1022,7 +1078,8 @@ def _experiments(module: str):
 
 def cmd_demo(args: argparse.Namespace) -> Report:
     demo = _experiments("otfuse.experiments.demo")
-    result = demo.main(data_dir=args.data_dir, quick=args.quick, progress=not args.quiet)
+    out = {"out": Path(args.out)} if args.out is not None else {}
+    result = demo.main(data_dir=args.data_dir, quick=args.quick, progress=not args.quiet, **out)
     return Report("", {"command": "demo", "result": result})
 
 
@@ -1031,12 +1088,9 @@ def cmd_experiment(args: argparse.Namespace) -> Report:
     names = list(experiments.names())
     if args.name not in names:
         raise UsageError(f"unknown experiment '{args.name}': choose one of {', '.join(names)}")
+    out = {"out": Path(args.out)} if args.out is not None else {}
     result = experiments.run_experiment(
-        args.name,
-        quick=args.quick,
-        out=Path(args.out),
-        data_dir=args.data_dir,
-        progress=not args.quiet,
+        args.name, quick=args.quick, data_dir=args.data_dir, progress=not args.quiet, **out
     )
     return Report("", {"command": "experiment", "name": args.name, "result": result})
 

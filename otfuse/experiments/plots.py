@@ -1,7 +1,7 @@
 """Output files of the skill-transfer, widths and timing experiments: line plots, tables, JSON.
 
 Figures are drawn with matplotlib's Agg canvas (no display, no pyplot state) and every file is
-written atomically through :mod:`otfuse.checkpoints`, so an interrupted run never leaves half a file.
+written atomically through :mod:`otfuse.checkpoints`: an interrupted run never leaves half a file.
 
 >>> line_plot(out / "sweep.png", [Panel("all classes", [Series("OT", [0, 1], [80.0, 85.0])])])
 >>> print(grid(["w_A", "OT"], [["0.0", "80.00"]]))
@@ -39,6 +39,7 @@ class Series:
     y: Sequence[float | None]
     linestyle: str = "-"  # matplotlib line style: "-", "--", ":"
     marker: str = "o"
+    color: str | None = None  # matplotlib colour ("C0", "C1", ...); None: the next of the cycle
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,8 @@ def line_plot(
 def _draw(ax: Any, panel: Panel) -> None:
     for s in panel.series:
         y = [math.nan if v is None else v for v in s.y]
-        ax.plot(list(s.x), y, linestyle=s.linestyle, marker=s.marker, markersize=4, label=s.label)
+        style = {"linestyle": s.linestyle, "marker": s.marker, "color": s.color}
+        ax.plot(list(s.x), y, markersize=4, label=s.label, **style)
     greys = ("black", "dimgray", "darkgray", "silver")
     for i, (label, value) in enumerate(panel.references.items()):
         style = ("--", "-.", ":")[i % 3]
@@ -83,6 +85,8 @@ def _draw(ax: Any, panel: Panel) -> None:
     if panel.loglog:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        xs = sorted({x for s in panel.series for x in s.x})
+        ax.set_xticks(xs, [f"{x:g}" for x in xs])
     ax.set_title(panel.title)
     ax.set_xlabel(panel.xlabel)
     ax.set_ylabel(panel.ylabel)
@@ -91,7 +95,7 @@ def _draw(ax: Any, panel: Panel) -> None:
 
 
 def describe(arch: str, kwargs: Mapping[str, Any]) -> str:
-    """``arch`` and its zoo keyword arguments for a report: 'vgg11 (width 0.25, in_shape 1x28x28)'."""
+    """``arch`` and its zoo keyword arguments: 'vgg11 (width 0.25, in_shape 1x28x28)'."""
     parts = [
         f"{k} {'x'.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
         for k, v in kwargs.items()

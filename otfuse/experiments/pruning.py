@@ -1,10 +1,10 @@
 """Magnitude pruning of whole hidden units of an MLPNet: the baseline of the compression experiment.
 
 In every hidden layer, the units whose incoming weights have the largest l2 norm
-:math:`\\lVert W_{i,:} \\rVert_2` are kept, a fraction ``fraction_removed`` of the others removed. The
-result is a narrower zoo MLPNet (``hidden`` sizes) holding the kept rows of each layer's weight (and
-bias) and, of the next layer's weight, the columns of the kept units. Kept units stay in their original
-order, so pruning nothing gives back the same model.
+:math:`\\lVert W_{i,:} \\rVert_2` are kept and a fraction ``fraction_removed`` of the units removed.
+The result is a narrower zoo MLPNet (``hidden`` sizes) holding the kept rows of each layer's weight
+(and bias) and, of the next layer's weight, the columns of the kept units. Kept units stay in their
+original order, so pruning nothing gives back the same model.
 
 >>> narrow = magnitude_prune(zoo.create("mlpnet"), 0.5)  # hidden sizes 400-200-100 -> 200-100-50
 """
@@ -24,10 +24,11 @@ __all__ = ["kept_count", "kept_units", "magnitude_prune"]
 
 
 def kept_count(size: int, fraction_removed: float) -> int:
-    """Units left of ``size`` after removing ``fraction_removed`` of them (rounded half up, >= 1)."""
+    """Units left of ``size`` after removing ``fraction_removed`` (rounded half up, at least 1)."""
     if not 0.0 <= fraction_removed < 1.0:
         raise OtfuseError(f"fraction_removed must be in [0, 1), got {fraction_removed}")
-    return max(1, math.floor(size * (1.0 - fraction_removed) + 0.5))
+    kept = round(size * (1.0 - fraction_removed), 6)  # 25 * (1 - 0.9) is 2.4999999999999996
+    return max(1, math.floor(kept + 0.5))
 
 
 def _linears(model: nn.Module) -> list[nn.Linear]:
@@ -42,7 +43,7 @@ def _linears(model: nn.Module) -> list[nn.Linear]:
 
 @torch.no_grad()
 def kept_units(model: nn.Module, fraction_removed: float) -> list[torch.Tensor]:
-    """Per hidden layer, the sorted indices (k,) of the units with the largest incoming-weight norm."""
+    """Per hidden layer, the sorted indices (k,) of the units of largest incoming-weight norm."""
     kept = []
     for layer in _linears(model)[:-1]:
         norms = layer.weight.norm(dim=1)
@@ -54,7 +55,7 @@ def kept_units(model: nn.Module, fraction_removed: float) -> list[torch.Tensor]:
 @torch.no_grad()
 def magnitude_prune(model: nn.Module, fraction_removed: float) -> MLPNet:
     """A narrower copy of the zoo MLPNet ``model`` with ``fraction_removed`` of every hidden layer's
-    units removed (see the module docstring); ``model`` is not modified. The copy is in eval mode."""
+    units removed (see the module docstring). ``model`` is unchanged; the copy is in eval mode."""
     kept = kept_units(model, fraction_removed)
     config = model.otfuse_config
     pruned = zoo.create(

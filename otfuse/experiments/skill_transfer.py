@@ -9,11 +9,11 @@ anchor),
 
     \\theta(w_A) = w_A \\, \\theta_A + (1 - w_A) \\operatorname{align}(\\theta_B \\to \\theta_A),
 
-is swept over :math:`w_A \\in \\{0, 0.1, \\dots, 1\\}` for OT fusion (recipes ``data-free``, ``data``
-and the paper's ``paper-wts``) and for vanilla averaging (no alignment) and the prediction ensemble at
-the same weights. Each model is scored on the whole test set and on the special class's test examples.
-At :math:`w_A = 1` OT fusion gives back A exactly (B has weight 0); at :math:`w_A = 0` it gives B with
-its units reordered, hence B's accuracy (for hard plans).
+is swept over :math:`w_A \\in \\{0, 0.1, \\dots, 1\\}` for OT fusion (recipes ``data-free``,
+``data`` and the paper's ``paper-wts``) and for vanilla averaging (no alignment) and the prediction
+ensemble at the same weights. Each model is scored on the whole test set and on the special class's
+test examples. At :math:`w_A = 1` OT fusion gives back A exactly (B has weight 0); at
+:math:`w_A = 0` it gives B with its units reordered, hence B's accuracy (for hard plans).
 
 Writes ``report.md``, ``results.json`` and one plot per architecture (``sweep_<arch>.png``).
 """
@@ -99,7 +99,8 @@ def sweep(
     progress: bool = True,
     desc: str = "sweep",
 ) -> dict[str, list[dict]]:
-    """Method label -> one entry per weight: ``{"w_a", "accuracy", "special_accuracy", "seconds"}``."""
+    """Method label -> one entry per weight:
+    ``{"w_a", "accuracy", "special_accuracy", "seconds"}``."""
     labels = [*OT_METHODS, *BASELINES]
     series: dict[str, list[dict]] = {label: [] for label in labels}
     jobs = [(w, label) for w in weights_a for label in labels]
@@ -166,7 +167,11 @@ def run(
     archs: tuple[str, ...] = ("mlpnet",),
 ) -> dict:
     """Run the experiment for each architecture in ``archs`` (parents of
-    :data:`~otfuse.experiments.common.STANDARD_PARENTS`, or the quick ones); write ``out/``."""
+    :data:`~otfuse.experiments.common.STANDARD_PARENTS`, or the quick ones); write ``out/``.
+
+    The default is MLPNet alone, so the full skill-transfer, widths and timing runs fit in about
+    15 minutes here; ``archs=("mlpnet", "vgg11")`` adds VGG11 (about 4 more minutes).
+    """
     start = time.perf_counter()
     train = load_dataset("fashion-mnist", "train", data_dir)
     test = load_dataset("fashion-mnist", "test", data_dir)
@@ -246,10 +251,10 @@ def write_outputs(out: Path, results: dict) -> None:
         f"Regenerate with `{command}`. Fashion-MNIST, {results['train_examples']} training images; "
         f"special class {results['special_class']} ('{name}'). Model A: every '{name}' image plus "
         f"{results['frac_others_a']:.0%} of the others; model B: the rest, no '{name}'. Different "
-        "seeds (initialisations). A is the anchor; OT recipes `data-free`, `data` (unlabeled sample "
-        f"of {NUM_SAMPLES} training images) and `paper-wts`. Cells are accuracy on the whole test "
-        f"set / on the {name} test images (%). torch threads: {results['torch_threads']}; total "
-        f"{results['seconds']:.0f} s.",
+        "seeds (initialisations). A is the anchor; OT recipes `data-free`, `data` (unlabeled "
+        f"sample of {NUM_SAMPLES} training images) and `paper-wts`. Cells are accuracy on the "
+        f"whole test set / on the {name} test images (%). torch threads: "
+        f"{results['torch_threads']}; total {results['seconds']:.0f} s.",
     ]
     for arch, result in results["models"].items():
         png = plot(out / f"sweep_{arch}.png", result, name)

@@ -100,7 +100,7 @@ def measure(entry: dict, models: list[nn.Module], example, repeats: int, solver:
 
 
 def predicted_too_slow(done: list[dict], width: int) -> str:
-    """A reason to skip ``width`` when cubic growth from the last measured width predicts a long run."""
+    """Why to skip ``width`` when cubic growth from the last measured width predicts a long run."""
     measured = [e for e in done if e["median"] is not None]
     if not measured:
         return ""
@@ -209,12 +209,14 @@ def write_outputs(out: Path, results: dict) -> None:
     )
     sections = [
         f"Regenerate with `{command}`. Recipe `paper-wts` (no refinement, no data); each time is "
-        f"the median of {results['repeats']} run(s) after a warm-up, wall clock, including tracing. "
+        f"the median of {results['repeats']} run(s) after a warm-up, wall clock, tracing included. "
         f"torch threads: {results['torch_threads']}; total {results['seconds']:.0f} s.",
-        f"## Time against width\n\n{width_table(results['width'])}\n\n"
+        "## Time against width\n\nTwo 784-w-w-10 MLPs (no biases, random weights).\n\n"
+        f"{width_table(results['width'])}\n\n"
         f"A solver stops at larger widths after a run over {results['slow_seconds']:g} s.\n\n"
         f"![time against width]({width_png.name})",
-        f"## Time against K\n\n{k_table(results['k'])}\n\n{six_line}\n\n"
+        f"## Time against K\n\nK VGG11s at width {results['vgg_width']:g}, CIFAR layout "
+        f"(3x32x32), random initialisation.\n\n{k_table(results['k'])}\n\n{six_line}\n\n"
         f"![time against K]({k_png.name})",
     ]
     print(f"\ntiming: width\n\n{width_table(results['width'])}")

@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -57,6 +58,7 @@ from otfuse.training import TrainConfig, evaluate, finetune, predict_logits
 NUM_SAMPLES = 400  # unlabeled training inputs for the data recipe
 FULL_FRACTIONS = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9)
 QUICK_FRACTIONS = (0.0, 0.5, 0.9)
+QUICK_TEST_EXAMPLES = 2000  # quick runs score on the first 2000 test images
 FINETUNE = TrainConfig(epochs=1, lr=0.01, seed=0)  # the short fine-tune of the compressed models
 QUICK_MLP_EPOCHS = 5  # quick MLPNets train this long (one epoch of 4000 images leaves them at ~40%)
 
@@ -97,7 +99,7 @@ def width_pairs(quick: bool) -> list[WidthPair]:
 def train_width(
     spec: ParentSpec, width: float, seed: int, train: Dataset, progress: bool
 ) -> tuple[nn.Module, float]:
-    """``spec``'s model at ``width`` (the cache entry of ``spec``'s own parents when widths agree)."""
+    """``spec``'s model at ``width`` (the cache entry of ``spec``'s parents when widths agree)."""
     kwargs = spec.arch_kwargs
     if kwargs.get("width", 1.0) != width:
         kwargs = {**kwargs, "width": width}
@@ -133,19 +135,22 @@ def fusion_rows(
     return rows
 
 
-def logit_std(model: nn.Module, test: Dataset) -> float:
-    """Standard deviation of the model's logits on the test set: the scale of its outputs."""
-    return predict_logits(model, test.images).std().item()
+def scores(model: nn.Module, test: Dataset) -> dict[str, float]:
+    """Test accuracy (%), mean cross-entropy and the standard deviation of the logits (the scale of
+    the model's outputs), from one pass over ``test``."""
+    logits = predict_logits(model, test.images)
+    return {
+        "accuracy": 100.0 * (logits.argmax(1) == test.labels).float().mean().item(),
+        "loss": F.cross_entropy(logits, test.labels).item(),
+        "logit_std": logits.std().item(),
+    }
 
 
 def row(method: str, anchor: str, model: nn.Module, test: Dataset, seconds: float) -> dict:
-    result = evaluate(model, test)
     return {
         "method": method,
         "anchor": anchor,
-        "accuracy": result.accuracy,
-        "loss": result.loss,
-        "logit_std": logit_std(model, test),
+        **scores(model, test),
         "params": count_params(model),
         "seconds": seconds,
         "note": "",
@@ -209,8 +214,7 @@ def compression(
                 "fraction": fraction,
                 "hidden": [m.out_features for m in model.features if isinstance(m, nn.Linear)],
                 "params": count_params(model),
-                "accuracy": evaluate(model, test).accuracy,
-                "logit_std": logit_std(model, test),
+                **scores(model, test),
                 "finetuned_accuracy": evaluate(tuned, test).accuracy,
                 "seconds": build,
             }
@@ -220,8 +224,7 @@ def compression(
         "arch_kwargs": spec.arch_kwargs,
         "epochs": spec.epochs,
         "wide": {
-            "accuracy": evaluate(wide, test).accuracy,
-            "logit_std": logit_std(wide, test),
+            **scores(wide, test),
             "params": count_params(wide),
             "seconds": seconds,
         },
@@ -244,6 +247,7 @@ def run(
     test = load_dataset("fashion-mnist", "test", data_dir)
     if quick:
         train = train.subset(torch.arange(QUICK_TRAIN_EXAMPLES))
+        test = test.subset(torch.arange(QUICK_TEST_EXAMPLES))
     sample = sample_inputs(train, NUM_SAMPLES, seed=0)
     different = {}
     for pair in width_pairs(quick):
@@ -312,9 +316,9 @@ def compression_table(result: dict) -> str:
 def plot(path: Path, result: dict) -> Path:
     series = []
     for key, style, suffix in [("accuracy", "-", ""), ("finetuned_accuracy", "--", " + fine-tune")]:
-        for method, entries in result["series"].items():
+        for i, (method, entries) in enumerate(result["series"].items()):
             xs, ys = [e["fraction"] for e in entries], [e[key] for e in entries]
-            series.append(Series(method + suffix, xs, ys, linestyle=style))
+            series.append(Series(method + suffix, xs, ys, linestyle=style, color=f"C{i}"))
     panel = Panel(
         f"{result['arch']} compressed",
         series,
@@ -323,6 +327,10 @@ def plot(path: Path, result: dict) -> Path:
         {"wide model": result["wide"]["accuracy"]},
     )
     return line_plot(path, [panel], title="Compression: OT projection vs magnitude pruning")
+
+
+def without_width(kwargs: dict) -> dict:
+    return {k: v for k, v in kwargs.items() if k != "width"}
 
 
 def write_outputs(out: Path, results: dict) -> None:
@@ -335,11 +343,17 @@ def write_outputs(out: Path, results: dict) -> None:
         "## (a) Fusing models of different widths\n\nBoth models are fused with equal weights into "
         "the anchor's architecture. The data recipe uses an unlabeled sample of "
         f"{NUM_SAMPLES} training images. Time: training (0 = cached) or fusion. Logit std: the "
-        "standard deviation of the model's logits on the test set, the scale of its outputs.",
+        "standard deviation of the model's logits on the test set, the scale of its outputs. With "
+        "unequal widths the plans are not permutations and every axis of a unit, incoming and "
+        "outgoing, is contracted with the column-normalised plan (the paper's T diag(1/nu)): a unit"
+        " split into several keeps its full outgoing weight in each copy, units merged into one "
+        "average theirs, so the outputs grow or shrink by about the width ratio per layer. Without "
+        "biases this leaves the arg-max unchanged but not the loss or fine-tuning.",
     ]
     for arch, result in results["different_widths"].items():
         title = (
-            f"### {describe(arch, result['arch_kwargs'])} at widths x{result['widths']['wide']:g} "
+            f"### {describe(arch, without_width(result['arch_kwargs']))} at widths "
+            f"x{result['widths']['wide']:g} "
             f"and x{result['widths']['narrow']:g}, {result['epochs']} epochs (lr {result['lr']})"
         )
         sections.append(f"{title}\n\n{widths_table(result)}")
