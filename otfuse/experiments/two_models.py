@@ -73,7 +73,7 @@ class Budget:
     finetune: TrainConfig  # fine-tuning schedule (same for every model)
 
 
-FULL = Budget(None, None, 400, 0, None, TrainConfig(epochs=2, lr=0.01, schedule="cosine"))
+FULL = Budget(None, None, 400, 0, None, TrainConfig(epochs=1, lr=0.01, schedule="cosine"))
 QUICK = Budget(QUICK_TRAIN_EXAMPLES, 2000, 100, 0, 512, TrainConfig(epochs=1, lr=0.01))
 
 
