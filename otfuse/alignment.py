@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 
 from otfuse.activations import ActivationPoint
@@ -28,6 +29,7 @@ from otfuse.errors import ArchitectureMismatchError, OtfuseError, TransportError
 from otfuse.transport import SolverName, TransportPlan, solve
 
 Mode = Literal["wts", "acts"]
+Outgoing = Literal["average", "sum"]
 MODES = ("wts", "acts")
 StateDict = dict[str, torch.Tensor]
 
@@ -44,30 +46,46 @@ class AlignOptions:
     activations: ActivationPoint = "pre"
     num_samples: int = 200
     seed: int = 0
+    outgoing: Outgoing = "average"
 
     def check(self) -> None:
         if self.mode not in MODES:
             raise OtfuseError(f"unknown mode '{self.mode}'; choose 'wts' or 'acts'")
         if self.activations not in ("pre", "post"):
             raise OtfuseError(f"activations must be 'pre' or 'post', not '{self.activations}'")
+        if self.outgoing not in ("average", "sum"):
+            raise OtfuseError(f"outgoing must be 'average' or 'sum', not '{self.outgoing}'")
         if not self.reg > 0:
             raise OtfuseError(f"reg must be positive, not {self.reg}")
 
 
 # -- transporting one member axis ---------------------------------------------------------------
 def transport_member(
-    tensor: torch.Tensor, member: Member, space: int, plan: TransportPlan, sizes: Mapping[int, int]
+    tensor: torch.Tensor,
+    member: Member,
+    space: int,
+    plan: TransportPlan,
+    sizes: Mapping[int, int],
+    outgoing: Outgoing = "average",
 ) -> torch.Tensor:
-    """Contract the parts of ``member``'s axis that hold ``space`` with the corrected plan.
+    """Contract the parts of ``member``'s axis that hold ``space`` with the plan.
 
-    ``sizes`` gives the current size of every space in ``tensor`` (those already transported have the
-    anchor's size). Returns a tensor whose axis has the anchor's size for ``space``.
+    Producer and norm axes use the corrected plan :math:`\hat T = T\,\mathrm{diag}(1/\nu)` (each
+    anchor unit is a convex combination of B's units). Consumer axes use it too with
+    ``outgoing="average"`` (the paper), or with ``outgoing="sum"`` the split plan
+    :math:`\mathrm{diag}(1/\mu)\,T` (each unit of B hands its outgoing weights to the anchor units
+    it is sent to, so merging two identical units keeps the next layer's input). The two agree for
+    permutations. ``sizes`` gives the current size of every space in ``tensor`` (those already
+    transported have the anchor's size). Returns a tensor whose axis has the anchor's size for
+    ``space``.
     """
+    matrix = plan.split if member.role == "consumer" and outgoing == "sum" else plan.corrected
+    perm = plan.permutation
     if member.groups > 1:
-        return _transport_grouped(tensor, member, plan)
+        return _transport_grouped(tensor, member, plan.shape, matrix)
     layout = member.layout
     if _is_plain(layout, space):
-        return _contract_axis(tensor, member.axis, plan)
+        return _contract_axis(tensor, member.axis, perm, matrix)
     x = tensor.movedim(member.axis, -1)
     lead = x.shape[:-1]
     x = x.reshape(-1, layout.outer, layout.length(sizes) // layout.outer)
@@ -77,7 +95,7 @@ def transport_member(
         piece = x[..., offset : offset + n * seg.inner]
         offset += n * seg.inner
         if seg.space == space:
-            piece = _contract(piece.reshape(*piece.shape[:2], n, seg.inner), plan)
+            piece = _contract_axis(piece.reshape(*piece.shape[:2], n, seg.inner), 2, perm, matrix)
             piece = piece.reshape(*piece.shape[:2], -1)
         pieces.append(piece)
     x = torch.cat(pieces, dim=-1)
@@ -88,28 +106,24 @@ def _is_plain(layout, space: int) -> bool:
     return layout.outer == 1 and layout.segments == (Segment(space),)
 
 
-def _contract_axis(x: torch.Tensor, axis: int, plan: TransportPlan) -> torch.Tensor:
-    """Contract axis ``axis`` (length n_b) of ``x`` with the corrected plan; it becomes length n_a."""
-    if plan.permutation is not None:
-        return x.index_select(axis, torch.as_tensor(plan.permutation))
-    t_hat = torch.as_tensor(plan.corrected, dtype=x.dtype)
-    return torch.tensordot(x, t_hat, dims=([axis], [0])).movedim(-1, axis)
+def _contract_axis(
+    x: torch.Tensor, axis: int, perm: np.ndarray | None, matrix: np.ndarray
+) -> torch.Tensor:
+    """Contract axis ``axis`` (length n_b) of ``x`` with ``matrix`` (n_b, n_a), or gather ``perm``."""
+    if perm is not None:
+        return x.index_select(axis, torch.as_tensor(perm))
+    t = torch.as_tensor(matrix, dtype=x.dtype)
+    return torch.tensordot(x, t, dims=([axis], [0])).movedim(-1, axis)
 
 
-def _contract(x: torch.Tensor, plan: TransportPlan) -> torch.Tensor:
-    """x has shape (r, outer, n_b, inner); returns (r, outer, n_a, inner)."""
-    if plan.permutation is not None:
-        return x.index_select(2, torch.as_tensor(plan.permutation))
-    t_hat = torch.as_tensor(plan.corrected, dtype=x.dtype)
-    return torch.einsum("robi,ba->roai", x, t_hat)
-
-
-def _transport_grouped(tensor: torch.Tensor, member: Member, plan: TransportPlan) -> torch.Tensor:
+def _transport_grouped(
+    tensor: torch.Tensor, member: Member, shape: tuple[int, int], matrix: np.ndarray
+) -> torch.Tensor:
     """Input axis of a grouped conv weight (out, in/g, ...): rows of group j use block j of the plan."""
     g = member.groups
-    nb, na = plan.shape[0] // g, plan.shape[1] // g
-    t_hat = torch.as_tensor(plan.corrected, dtype=tensor.dtype)
-    blocks = torch.stack([t_hat[j * nb : (j + 1) * nb, j * na : (j + 1) * na] for j in range(g)])
+    nb, na = shape[0] // g, shape[1] // g
+    t = torch.as_tensor(matrix, dtype=tensor.dtype)
+    blocks = torch.stack([t[j * nb : (j + 1) * nb, j * na : (j + 1) * na] for j in range(g)])
     x = tensor.movedim(member.axis, -1)
     out_shape = x.shape[:-1]
     x = x.reshape(g, out_shape[0] // g, -1, nb)
@@ -217,7 +231,7 @@ def align_state(
         plan = solve(cost, mu, nu, solver=options.solver, reg=options.reg, groups=space.groups)
         for member in space.members:
             state[member.param] = transport_member(
-                state[member.param], member, space.index, plan, sizes
+                state[member.param], member, space.index, plan, sizes, options.outgoing
             )
         sizes[space.index] = sizes_a[space.index]
         resolved.add(space.index)

@@ -30,7 +30,17 @@ from otfuse.repair import REPAIRS, RepairName, apply_repair
 from otfuse.transport import SolverName, TransportPlan
 
 StateDict = dict[str, torch.Tensor]
-ALIGN_FIELDS = ("mode", "solver", "cost", "marginals", "reg", "activations", "num_samples", "seed")
+ALIGN_FIELDS = (
+    "mode",
+    "solver",
+    "cost",
+    "marginals",
+    "reg",
+    "activations",
+    "num_samples",
+    "seed",
+    "outgoing",
+)
 
 
 @dataclass
@@ -222,6 +232,7 @@ def fuse(
     activations: ActivationPoint | None = None,
     num_samples: int | None = None,
     seed: int | None = None,
+    outgoing: str | None = None,
     repair: RepairName | None = None,
     refine: bool | None = None,
     to_average: bool | None = None,
@@ -249,6 +260,8 @@ def fuse(
             or ``repair`` (BatchNorm reset, then REPAIR rescaling of every layer).
         refine: after the greedy pass, re-solve each space against all its weights (weight matching
             with OT plans) until no plan changes, at most ``max_sweeps`` sweeps.
+        outgoing: ``average`` (paper) or ``sum``: how the outgoing weights of units merged across
+            widths are combined (see :func:`otfuse.alignment.transport_member`).
         to_average: for K > 2, re-align every model to the running average of the aligned models
             (at most ``max_sweeps`` rounds) instead of to the anchor alone.
 
@@ -268,6 +281,7 @@ def fuse(
         activations=activations,
         num_samples=num_samples,
         seed=seed,
+        outgoing=outgoing,
         repair=repair,
         refine=refine,
         to_average=to_average,
@@ -362,6 +376,7 @@ def align(
     activations: ActivationPoint = "pre",
     num_samples: int = 200,
     seed: int = 0,
+    outgoing: str = "average",
 ) -> nn.Module:
     """A copy of ``model`` transported into ``anchor``'s widths and unit order.
 
@@ -380,12 +395,16 @@ def align(
         reg: Sinkhorn's entropic regularisation, relative to the largest cost.
         activations: ``pre`` (layer outputs) or ``post`` (after the nonlinearity), for ``acts``.
         num_samples, seed: size and seed of the activation sample.
+        outgoing: ``average`` (the paper: a merged unit's outgoing weights are averaged) or ``sum``
+            (they are split, which keeps the next layer's input scale across widths).
 
     Returns:
         A new module of the anchor's architecture holding B's aligned parameters. With equal widths and
         hard plans it computes exactly what ``model`` computes.
     """
-    options = AlignOptions(mode, solver, cost, marginals, reg, activations, num_samples, seed)
+    options = AlignOptions(
+        mode, solver, cost, marginals, reg, activations, num_samples, seed, outgoing
+    )
     prepared = prepare([anchor, model], options, data=data, example_input=example_input)
     state, _ = align_state(
         prepared.states[1],

@@ -23,6 +23,7 @@ BASE: dict[str, Any] = {
     "activations": "pre",  # pre or post (acts mode)
     "num_samples": 200,  # size of the activation / repair sample
     "seed": 0,  # seed of that sample
+    "outgoing": "average",  # outgoing weights of merged units: average (paper) or sum (keeps scale)
     "repair": "none",  # none, bn, repair
     "refine": False,  # weight-matching refinement of every plan
     "to_average": False,  # K > 2: align to the running average

@@ -47,6 +47,7 @@ def apply_plans(
     sizes_a: Mapping[int, int],
     plans: Mapping[int, TransportPlan],
     skip: int | None = None,
+    outgoing: str = "average",
 ) -> tuple[StateDict, dict[int, int]]:
     """Transport ``state_b`` by the plan of every space except ``skip``; returns it and its space sizes."""
     state, sizes = dict(state_b), graph_b.sizes
@@ -55,7 +56,7 @@ def apply_plans(
             continue
         for member in space.members:
             state[member.param] = transport_member(
-                state[member.param], member, space.index, plans[space.index], sizes
+                state[member.param], member, space.index, plans[space.index], sizes, outgoing
             )
         sizes[space.index] = sizes_a[space.index]
     return state, sizes
@@ -99,12 +100,14 @@ def refine_plans(
     """
     by_index = {s.index: plans[s.name] for s in graph_b.transportable()}
     sizes_a = graph_a.sizes
-    current, _ = apply_plans(state_b, graph_b, sizes_a, by_index)
+    current, _ = apply_plans(state_b, graph_b, sizes_a, by_index, outgoing=options.outgoing)
     log = RefinementLog([distance(current, state_a)], [])
     for _ in range(max_sweeps):
         changed = 0
         for space in graph_b.transportable():
-            partial, sizes = apply_plans(state_b, graph_b, sizes_a, by_index, skip=space.index)
+            partial, sizes = apply_plans(
+                state_b, graph_b, sizes_a, by_index, skip=space.index, outgoing=options.outgoing
+            )
             fb = _full_features(space, partial, sizes)
             fa = _full_features(space, state_a, sizes_a)
             cost = ground_cost(fb, fa, "sqeuclidean")
@@ -115,7 +118,9 @@ def refine_plans(
                 continue
             trial = dict(by_index)
             trial[space.index] = candidate
-            trial_state, _ = apply_plans(state_b, graph_b, sizes_a, trial)
+            trial_state, _ = apply_plans(
+                state_b, graph_b, sizes_a, trial, outgoing=options.outgoing
+            )
             value = distance(trial_state, state_a)
             if value < log.objective[-1] - 1e-9 * max(1.0, log.objective[-1]):
                 by_index, current = trial, trial_state

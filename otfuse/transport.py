@@ -61,6 +61,12 @@ class TransportPlan:
         return self._corrected
 
     @property
+    def split(self) -> np.ndarray:
+        """:math:`\mathrm{diag}(1/\mu)\,T`, shape (n_b, n_a): every row sums to 1, so each unit of B
+        splits its outgoing weights over the units of A it is sent to."""
+        return self.matrix / np.maximum(self.matrix.sum(1, keepdims=True), 1e-300)
+
+    @property
     def shape(self) -> tuple[int, int]:
         return self.matrix.shape
 

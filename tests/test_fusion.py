@@ -227,3 +227,27 @@ def test_defaults_follow_the_recipes():
     assert overridden.settings["repair"] == "none" and overridden.settings["mode"] == "wts"
     with pytest.raises(OtfuseError, match="unknown recipe"):
         otfuse.fuse([model, model], recipe="magic", example_input=x)
+
+
+def _duplicated(model):
+    """A model of twice the width that computes exactly what ``model`` computes: every hidden unit
+    appears twice, with half the outgoing weight."""
+    wide = type(model)(width=48)
+    a, w = model.state_dict(), {}
+    w["fc1.weight"] = a["fc1.weight"].repeat_interleave(2, 0)
+    w["fc2.weight"] = a["fc2.weight"].repeat_interleave(2, 0).repeat_interleave(2, 1) / 2
+    w["fc2.bias"] = a["fc2.bias"].repeat_interleave(2, 0)
+    w["fc3.weight"] = a["fc3.weight"].repeat_interleave(2, 1) / 2
+    w["fc3.bias"] = a["fc3.bias"]
+    wide.load_state_dict(w)
+    return wide.eval()
+
+
+def test_outgoing_sum_merges_duplicated_units_exactly():
+    model, x = build("mlp"), example("mlp")
+    wide = _duplicated(model)
+    torch.testing.assert_close(wide(x), model(x))
+    merged = otfuse.align(wide, model, solver="exact", outgoing="sum", example_input=x)
+    torch.testing.assert_close(merged(x), model(x), atol=1e-5, rtol=1e-5)
+    averaged = otfuse.align(wide, model, solver="exact", example_input=x)  # the paper's rule
+    assert (averaged(x) - model(x)).abs().max() > 1e-2

@@ -67,8 +67,16 @@ FUSION_METHODS = {
     "OT data-free": {"recipe": "data-free"},
     "OT data": {"recipe": "data"},
     "OT paper-wts (exact)": {"recipe": "paper-wts", "solver": "exact"},
+    "OT data-free, outgoing sum": {"recipe": "data-free", "outgoing": "sum"},
+    "OT data, outgoing sum": {"recipe": "data", "outgoing": "sum"},
 }
-COMPRESSION_METHODS = ("magnitude pruning", "OT data-free", "OT data")
+COMPRESSION_METHODS = (
+    "magnitude pruning",
+    "OT data-free",
+    "OT data",
+    "OT data-free, outgoing sum",
+    "OT data, outgoing sum",
+)
 
 
 @dataclass(frozen=True)
