@@ -250,9 +250,19 @@ def check_compatible(graph_b: SpaceGraph, graph_a: SpaceGraph) -> None:
     for sb, sa in zip(graph_b.spaces, graph_a.spaces):
         if sb.signature() != sa.signature():
             raise ArchitectureMismatchError(
-                f"models have different architectures at neuron space '{sa.name}' "
-                f"(against '{sb.name}')"
+                f"models have different architectures: {_difference(sb, sa)}"
             )
+
+
+def _difference(sb: NeuronSpace, sa: NeuronSpace) -> str:
+    """What differs between two spaces that should correspond, in words."""
+    if sb.name != sa.name:
+        return f"neuron space '{sa.name}' of the anchor corresponds to '{sb.name}'"
+    params_b, params_a = {m.param for m in sb.members}, {m.param for m in sa.members}
+    if params_b != params_a:
+        odd = sorted(params_b ^ params_a)[:3]
+        return f"neuron space '{sa.name}' has different parameters ({', '.join(odd)})"
+    return f"neuron space '{sa.name}' is wired differently (fixed, groups or layout)"
 
 
 def _check_shapes(state: StateDict, state_a: StateDict) -> None:

@@ -73,7 +73,17 @@ from otfuse.training import TrainConfig, evaluate, seed_everything, train
 from otfuse.transport import SolverName
 
 PROG = "otfuse"
-ALIGN_OPTIONS = ("mode", "solver", "cost", "marginals", "reg", "activations", "num_samples", "seed")
+ALIGN_OPTIONS = (
+    "mode",
+    "solver",
+    "cost",
+    "marginals",
+    "reg",
+    "activations",
+    "num_samples",
+    "seed",
+    "outgoing",
+)
 RECIPE_OPTIONS = (*ALIGN_OPTIONS, "repair", "refine", "to_average", "max_sweeps")
 FUSE_OPTIONS = ("recipe", *RECIPE_OPTIONS, "weights", "anchor")
 NOT_IN_CONFIG = {"help", "config", "print_config", "force", "quiet", "json", "handler", "parser"}
@@ -223,6 +233,12 @@ def _add_align_options(p: ArgumentParser) -> None:
     g.add_argument("--activations", choices=get_args(ActivationPoint), default=None)
     g.add_argument("--num-samples", type=parse_positive_int, default=None, help="for acts/repair")
     g.add_argument("--seed", type=int, default=None, help="seed of the activation sample")
+    g.add_argument(
+        "--outgoing",
+        choices=("average", "sum"),
+        default=None,
+        help="outgoing weights of units merged across widths: average (paper) or sum (keeps scale)",
+    )
 
 
 def _add_fuse(commands) -> None:
@@ -658,7 +674,8 @@ def cmd_fuse(args: argparse.Namespace) -> Report:
         example_input(loaded[0].model, None)  # a clear message when nothing tells the input shape
     check_same_parameters(loaded)
     with _naming(loaded):
-        result = otfuse.fuse([item.model for item in loaded], **fuse_kwargs(config, data))
+        kwargs = fuse_kwargs(config, data)
+        result = otfuse.fuse([item.model for item in loaded], progress=not args.quiet, **kwargs)
     evaluation = evaluate_fusion(loaded, result, test_set) if test_set is not None else None
     metadata = fuse_metadata(config, loaded, result, data, evaluation)
     save_model(out, result.model, metadata, format=config.get("format"), overwrite=args.force)

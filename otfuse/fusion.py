@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from otfuse.activations import ActivationPoint, collect_activations
 from otfuse.alignment import AlignOptions, Mode, align_state, check_compatible
@@ -237,6 +238,7 @@ def fuse(
     refine: bool | None = None,
     to_average: bool | None = None,
     max_sweeps: int | None = None,
+    progress: bool = False,
 ) -> FusionResult:
     """Fuse K >= 2 models of one architecture family into one model of the anchor's architecture.
 
@@ -262,6 +264,7 @@ def fuse(
             with OT plans) until no plan changes, at most ``max_sweeps`` sweeps.
         outgoing: ``average`` (paper) or ``sum``: how the outgoing weights of units merged across
             widths are combined (see :func:`otfuse.alignment.transport_member`).
+        progress: show a progress bar over the models being aligned.
         to_average: for K > 2, re-align every model to the running average of the aligned models
             (at most ``max_sweeps`` rounds) instead of to the anchor alone.
 
@@ -302,7 +305,9 @@ def fuse(
         )
     w = normalise_weights(weights, k)
     sweeps = settings["max_sweeps"]
-    aligned, plans, logs = _align_all(prepared, anchor, options, settings["refine"], sweeps)
+    aligned, plans, logs = _align_all(
+        prepared, anchor, options, settings["refine"], sweeps, progress
+    )
     if settings["to_average"] and k > 2:
         average = lambda states, ws: average_states(states, ws, prepared.states[anchor])  # noqa: E731
         aligned, plans, logs["average"] = align_to_average(
@@ -340,11 +345,17 @@ def fuse(
 
 
 def _align_all(
-    prepared: Prepared, anchor: int, options: AlignOptions, refine: bool, max_sweeps: int
+    prepared: Prepared,
+    anchor: int,
+    options: AlignOptions,
+    refine: bool,
+    max_sweeps: int,
+    progress: bool = False,
 ) -> tuple[list[StateDict], list[dict[str, TransportPlan]], dict]:
     """Align every model to the anchor (greedy pass, then optional weight-matching refinement)."""
     aligned, plans, logs = [], [], {}
-    for i, state in enumerate(prepared.states):
+    states = tqdm(prepared.states, desc="align", unit="model", disable=not progress, leave=False)
+    for i, state in enumerate(states):
         if i == anchor:
             aligned.append(state)
             plans.append({})

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
-import ot
 from scipy.optimize import linear_sum_assignment
 
 from otfuse.errors import OtfuseError, TransportError
@@ -142,6 +141,8 @@ def _exact(
     cost: np.ndarray, mu: np.ndarray, nu: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Network simplex with an iteration budget that grows with the problem; no convergence is an error."""
+    import ot  # POT imports SciPy's statistics; load it only when a plan needs it
+
     nb, na = cost.shape
     budget = max(100_000, 50 * (nb + na) ** 2)
     matrix, log = ot.emd(mu, nu, np.ascontiguousarray(cost), numItermax=budget, log=True)
@@ -155,6 +156,8 @@ def _exact(
 
 def _sinkhorn(cost: np.ndarray, mu: np.ndarray, nu: np.ndarray, reg: float) -> np.ndarray:
     """Log-domain Sinkhorn on the cost scaled to [0, 1]; a plan off its marginals is an error."""
+    import ot
+
     scale = cost.max() if cost.max() > 0 else 1.0
     matrix = ot.sinkhorn(
         mu, nu, cost / scale, reg, method="sinkhorn_log", numItermax=5000, stopThr=1e-9, warn=False

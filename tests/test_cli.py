@@ -374,8 +374,8 @@ def test_print_config_merges_config_and_flags_and_reads_back(work, monkeypatch, 
 def test_only_given_options_reach_fuse(monkeypatch, tmp_path):
     seen = {}
 
-    def fake_fuse(models, **kwargs):
-        seen.update(kwargs)
+    def fake_fuse(models, progress=True, **kwargs):
+        seen.update(kwargs)  # every fusion option; progress only follows --quiet
         raise cli.UsageError("stop here")
 
     for name in ("a", "b"):
