@@ -290,6 +290,24 @@ def fuse(
         to_average=to_average,
         max_sweeps=max_sweeps,
     )
+    if settings.get("select") and data is not None:
+        return _fuse_selected(
+            models, settings, weights, anchor, data, example_input, progress, start
+        )
+    return _fuse_with(models, settings, weights, anchor, data, example_input, progress, start)
+
+
+def _fuse_with(
+    models: Sequence[nn.Module],
+    settings: dict,
+    weights: Sequence[float] | None,
+    anchor: int,
+    data: object,
+    example_input: torch.Tensor | tuple | None,
+    progress: bool,
+    start: float,
+) -> FusionResult:
+    """Fuse with one fully resolved set of options (the body of :func:`fuse`)."""
     options = AlignOptions(*(settings[f] for f in ALIGN_FIELDS))
     if settings["repair"] not in REPAIRS:
         raise OtfuseError(
@@ -340,8 +358,55 @@ def fuse(
         options,
         timings,
         logs,
-        settings,
+        dict(settings),
     )
+
+
+def _fuse_selected(
+    models: Sequence[nn.Module],
+    settings: dict,
+    weights: Sequence[float] | None,
+    anchor: int,
+    data: object,
+    example_input: torch.Tensor | tuple | None,
+    progress: bool,
+    start: float,
+) -> FusionResult:
+    """Fuse once per candidate of ``settings["select"]`` and keep the fused model closest to the
+    parents' prediction ensemble on the unlabeled sample (smallest mean KL divergence):
+
+    .. math::
+
+        \mathrm{KL}(\bar p \,\Vert\, p_{\text{fused}}), \qquad \bar p = \sum_k w_k\, p_k .
+
+    Only unlabeled inputs are used: the ensemble is the teacher.
+    """
+    models = check_models(models)
+    sample = sample_inputs(data, settings["num_samples"], settings["seed"])
+    base = {k: v for k, v in settings.items() if k not in ("select", "recipe")}
+    teacher = PredictionEnsemble(models, weights).eval()
+    with torch.no_grad():
+        target = teacher(sample)
+    best, scores = None, {}
+    for candidate in settings["select"]:
+        options = {**base, **candidate}
+        result = _fuse_with(
+            models, options, weights, anchor, data, example_input, progress, time.perf_counter()
+        )
+        with torch.no_grad():
+            fused = torch.log_softmax(result.model.eval()(sample), dim=-1)
+        score = float((target.exp() * (target - fused)).sum(-1).mean())
+        scores[_label(candidate)] = score
+        if best is None or score < best[0]:
+            best = (score, result, candidate)
+    _, result, chosen = best
+    result.settings = {**settings, **chosen, "selected": _label(chosen), "selection_kl": scores}
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _label(candidate: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in candidate.items())
 
 
 def _align_all(

@@ -2,7 +2,9 @@
 
 * ``paper-wts`` / ``paper-acts``: Singh & Jaggi's one-shot OT fusion, data-free or from activations.
 * ``data-free``: the best recipe measured here without data (see the README's recipe table).
-* ``data``: the best recipe measured here given a few hundred unlabeled inputs.
+* ``data``: the best recipe measured here given a few hundred unlabeled inputs: statistics repair,
+  and the alignment (weights, correlation of pre-activations, or post-activations) whose fused model
+  is closest to the parents' prediction ensemble on those inputs (no labels needed).
 
 ``fuse`` uses ``data`` when it is given inputs and ``data-free`` otherwise; any option passed
 explicitly overrides the recipe's value.
@@ -28,13 +30,25 @@ BASE: dict[str, Any] = {
     "refine": False,  # weight-matching refinement of every plan
     "to_average": False,  # K > 2: align to the running average
     "max_sweeps": 10,  # refinement sweeps / averaging rounds at most
+    "select": None,  # candidate alignments to choose from with data (recipes only)
 }
 
 RECIPES: dict[str, dict[str, Any]] = {
     "paper-wts": {},
     "paper-acts": {"mode": "acts"},
     "data-free": {"refine": True, "to_average": True},
-    "data": {"mode": "acts", "cost": "correlation", "repair": "repair", "num_samples": 400},
+    "data": {
+        "mode": "acts",
+        "cost": "correlation",
+        "repair": "repair",
+        "num_samples": 400,
+        # fuse once per candidate, keep the one closest to the parents' ensemble on the sample
+        "select": (
+            {"mode": "wts", "cost": "euclidean"},
+            {"mode": "acts", "cost": "correlation", "activations": "pre"},
+            {"mode": "acts", "cost": "euclidean", "activations": "post"},
+        ),
+    },
 }
 
 
@@ -48,9 +62,12 @@ def resolve(recipe: str | None, has_data: bool, **overrides: Any) -> dict[str, A
         recipe = "data" if has_data else "data-free"
     if recipe not in RECIPES:
         raise OtfuseError(f"unknown recipe '{recipe}'; choose one of {', '.join(RECIPES)}")
-    unknown = set(overrides) - set(BASE)
+    unknown = set(overrides) - set(BASE) | ({"select"} & set(overrides))
     if unknown:
         raise OtfuseError(f"unknown fusion option(s): {', '.join(sorted(unknown))}")
     settings = {**BASE, **RECIPES[recipe], "recipe": recipe}
-    settings.update({k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    settings.update(given)
+    if settings["select"] and set(given) & {k for c in settings["select"] for k in c}:
+        settings["select"] = None  # the caller chose the alignment
     return settings

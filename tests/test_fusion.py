@@ -220,9 +220,12 @@ def test_defaults_follow_the_recipes():
     model, x = build("resnet"), example("resnet")
     free = otfuse.fuse([model, model], example_input=x)
     assert free.settings["recipe"] == "data-free" and free.settings["mode"] == "wts"
-    with_data = otfuse.fuse([model, model], data=data_for("resnet"))
-    assert with_data.settings["recipe"] == "data"
-    assert with_data.settings["mode"] == "acts" and with_data.settings["repair"] != "none"
+    with_data = otfuse.fuse([model, build("resnet", seed=1)], data=data_for("resnet"))
+    chosen = with_data.settings
+    assert chosen["recipe"] == "data" and chosen["repair"] != "none"
+    scores = chosen["selection_kl"]
+    assert len(scores) == 3 and scores[chosen["selected"]] == min(scores.values())
+    assert otfuse.fuse([model, model], data=data_for("resnet"), mode="acts").settings["select"] is None
     overridden = otfuse.fuse([model, model], data=data_for("resnet"), repair="none", mode="wts")
     assert overridden.settings["repair"] == "none" and overridden.settings["mode"] == "wts"
     with pytest.raises(OtfuseError, match="unknown recipe"):
