@@ -16,7 +16,7 @@ computes exactly what B computes.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal
 
 import numpy as np
@@ -57,6 +57,9 @@ class AlignOptions:
             raise OtfuseError(f"outgoing must be 'average' or 'sum', not '{self.outgoing}'")
         if not self.reg > 0:
             raise OtfuseError(f"reg must be positive, not {self.reg}")
+
+
+ALIGN_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(AlignOptions))
 
 
 # -- transporting one member axis ---------------------------------------------------------------

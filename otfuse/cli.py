@@ -51,7 +51,7 @@ from torch import nn
 import otfuse
 from otfuse import zoo
 from otfuse.activations import ActivationPoint
-from otfuse.alignment import MODES
+from otfuse.alignment import ALIGN_FIELDS, MODES
 from otfuse.checkpoints import (
     FORMATS,
     TORCH_SUFFIXES,
@@ -73,17 +73,7 @@ from otfuse.training import TrainConfig, evaluate, seed_everything, train
 from otfuse.transport import SolverName
 
 PROG = "otfuse"
-ALIGN_OPTIONS = (
-    "mode",
-    "solver",
-    "cost",
-    "marginals",
-    "reg",
-    "activations",
-    "num_samples",
-    "seed",
-    "outgoing",
-)
+ALIGN_OPTIONS = ALIGN_FIELDS
 RECIPE_OPTIONS = (*ALIGN_OPTIONS, "repair", "refine", "to_average", "max_sweeps")
 FUSE_OPTIONS = ("recipe", *RECIPE_OPTIONS, "weights", "anchor")
 NOT_IN_CONFIG = {"help", "config", "print_config", "force", "quiet", "json", "handler", "parser"}

@@ -14,14 +14,14 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from otfuse.activations import ActivationPoint, collect_activations
-from otfuse.alignment import AlignOptions, Mode, align_state, check_compatible
+from otfuse.alignment import ALIGN_FIELDS, AlignOptions, Mode, align_state, check_compatible
 from otfuse.cost import CostName, MarginalName
 from otfuse.discovery import SpaceGraph, discover
 from otfuse.errors import DataError, OtfuseError
@@ -31,17 +31,6 @@ from otfuse.repair import REPAIRS, RepairName, apply_repair
 from otfuse.transport import SolverName, TransportPlan
 
 StateDict = dict[str, torch.Tensor]
-ALIGN_FIELDS = (
-    "mode",
-    "solver",
-    "cost",
-    "marginals",
-    "reg",
-    "activations",
-    "num_samples",
-    "seed",
-    "outgoing",
-)
 
 
 @dataclass
@@ -290,30 +279,34 @@ def fuse(
         to_average=to_average,
         max_sweeps=max_sweeps,
     )
+    request = _Request(models, weights, anchor, data, example_input, progress, start)
     if settings.get("select") and data is not None:
-        return _fuse_selected(
-            models, settings, weights, anchor, data, example_input, progress, start
-        )
-    return _fuse_with(models, settings, weights, anchor, data, example_input, progress, start)
+        return _fuse_selected(request, settings)
+    return _fuse_with(request, settings)
 
 
-def _fuse_with(
-    models: Sequence[nn.Module],
-    settings: dict,
-    weights: Sequence[float] | None,
-    anchor: int,
-    data: object,
-    example_input: torch.Tensor | tuple | None,
-    progress: bool,
-    start: float,
-) -> FusionResult:
+@dataclass
+class _Request:
+    """The inputs of one :func:`fuse` call, apart from the fusion options."""
+
+    models: Sequence[nn.Module]
+    weights: Sequence[float] | None
+    anchor: int
+    data: object
+    example_input: torch.Tensor | tuple | None
+    progress: bool
+    start: float
+
+
+def _fuse_with(request: _Request, settings: dict) -> FusionResult:
     """Fuse with one fully resolved set of options (the body of :func:`fuse`)."""
+    models, weights, anchor, data = request.models, request.weights, request.anchor, request.data
     options = AlignOptions(*(settings[f] for f in ALIGN_FIELDS))
     if settings["repair"] not in REPAIRS:
         raise OtfuseError(
             f"unknown repair '{settings['repair']}'; choose one of {', '.join(REPAIRS)}"
         )
-    prepared = prepare(models, options, data=data, example_input=example_input)
+    prepared = prepare(models, options, data=data, example_input=request.example_input)
     k = len(prepared.models)
     if not 0 <= anchor < k:
         raise OtfuseError(f"anchor must be an index in 0..{k - 1}, got {anchor}")
@@ -324,7 +317,7 @@ def _fuse_with(
     w = normalise_weights(weights, k)
     sweeps = settings["max_sweeps"]
     aligned, plans, logs = _align_all(
-        prepared, anchor, options, settings["refine"], sweeps, progress
+        prepared, anchor, options, settings["refine"], sweeps, request.progress
     )
     if settings["to_average"] and k > 2:
         average = lambda states, ws: average_states(states, ws, prepared.states[anchor])  # noqa: E731
@@ -347,13 +340,13 @@ def _fuse_with(
         parents = [build_model(prepared.models[anchor], s) for s in aligned]
         apply_repair(settings["repair"], fused, parents, w, prepared.sample, prepared.example_input)
     end = time.perf_counter()
-    timings = {"align_and_average": aligned_at - start, "repair": end - aligned_at}
+    timings = {"align_and_average": aligned_at - request.start, "repair": end - aligned_at}
     return FusionResult(
         fused,
         plans,
         w,
         anchor,
-        end - start,
+        end - request.start,
         prepared.graphs[anchor],
         options,
         timings,
@@ -362,16 +355,7 @@ def _fuse_with(
     )
 
 
-def _fuse_selected(
-    models: Sequence[nn.Module],
-    settings: dict,
-    weights: Sequence[float] | None,
-    anchor: int,
-    data: object,
-    example_input: torch.Tensor | tuple | None,
-    progress: bool,
-    start: float,
-) -> FusionResult:
+def _fuse_selected(request: _Request, settings: dict) -> FusionResult:
     """Fuse once per candidate of ``settings["select"]`` and keep the fused model closest to the
     parents' prediction ensemble on the unlabeled sample (smallest mean KL divergence):
 
@@ -381,18 +365,16 @@ def _fuse_selected(
 
     Only unlabeled inputs are used: the ensemble is the teacher.
     """
-    models = check_models(models)
-    sample = sample_inputs(data, settings["num_samples"], settings["seed"])
+    models = check_models(request.models)
+    sample = sample_inputs(request.data, settings["num_samples"], settings["seed"])
     base = {k: v for k, v in settings.items() if k not in ("select", "recipe")}
-    teacher = PredictionEnsemble(models, weights).eval()
+    teacher = PredictionEnsemble(models, request.weights).eval()
     with torch.no_grad():
         target = teacher(sample)
     best, scores = None, {}
     for candidate in settings["select"]:
         options = {**base, **candidate}
-        result = _fuse_with(
-            models, options, weights, anchor, data, example_input, progress, time.perf_counter()
-        )
+        result = _fuse_with(replace(request, start=time.perf_counter()), options)
         with torch.no_grad():
             fused = torch.log_softmax(result.model.eval()(sample), dim=-1)
         score = float((target.exp() * (target - fused)).sum(-1).mean())
@@ -401,7 +383,7 @@ def _fuse_selected(
             best = (score, result, candidate)
     _, result, chosen = best
     result.settings = {**settings, **chosen, "selected": _label(chosen), "selection_kl": scores}
-    result.seconds = time.perf_counter() - start
+    result.seconds = time.perf_counter() - request.start
     return result
 
 
