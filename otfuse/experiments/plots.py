@@ -9,14 +9,14 @@ written atomically through :mod:`otfuse.checkpoints`: an interrupted run never l
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from otfuse.checkpoints import atomic_path, atomic_write_text
+from otfuse.checkpoints import atomic_path
+from otfuse.experiments.report import table, write_report, write_results
 
 __all__ = [
     "Panel",
@@ -108,29 +108,7 @@ def percent(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def grid(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A Markdown table of string cells."""
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def write_json(path: str | Path, results: Mapping[str, Any]) -> Path:
-    """``results`` as indented JSON (NaN written as null), atomically."""
-    return atomic_write_text(path, json.dumps(_finite(results), indent=2) + "\n")
-
-
-def write_markdown(path: str | Path, title: str, sections: Sequence[str]) -> Path:
-    """``# title`` then the non-empty Markdown ``sections``, blank-line separated, atomically."""
-    text = "\n\n".join([f"# {title}", *(s.strip() for s in sections if s.strip())])
-    return atomic_write_text(path, text + "\n")
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
+# tables and files are written by the same helpers as every other experiment's
+grid = table
+write_json = write_results
+write_markdown = write_report
