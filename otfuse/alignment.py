@@ -102,7 +102,7 @@ def transport_member(
             piece = piece.reshape(*piece.shape[:2], -1)
         pieces.append(piece)
     x = torch.cat(pieces, dim=-1)
-    return x.reshape(*lead, x.shape[-1]).movedim(-1, member.axis)
+    return x.reshape(*lead, -1).movedim(-1, member.axis)
 
 
 def _is_plain(layout, space: int) -> bool:

@@ -368,15 +368,16 @@ def _fuse_selected(request: _Request, settings: dict) -> FusionResult:
     models = check_models(request.models)
     sample = sample_inputs(request.data, settings["num_samples"], settings["seed"])
     base = {k: v for k, v in settings.items() if k not in ("select", "recipe")}
-    teacher = PredictionEnsemble(models, request.weights).eval()
-    with torch.no_grad():
-        target = teacher(sample)
+    probs = [_log_probs(m, sample) for m in models]
+    if any(p is None for p in probs):  # outputs that are not one logits tensor: no teacher
+        return _fuse_with(request, {**settings, "select": None})
+    w = normalise_weights(request.weights, len(models))
+    target = torch.log(sum(wk * p.exp() for wk, p in zip(w, probs)).clamp_min(1e-30))
     best, scores = None, {}
     for candidate in settings["select"]:
         options = {**base, **candidate}
         result = _fuse_with(replace(request, start=time.perf_counter()), options)
-        with torch.no_grad():
-            fused = torch.log_softmax(result.model.eval()(sample), dim=-1)
+        fused = _log_probs(result.model, sample)
         score = float((target.exp() * (target - fused)).sum(-1).mean())
         scores[_label(candidate)] = score
         if best is None or score < best[0]:
@@ -385,6 +386,19 @@ def _fuse_selected(request: _Request, settings: dict) -> FusionResult:
     result.settings = {**settings, **chosen, "selected": _label(chosen), "selection_kl": scores}
     result.seconds = time.perf_counter() - request.start
     return result
+
+
+def _log_probs(model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """Log-softmax of ``model``'s output in eval mode (its mode is restored), or None when the
+    output is not a single tensor."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x)
+    finally:
+        model.train(was_training)
+    return torch.log_softmax(out, dim=-1) if isinstance(out, torch.Tensor) else None
 
 
 def _label(candidate: dict) -> str:

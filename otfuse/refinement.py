@@ -73,9 +73,27 @@ def distance(state: StateDict, state_a: StateDict) -> float:
     )
 
 
-def _full_features(space: NeuronSpace, state: StateDict, sizes: Mapping[int, int]) -> torch.Tensor:
-    members = [m for m in space.members if m.groups == 1 and state[m.param].is_floating_point()]
-    return torch.cat([unit_features(state[m.param], m, space.index, sizes) for m in members], dim=1)
+def _full_features(
+    space: NeuronSpace,
+    state_b: StateDict,
+    sizes_b: Mapping[int, int],
+    state_a: StateDict,
+    sizes_a: Mapping[int, int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features of B's and A's units of ``space`` from every member whose other axes already agree
+    (a weight with both axes in ``space`` is left out: its other axis is not transported yet)."""
+    fb, fa = [], []
+    for m in space.members:
+        if m.groups > 1 or not state_b[m.param].is_floating_point():
+            continue
+        if sum(1 for o in space.members if o.param == m.param) > 1:
+            continue
+        b = unit_features(state_b[m.param], m, space.index, sizes_b)
+        a = unit_features(state_a[m.param], m, space.index, sizes_a)
+        if b.shape[1] == a.shape[1]:
+            fb.append(b)
+            fa.append(a)
+    return torch.cat(fb, dim=1), torch.cat(fa, dim=1)
 
 
 def _same_plan(a: TransportPlan, b: TransportPlan) -> bool:
@@ -108,8 +126,7 @@ def refine_plans(
             partial, sizes = apply_plans(
                 state_b, graph_b, sizes_a, by_index, skip=space.index, outgoing=options.outgoing
             )
-            fb = _full_features(space, partial, sizes)
-            fa = _full_features(space, state_a, sizes_a)
+            fb, fa = _full_features(space, partial, sizes, state_a, sizes_a)
             cost = ground_cost(fb, fa, "sqeuclidean")
             mu, nu = unit_masses(fb, options.marginals), unit_masses(fa, options.marginals)
             solver = "exact" if options.solver == "sinkhorn" else options.solver

@@ -82,14 +82,19 @@ class CorrectionPoint:
 def correction_points(graph: SpaceGraph) -> list[CorrectionPoint]:
     """Layer outputs of the transportable spaces of ``graph``, in graph order.
 
-    A Linear or Conv output that feeds only a normalisation layer is corrected at that layer instead.
+    A Linear or Conv output that feeds only a normalisation layer is corrected at that layer instead;
+    modules called more than once are left as they are.
     """
     gm = graph.graph_module
     modules = dict(gm.named_modules())
     axes = {name: axis for s in graph.spaces if not s.fixed for name, _, axis in s.nodes}
-    points = []
+    points, calls = [], {}
     for node in gm.graph.nodes:
-        if node.op != "call_module" or node.name not in axes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    for node in gm.graph.nodes:
+        # a module called more than once cannot be corrected for each call separately
+        if node.op != "call_module" or node.name not in axes or calls[node.target] > 1:
             continue
         module = modules[node.target]
         if isinstance(module, _LAYERS) and _feeds_only_a_norm(node, modules):

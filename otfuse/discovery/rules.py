@@ -226,14 +226,19 @@ def permute(b: SpaceBuilder, node: torch.fx.Node) -> Info:
     if not isinstance(x, Feature):
         return x
     ndim = len(shape_of(node))
+    args, kw = node.args[1:], node.kwargs
     if node.target in (torch.transpose, "transpose", "swapaxes", torch.swapaxes):
-        d0, d1 = (a % ndim for a in node.args[1:3])
+        d0, d1 = (args[0] if args else kw["dim0"]), (args[1] if len(args) > 1 else kw["dim1"])
         order = list(range(ndim))
-        order[d0], order[d1] = order[d1], order[d0]
-    elif node.target == "t":
-        order = [1, 0] if ndim == 2 else [0]
+        order[d0 % ndim], order[d1 % ndim] = order[d1 % ndim], order[d0 % ndim]
+    elif node.target == "t" or (node.target is getattr and args[0] == "T"):
+        order = list(range(ndim))[::-1]  # .t() is .T for 2-D tensors, a no-op below
+    elif node.target is getattr:  # .mT swaps the last two axes
+        order = list(range(ndim))
+        order[-1], order[-2] = order[-2], order[-1]
     else:
-        dims = node.args[1:] if node.target == "permute" else node.args[1]
+        dims = args if node.target == "permute" else (args[0] if args else ())
+        dims = kw.get("dims", dims)
         if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
             dims = dims[0]
         order = [d % ndim for d in dims]
@@ -322,7 +327,10 @@ def getitem(b: SpaceBuilder, node: torch.fx.Node) -> Info:
         if item is None:
             dst += 1
         elif item is Ellipsis:
-            src, dst = src + ndim - named, dst + ndim - named
+            span = ndim - named
+            if src <= x.axis < src + span:
+                return Feature(dst + x.axis - src, x.layout)
+            src, dst = src + span, dst + span
         elif isinstance(item, slice) or isinstance(item, int):
             full = isinstance(item, slice) and item == slice(None)
             if src == x.axis:
@@ -336,6 +344,19 @@ def getitem(b: SpaceBuilder, node: torch.fx.Node) -> Info:
 
 
 def non_tensor(b: SpaceBuilder, node: torch.fx.Node) -> Info:
+    return None
+
+
+def attribute(b: SpaceBuilder, node: torch.fx.Node) -> Info:
+    """``x.shape``, ``x.dtype`` ... carry no units; ``x.T`` and ``x.mT`` permute axes; any other
+    attribute of a tensor with units is not understood."""
+    name = node.args[1]
+    if name in ("shape", "dtype", "device", "ndim", "is_cuda"):
+        return None
+    if name in ("T", "mT"):
+        return permute(b, node)
+    if isinstance(info_of(b, node.args[0]), (Feature, ParamRef)):
+        raise UnsupportedOpError(f"{where(node)}: attribute '{name}' of a tensor with units")
     return None
 
 
@@ -501,7 +522,7 @@ _REDUCTION = [
     "amin",
     "logsumexp",
 ]
-_NON_TENSOR = [getattr, "size", "dim", "numel"]
+_NON_TENSOR = ["size", "dim", "numel"]
 
 FUNCTION_RULES: dict[object, Rule] = {
     **{t: nonlinearity for t in _NONLINEAR},
@@ -516,6 +537,7 @@ FUNCTION_RULES: dict[object, Rule] = {
     torch.concat: concatenate,
     torch.stack: stack,
     operator.getitem: getitem,
+    getattr: attribute,
 }
 
 

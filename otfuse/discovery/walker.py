@@ -112,6 +112,12 @@ class SpaceBuilder:
     def add_member(
         self, param: str, axis: int, layout: Layout, role: Role, groups: int = 1
     ) -> None:
+        """Record that axis ``axis`` of ``param`` lies in ``layout``. A parameter used twice (a
+        module called twice, a tied weight) indexes the same units each time: the layouts merge."""
+        for known in self.members:
+            if known.param == param and known.axis == axis:
+                self.merge_layouts(known.layout, layout, f"parameter '{param}' used twice")
+                return
         self.members.append(Member(param, axis, layout, role, groups))
         self.params_seen.add(param)
 
