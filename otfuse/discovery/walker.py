@@ -53,6 +53,7 @@ class SpaceBuilder:
         self.fixed: list[bool] = []
         self.groups: list[int] = []
         self.members: list[Member] = []
+        self._member_at: dict[tuple[str, int], Member] = {}  # (param, axis) -> its member
         self.tags: list[tuple[int, str, ActivationKind, int]] = []
         self.info: dict[torch.fx.Node, Info] = {}
         self.params_seen: set[str] = set()
@@ -114,11 +115,12 @@ class SpaceBuilder:
     ) -> None:
         """Record that axis ``axis`` of ``param`` lies in ``layout``. A parameter used twice (a
         module called twice, a tied weight) indexes the same units each time: the layouts merge."""
-        for known in self.members:
-            if known.param == param and known.axis == axis:
-                self.merge_layouts(known.layout, layout, f"parameter '{param}' used twice")
-                return
-        self.members.append(Member(param, axis, layout, role, groups))
+        known = self._member_at.get((param, axis))
+        if known is not None:
+            self.merge_layouts(known.layout, layout, f"parameter '{param}' used twice")
+            return
+        self._member_at[(param, axis)] = member = Member(param, axis, layout, role, groups)
+        self.members.append(member)
         self.params_seen.add(param)
 
     def add_module_members(

@@ -8,7 +8,6 @@ table compares each parent, their prediction ensemble, vanilla averaging and OT 
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
@@ -25,6 +24,7 @@ from otfuse.experiments.common import (
     markdown_table,
     train_parent,
 )
+from otfuse.experiments.report import timed
 
 FUSIONS = [
     ("OT fusion, wts (paper)", {"recipe": "paper-wts"}),
@@ -48,9 +48,8 @@ def fusion_rows(parents, train, test, *, num_samples: int = 400, seed: int = 0) 
 
 
 def timed_row(label: str, make, test) -> Row:
-    start = time.perf_counter()
-    model = make()
-    return evaluate_row(label, model, test, time.perf_counter() - start)
+    model, seconds = timed(make)
+    return evaluate_row(label, model, test, seconds)
 
 
 def main(
