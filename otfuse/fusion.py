@@ -247,8 +247,10 @@ def fuse(
             ``acts`` and repair; a seeded sample of ``num_samples`` of them is used.
         example_input: an input the models accept, for tracing (default: from ``data`` or the
             model's ``otfuse_config``).
-        repair: statistics repair on the sample: ``none``, ``bn`` (recompute BatchNorm statistics)
-            or ``repair`` (BatchNorm reset, then REPAIR rescaling of every layer).
+        repair: statistics repair on the sample: ``none``, ``bn`` (recompute BatchNorm statistics),
+            ``repair`` (BatchNorm reset, then REPAIR rescaling of every layer) or ``refit``
+            (``repair``, then a least-squares refit of every Linear/Conv layer to the aligned
+            parents' average outputs; :mod:`otfuse.refit`).
         refine: after the greedy pass, re-solve each space against all its weights (weight matching
             with OT plans) until no plan changes, at most ``max_sweeps`` sweeps.
         outgoing: ``average`` (paper) or ``sum``: how the outgoing weights of units merged across

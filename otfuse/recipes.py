@@ -2,9 +2,10 @@
 
 * ``paper-wts`` / ``paper-acts``: Singh & Jaggi's one-shot OT fusion, data-free or from activations.
 * ``data-free``: the best recipe measured here without data (see the README's recipe table).
-* ``data``: the best recipe measured here given a few hundred unlabeled inputs: statistics repair,
-  and the alignment (weights, correlation of pre-activations, or post-activations) whose fused model
-  is closest to the parents' prediction ensemble on those inputs (no labels needed).
+* ``data``: the best recipe measured here given a few hundred unlabeled inputs: the alignment
+  (weights, correlation of pre-activations, or post-activations) whose fused model is closest to the
+  parents' prediction ensemble on those inputs (no labels needed), then statistics repair and a
+  layer-wise least-squares refit to the aligned parents' average outputs (``repair="refit"``).
 
 ``fuse`` uses ``data`` when it is given inputs and ``data-free`` otherwise; any option passed
 explicitly overrides the recipe's value.
@@ -26,7 +27,7 @@ BASE: dict[str, Any] = {
     "num_samples": 200,  # size of the activation / repair sample
     "seed": 0,  # seed of that sample
     "outgoing": "average",  # outgoing weights of merged units: average (paper) or sum (keeps scale)
-    "repair": "none",  # none, bn, repair
+    "repair": "none",  # none, bn, repair, refit
     "refine": False,  # weight-matching refinement of every plan
     "to_average": False,  # K > 2: align to the running average
     "max_sweeps": 10,  # refinement sweeps / averaging rounds at most
@@ -40,7 +41,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "data": {
         "mode": "acts",
         "cost": "correlation",
-        "repair": "repair",
+        "repair": "refit",
         "num_samples": 400,
         # fuse once per candidate, keep the one closest to the parents' ensemble on the sample
         "select": (

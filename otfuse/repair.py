@@ -4,6 +4,8 @@ Averaging aligned units shrinks the spread of their activations layer after laye
 BatchNorm statistics no longer describe the fused model. Two remedies, on a sample of inputs:
 
 * ``bn``: recompute the running statistics of every BatchNorm layer of the fused model.
+* ``refit``: ``repair``, then a layer-wise least-squares refit of every Linear/Conv layer to the
+  aligned parents' average outputs (:mod:`otfuse.refit`).
 * ``repair``: for every layer output whose units lie plainly on one axis (a Linear or Conv output, or
   the normalisation layer that directly follows it), make each fused unit's mean and standard
   deviation over the sample match the weighted average of the parents' aligned units,
@@ -32,9 +34,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from otfuse.discovery import SpaceGraph, discover
 from otfuse.errors import OtfuseError
+from otfuse.refit import refit_layers
 
-RepairName = Literal["none", "bn", "repair"]
-REPAIRS: tuple[str, ...] = ("none", "bn", "repair")
+RepairName = Literal["none", "bn", "repair", "refit"]
+REPAIRS: tuple[str, ...] = ("none", "bn", "repair", "refit")
 _NORMS = (_BatchNorm, nn.LayerNorm, nn.GroupNorm)
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -203,8 +206,8 @@ def apply_repair(
     inputs: torch.Tensor | None,
     example_input: torch.Tensor | tuple,
 ) -> nn.Module:
-    """Dispatch on ``kind``: ``none``, ``bn`` (BatchNorm reset) or ``repair`` (BatchNorm reset, then
-    REPAIR rescaling)."""
+    """Dispatch on ``kind``: ``none``, ``bn`` (BatchNorm reset), ``repair`` (BatchNorm reset, then
+    REPAIR rescaling) or ``refit`` (``repair``, then :func:`otfuse.refit.refit_layers`)."""
     if kind not in REPAIRS:
         raise OtfuseError(f"unknown repair '{kind}'; choose one of {', '.join(REPAIRS)}")
     if kind == "none":
@@ -212,6 +215,8 @@ def apply_repair(
     if inputs is None:
         raise OtfuseError(f"repair='{kind}' needs data: pass data=<inputs>")
     reset_batchnorm(fused, inputs)
-    if kind == "repair":
+    if kind in ("repair", "refit"):
         repair_statistics(fused, parents, weights, inputs, example_input)
+    if kind == "refit":
+        refit_layers(fused, parents, weights, inputs, example_input)
     return fused

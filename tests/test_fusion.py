@@ -225,7 +225,9 @@ def test_defaults_follow_the_recipes():
     assert chosen["recipe"] == "data" and chosen["repair"] != "none"
     scores = chosen["selection_kl"]
     assert len(scores) == 3 and scores[chosen["selected"]] == min(scores.values())
-    assert otfuse.fuse([model, model], data=data_for("resnet"), mode="acts").settings["select"] is None
+    assert (
+        otfuse.fuse([model, model], data=data_for("resnet"), mode="acts").settings["select"] is None
+    )
     overridden = otfuse.fuse([model, model], data=data_for("resnet"), repair="none", mode="wts")
     assert overridden.settings["repair"] == "none" and overridden.settings["mode"] == "wts"
     with pytest.raises(OtfuseError, match="unknown recipe"):

@@ -64,6 +64,8 @@ METHODS = [
     ),
     Method("+ REPAIR (wts)", {"recipe": "paper-wts", "repair": "repair"}, uses_data=True),
     Method("+ REPAIR (acts)", {"recipe": "paper-acts", "repair": "repair"}, uses_data=True),
+    Method("+ refit (wts)", {"recipe": "paper-wts", "repair": "refit"}, uses_data=True),
+    Method("+ refit (acts)", {"recipe": "paper-acts", "repair": "refit"}, uses_data=True),
     Method("recipe: data-free", {"recipe": "data-free"}),
     Method("recipe: data", {"recipe": "data"}, uses_data=True),
 ]

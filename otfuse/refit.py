@@ -1,0 +1,272 @@
+"""Layer-wise least-squares refit of a fused model to its aligned parents' average outputs.
+
+REPAIR matches two numbers per unit (mean and spread). Refit matches the whole layer: going through
+the fused model in graph order, each Linear / Conv layer's weight :math:`W` and bias :math:`b` are
+re-solved so that, on the inputs :math:`X` (rows: samples x positions) that the *fused* model feeds
+it, the layer reproduces the weighted average :math:`Z = \\sum_k w_k Z_k` of the aligned parents'
+outputs of the same layer (which the alignment has put in the same unit order):
+
+.. math::
+
+    \\min_{W, b}\\; \\lVert X W^\\top + \\mathbf{1} b^\\top - Z \\rVert_F^2
+        + \\lambda \\lVert W - W_0 \\rVert_F^2,
+    \\qquad \\lambda = \\rho \\, \\operatorname{tr}(X_c^\\top X_c) / d,
+
+a ridge regression towards the averaged weights :math:`W_0` (:math:`X_c`: centred inputs, ``d``
+input features, ``rho`` the relative ridge). It is a closed-form solve per layer on unlabeled
+inputs, with no labels and no gradient steps; each layer is fitted on the outputs of the layers
+already refitted, so errors do not accumulate. A layer followed only by a BatchNorm (eval mode, an
+affine map per unit) is fitted to the parents' *normalised* outputs through that map, and a shift
+that the layer cannot hold (no bias) goes to the BatchNorm's bias. The architecture never changes.
+
+The idea of merging linear layers by regression on their inputs' statistics is RegMean (Jin et al.,
+"Dataless Knowledge Fusion by Merging Weights of Language Models", 2023); here it follows the
+alignment and is fitted sequentially on the fused model's own inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from otfuse.discovery import discover
+
+_FITTABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+@dataclass(frozen=True)
+class FitPoint:
+    """A layer that refit re-solves, and the traced node whose output is its target.
+
+    Attributes:
+        node: name of the layer's traced node.
+        module: qualified name of the layer.
+        target: node whose output is matched (the layer itself, or the BatchNorm that follows it).
+        norm: qualified name of that BatchNorm, or None.
+    """
+
+    node: str
+    module: str
+    target: str
+    norm: str | None
+
+
+def fit_points(gm: torch.fx.GraphModule) -> list[FitPoint]:
+    """Linear, Conv1d and Conv2d layers (ungrouped, zero padding, called once, parameters not shared)
+    in graph order."""
+    modules = dict(gm.named_modules())
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    owners: dict[int, int] = {}
+    for module in modules.values():
+        for p in module.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    points = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or calls[node.target] > 1:
+            continue
+        module = modules[node.target]
+        if not _fittable(module) or any(owners[id(p)] > 1 for p in module.parameters()):
+            continue
+        norm = _following_batchnorm(node, modules, calls)
+        target = next(iter(node.users)).name if norm else node.name
+        points.append(FitPoint(node.name, node.target, target, norm))
+    return points
+
+
+def _fittable(module: nn.Module) -> bool:
+    if not isinstance(module, _FITTABLE):
+        return False
+    if isinstance(module, nn.Linear):
+        return True
+    return (
+        module.groups == 1
+        and module.padding_mode == "zeros"
+        and not isinstance(module.padding, str)
+    )
+
+
+def _following_batchnorm(node: torch.fx.Node, modules: dict, calls: dict) -> str | None:
+    users = list(node.users)
+    if len(users) != 1 or users[0].op != "call_module" or calls[users[0].target] > 1:
+        return None
+    norm = modules[users[0].target]
+    if isinstance(norm, _BatchNorm) and norm.track_running_stats and norm.affine:
+        return users[0].target
+    return None
+
+
+def layer_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer's input as regression rows (samples x positions, d): patches for a convolution.
+
+    Row order matches :func:`output_rows` of the layer's output.
+    """
+    if isinstance(module, nn.Linear):
+        return x.reshape(-1, x.shape[-1])
+    if isinstance(module, nn.Conv1d):
+        x = x.unsqueeze(-1)
+        kernel, dilation = (module.kernel_size[0], 1), (module.dilation[0], 1)
+        padding, stride = (module.padding[0], 0), (module.stride[0], 1)
+    else:
+        kernel, dilation, padding, stride = (
+            module.kernel_size,
+            module.dilation,
+            module.padding,
+            module.stride,
+        )
+    patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+    return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+
+
+def output_rows(module: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """A layer's output (or its BatchNorm's) as rows (samples x positions, units)."""
+    if isinstance(module, nn.Linear):
+        return y.reshape(-1, y.shape[-1])
+    return y.movedim(1, -1).reshape(-1, y.shape[1])
+
+
+def solve_layer(
+    x: torch.Tensor, z: torch.Tensor, w0: torch.Tensor, *, intercept: bool, ridge: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Ridge regression of ``z`` (rows, out) on ``x`` (rows, d) towards ``w0`` (out, d).
+
+    Returns the weight (out, d) and, with ``intercept``, the bias (out,), in float64.
+    """
+    x, z, w0 = x.double(), z.double(), w0.double()
+    x_mean = x.mean(0) if intercept else torch.zeros(x.shape[1], dtype=x.dtype)
+    z_mean = z.mean(0) if intercept else torch.zeros(z.shape[1], dtype=z.dtype)
+    xc, zc = x - x_mean, z - z_mean
+    gram = xc.T @ xc
+    lam = ridge * gram.diagonal().sum() / gram.shape[0] + 1e-12
+    gram.diagonal().add_(lam)
+    weight = torch.linalg.solve(gram, xc.T @ zc + lam * w0.T).T
+    bias = z_mean - weight @ x_mean if intercept else None
+    return weight, bias
+
+
+class _TargetRecorder(torch.fx.Interpreter):
+    """Runs an aligned parent and accumulates ``weight`` times its rows at every target node."""
+
+    def __init__(self, gm, points, rows: dict[str, torch.Tensor], sums: dict, weight: float):
+        super().__init__(gm)
+        self.points = {p.target: p for p in points}
+        self.modules = dict(gm.named_modules())
+        self.rows, self.sums, self.weight = rows, sums, weight
+
+    def run_node(self, n: torch.fx.Node):
+        out = super().run_node(n)
+        point = self.points.get(n.name)
+        if point is not None:
+            rows = output_rows(self.modules[point.module], out.detach())[self.rows[point.node]]
+            previous = self.sums.get(point.node)
+            scaled = self.weight * rows.double()
+            self.sums[point.node] = scaled if previous is None else previous + scaled
+        return out
+
+
+class _Refitter(torch.fx.Interpreter):
+    """Runs the fused model once, re-solving each fit point's layer on the inputs it receives."""
+
+    def __init__(self, gm, points, targets, rows, ridge: float) -> None:
+        super().__init__(gm)
+        self.points = {p.node: p for p in points}
+        self.modules = dict(gm.named_modules())
+        self.targets, self.rows, self.ridge = targets, rows, ridge
+
+    def run_node(self, n: torch.fx.Node):
+        point = self.points.get(n.name)
+        if point is not None:
+            args, _ = self.fetch_args_kwargs_from_env(n)
+            self._refit(point, args[0])
+        return super().run_node(n)
+
+    def _refit(self, point: FitPoint, x: torch.Tensor) -> None:
+        layer = self.modules[point.module]
+        rows = self.rows[point.node]
+        inputs = layer_rows(layer, x)[rows]
+        target = self.targets[point.node]
+        norm = self.modules[point.norm] if point.norm else None
+        scale = shift = None
+        if norm is not None:  # fit the layer's output through the BatchNorm's affine map
+            scale = norm.weight.double() / (norm.running_var.double() + norm.eps).sqrt()
+            shift = norm.bias.double() - scale * norm.running_mean.double()
+            usable = scale.abs() > 1e-6 * scale.abs().max().clamp_min(1e-30)
+            current = inputs.double() @ layer.weight.reshape(layer.weight.shape[0], -1).T.double()
+            if layer.bias is not None:
+                current = current + layer.bias.double()
+            target = torch.where(usable, (target - shift) / scale.where(usable, 1.0), current)
+        has_bias = layer.bias is not None
+        w0 = layer.weight.reshape(layer.weight.shape[0], -1)
+        weight, bias = solve_layer(
+            inputs, target, w0, intercept=has_bias or norm is not None, ridge=self.ridge
+        )
+        layer.weight.copy_(weight.reshape(layer.weight.shape).to(layer.weight.dtype))
+        if has_bias:
+            layer.bias.copy_(bias.to(layer.bias.dtype))
+        elif bias is not None:  # no bias in the layer: the BatchNorm's bias takes the shift
+            norm.bias.add_((scale * bias).to(norm.bias.dtype))
+
+
+def _row_choice(count: int, max_rows: int, generator: torch.Generator) -> torch.Tensor:
+    if count <= max_rows:
+        return torch.arange(count)
+    return torch.randperm(count, generator=generator)[:max_rows].sort().values
+
+
+def _row_counts(gm: torch.fx.GraphModule, points, inputs: torch.Tensor) -> dict[str, int]:
+    """Number of regression rows at each fit point, from one run of the fused model."""
+    modules = dict(gm.named_modules())
+    counts: dict[str, int] = {}
+    names = {p.node: p for p in points}
+
+    class _Counter(torch.fx.Interpreter):
+        def run_node(self, n):
+            if n.name in names:
+                args, _ = self.fetch_args_kwargs_from_env(n)
+                counts[n.name] = len(layer_rows(modules[names[n.name].module], args[0]))
+            return super().run_node(n)
+
+    _Counter(gm).run(inputs)
+    return counts
+
+
+def refit_layers(
+    fused: nn.Module,
+    parents: Sequence[nn.Module],
+    weights: Sequence[float],
+    inputs: torch.Tensor,
+    example_input: torch.Tensor | tuple,
+    *,
+    ridge: float = 1e-2,
+    max_rows: int = 32768,
+    seed: int = 0,
+) -> nn.Module:
+    """Refit every fittable layer of ``fused`` to the weighted average of the aligned ``parents``'
+    outputs on ``inputs`` (N, ...), in graph order (see the module's docstring).
+
+    ``parents`` must already be aligned to the fused model's widths and unit order. At most
+    ``max_rows`` seeded rows (samples x positions) per layer enter each regression. Modifies
+    ``fused`` in place and returns it (eval mode).
+    """
+    gm = discover(fused, example_input).graph_module.eval()
+    points = fit_points(gm)
+    if not points:
+        return fused.eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        counts = _row_counts(gm, points, inputs)
+        rows = {p.node: _row_choice(counts[p.node], max_rows, generator) for p in points}
+        sums: dict[str, torch.Tensor] = {}
+        for parent, w in zip(parents, weights):
+            parent_gm = discover(parent, example_input).graph_module.eval()
+            _TargetRecorder(parent_gm, points, rows, sums, w).run(inputs)
+        _Refitter(gm, points, sums, rows, ridge).run(inputs)
+    return fused.eval()

@@ -1,0 +1,82 @@
+"""Layer-wise least-squares refit (repair="refit")."""
+
+import pytest
+import torch
+from helpers import fuse, max_state_diff
+from models import FIXTURES, build, example
+
+import otfuse
+from otfuse.discovery import discover
+from otfuse.refit import fit_points, refit_layers, solve_layer
+from otfuse.repair import reset_batchnorm
+
+# every parameterised layer of these fixtures is refitted, so one teacher can be reproduced exactly
+EXACT = [name for name in FIXTURES if name != "depthwise"]
+
+
+def sample(name, n=160, seed=21):
+    return example(name, n=n, seed=seed)
+
+
+def outputs(model, x):
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+def test_solve_layer_recovers_a_linear_map():
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(500, 7), torch.randn(3, 7), torch.randn(3)
+    w, b = solve_layer(x, x @ weight.T + bias, torch.zeros(3, 7), intercept=True, ridge=1e-9)
+    torch.testing.assert_close(w.float(), weight, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(b.float(), bias, atol=1e-5, rtol=1e-5)
+
+
+def test_solve_layer_keeps_the_start_where_the_inputs_say_nothing():
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(200, 2), torch.zeros(200, 1)], dim=1)  # third feature never varies
+    w0 = torch.randn(4, 3)
+    w, _ = solve_layer(x, torch.randn(200, 4), w0, intercept=True, ridge=1e-3)
+    torch.testing.assert_close(w[:, 2].float(), w0[:, 2])
+
+
+@pytest.mark.parametrize("name", EXACT)
+def test_refit_to_one_teacher_reproduces_it(name):
+    student, teacher, x = build(name, seed=1), build(name, seed=0), sample(name)
+    assert (outputs(student, x) - outputs(teacher, x)).abs().max() > 0.1
+    refit_layers(student, [teacher], [1.0], x, x[:2], ridge=1e-9)
+    fresh = sample(name, n=32, seed=5)  # the fit is exact, not just on its sample
+    torch.testing.assert_close(
+        outputs(student, fresh), outputs(teacher, fresh), atol=1e-3, rtol=1e-3
+    )
+
+
+def test_layers_it_cannot_refit_are_left_alone():
+    gm = discover(build("depthwise"), example("depthwise")).graph_module
+    fitted = {p.module for p in fit_points(gm)}
+    assert fitted == {"stem", "pointwise", "head"}  # not the depthwise or grouped convolutions
+
+
+@pytest.mark.parametrize("name", list(FIXTURES))
+def test_refit_brings_the_fused_model_closer_to_the_parents_average(name):
+    anchor, other, x = build(name, seed=0), build(name, seed=1), sample(name)
+    aligned = otfuse.align(other, anchor, example_input=x[:2])
+    target = 0.5 * (outputs(anchor, x) + outputs(aligned, x))
+    errors = {}
+    for repair in ("repair", "refit"):
+        fused = fuse([anchor, other], data=x, repair=repair, example_input=x[:2]).model
+        errors[repair] = float((outputs(fused, x) - target).pow(2).mean())
+    assert errors["refit"] < 0.5 * errors["repair"]
+
+
+@pytest.mark.parametrize("name", list(FIXTURES))
+def test_refitting_the_fusion_of_a_model_with_itself_changes_nothing(name):
+    model, x = build(name), sample(name)
+    reset_batchnorm(model, x, batch_size=len(x))
+    result = fuse([model, model], data=x, repair="refit", example_input=x[:2])
+    assert max_state_diff(result.model, model) < 1e-3
+
+
+def test_refit_is_the_data_recipe_default():
+    model, x = build("mlp"), sample("mlp")
+    result = otfuse.fuse([model, build("mlp", seed=1)], data=x, example_input=x[:2])
+    assert result.settings["repair"] == "refit"
