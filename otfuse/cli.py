@@ -74,7 +74,7 @@ from otfuse.transport import SolverName
 
 PROG = "otfuse"
 ALIGN_OPTIONS = ALIGN_FIELDS
-RECIPE_OPTIONS = (*ALIGN_OPTIONS, "repair", "refine", "to_average", "max_sweeps")
+RECIPE_OPTIONS = (*ALIGN_OPTIONS, "repair", "refine", "to_average", "max_sweeps", "synthesize")
 FUSE_OPTIONS = ("recipe", *RECIPE_OPTIONS, "weights", "anchor")
 NOT_IN_CONFIG = {"help", "config", "print_config", "force", "quiet", "json", "handler", "parser"}
 
@@ -262,6 +262,13 @@ def _add_fuse(commands) -> None:
         help="K > 2: align every model to the running average",
     )
     g.add_argument("--max-sweeps", type=parse_positive_int, default=None, help="for the two above")
+    g.add_argument(
+        "--synthesize",
+        type=parse_count,
+        default=None,
+        metavar="N",
+        help="without --data, BatchNorm models: synthesise N inputs from their statistics (0: off)",
+    )
     p.add_argument(
         "--eval",
         action=argparse.BooleanOptionalAction,
@@ -361,6 +368,16 @@ def parse_positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def parse_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
     return value
 
 

@@ -28,6 +28,7 @@ from otfuse.errors import DataError, OtfuseError
 from otfuse.recipes import resolve
 from otfuse.refinement import align_to_average, refine_plans
 from otfuse.repair import REPAIRS, RepairName, apply_repair
+from otfuse.synthesis import can_synthesize, synthesize_inputs
 from otfuse.transport import SolverName, TransportPlan
 
 StateDict = dict[str, torch.Tensor]
@@ -227,6 +228,7 @@ def fuse(
     refine: bool | None = None,
     to_average: bool | None = None,
     max_sweeps: int | None = None,
+    synthesize: int | None = None,
     progress: bool = False,
 ) -> FusionResult:
     """Fuse K >= 2 models of one architecture family into one model of the anchor's architecture.
@@ -258,15 +260,16 @@ def fuse(
         progress: show a progress bar over the models being aligned.
         to_average: for K > 2, re-align every model to the running average of the aligned models
             (at most ``max_sweeps`` rounds) instead of to the anchor alone.
+        synthesize: without ``data``, when every model has BatchNorm running statistics: synthesise
+            this many inputs from those statistics (:mod:`otfuse.synthesis`) and fuse with the
+            ``data`` recipe's options on them (0: never; the ``data-free`` recipe uses 256).
 
     Returns:
         A :class:`FusionResult`; ``result.model`` is a plain ``nn.Module`` whose ``state_dict`` loads into
         the anchor's class without otfuse; ``result.settings`` holds every option used.
     """
     start = time.perf_counter()
-    settings = resolve(
-        recipe,
-        data is not None,
+    overrides = dict(
         mode=mode,
         solver=solver,
         cost=cost,
@@ -280,11 +283,34 @@ def fuse(
         refine=refine,
         to_average=to_average,
         max_sweeps=max_sweeps,
+        synthesize=synthesize,
     )
+    settings = resolve(recipe, data is not None, **overrides)
+    if data is None and settings["synthesize"] and can_synthesize(check_models(models)):
+        data, settings = _synthetic_data(models, example_input, settings, overrides, progress)
     request = _Request(models, weights, anchor, data, example_input, progress, start)
     if settings.get("select") and data is not None:
         return _fuse_selected(request, settings)
     return _fuse_with(request, settings)
+
+
+def _synthetic_data(
+    models: Sequence[nn.Module],
+    example_input: torch.Tensor | tuple | None,
+    settings: dict,
+    overrides: dict,
+    progress: bool,
+) -> tuple[torch.Tensor, dict]:
+    """Inputs synthesised from the models' BatchNorm statistics, and the ``data`` recipe's options
+    (with the caller's overrides) to fuse on them; the recipe's name is kept."""
+    n = settings["synthesize"]
+    example = resolve_example_input(models[0], example_input, None)
+    inputs = synthesize_inputs(
+        models, example, num_samples=n, seed=settings["seed"], progress=progress
+    )
+    data_settings = resolve("data", True, **overrides)
+    data_settings.update(recipe=settings["recipe"], synthesize=n, num_samples=n, data="synthesized")
+    return inputs, data_settings
 
 
 @dataclass

@@ -1,7 +1,9 @@
 """Named sets of fusion options ("recipes") and how :func:`otfuse.fuse` resolves its defaults.
 
 * ``paper-wts`` / ``paper-acts``: Singh & Jaggi's one-shot OT fusion, data-free or from activations.
-* ``data-free``: the best recipe measured here without data (see the README's recipe table).
+* ``data-free``: the best recipe measured here without data (see the README's recipe table):
+  weight-matching refinement (and alignment to the average for K > 2); for models with BatchNorm,
+  256 inputs synthesised from the parents' BatchNorm statistics, then the ``data`` recipe on them.
 * ``data``: the best recipe measured here given a few hundred unlabeled inputs: the alignment
   (weights, correlation of pre-activations, or post-activations) whose fused model is closest to the
   parents' prediction ensemble on those inputs (no labels needed), then statistics repair and a
@@ -32,12 +34,13 @@ BASE: dict[str, Any] = {
     "to_average": False,  # K > 2: align to the running average
     "max_sweeps": 10,  # refinement sweeps / averaging rounds at most
     "select": None,  # candidate alignments to choose from with data (recipes only)
+    "synthesize": 0,  # no data, BatchNorm models: inputs synthesised from their statistics
 }
 
 RECIPES: dict[str, dict[str, Any]] = {
     "paper-wts": {},
     "paper-acts": {"mode": "acts"},
-    "data-free": {"refine": True, "to_average": True},
+    "data-free": {"refine": True, "to_average": True, "synthesize": 256},
     "data": {
         "mode": "acts",
         "cost": "correlation",

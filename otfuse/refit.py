@@ -167,7 +167,7 @@ class _TargetRecorder(torch.fx.Interpreter):
         if point is not None:
             rows = output_rows(self.modules[point.module], out.detach())[self.rows[point.node]]
             previous = self.sums.get(point.node)
-            scaled = self.weight * rows.double()
+            scaled = self.weight * rows.float()
             self.sums[point.node] = scaled if previous is None else previous + scaled
         return out
 

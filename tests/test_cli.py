@@ -136,6 +136,7 @@ FAILURES = {
     "anchor out of range": (["fuse", "a.safetensors", "b.safetensors", "--anchor", "2"], 2, ["anchor"]),
     "unknown option": (["fuse", "a.safetensors", "b.safetensors", "--bogus"], 2, ["--bogus"]),
     "unknown choice": (["fuse", "a.safetensors", "b.safetensors", "--solver", "magic"], 2, ["magic"]),
+    "negative synthesis count": (["fuse", "a.safetensors", "b.safetensors", "--synthesize", "-1"], 2, ["--synthesize", "at least 0"]),
     "unknown zoo name": (["fuse", "a.safetensors", "b.safetensors", "--arch", "resnet9000"], 2, ["resnet9000"]),
     "bad zoo argument": (["fuse", "plain.pt", "plain.pt", "--arch", "mlpnet:depth=3"], 1, ["depth"]),
     "no architecture recorded": (["fuse", "plain.pt", "plain.pt"], 2, ["--arch"]),

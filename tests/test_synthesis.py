@@ -1,0 +1,85 @@
+"""Inputs synthesised from BatchNorm statistics (data-free repair and refit)."""
+
+import pytest
+import torch
+from models import build, example
+
+import otfuse
+from otfuse.errors import OtfuseError
+from otfuse.repair import reset_batchnorm
+from otfuse.synthesis import (
+    can_synthesize,
+    statistics_loss,
+    synthesize_inputs,
+    tracked_batchnorms,
+)
+
+
+def batch_loss(models, x):
+    seen = []
+    hooks = [
+        bn.register_forward_pre_hook(lambda mod, args: seen.append((mod, args[0])))
+        for m in models
+        for bn in tracked_batchnorms(m)
+    ]
+    with torch.no_grad():
+        for m in models:
+            m.eval()(x)
+    for h in hooks:
+        h.remove()
+    return float(statistics_loss(seen))
+
+
+def trained_like(name, seeds=(0, 1)):
+    """Fixture models whose BatchNorm statistics were computed on one input distribution, as
+    after training (the fixtures' own statistics are random and need not be reachable)."""
+    data = 2.0 * example(name, n=256, seed=9) + 1.0
+    return [reset_batchnorm(build(name, seed=s), data) for s in seeds]
+
+
+@pytest.mark.parametrize("name", ["vgg", "resnet"])
+def test_synthesized_inputs_match_the_batchnorm_statistics(name):
+    models, x = trained_like(name), example(name)
+    noise = torch.randn(64, *x.shape[1:], generator=torch.Generator().manual_seed(0))
+    synthetic = synthesize_inputs(models, x, num_samples=64, steps=150)
+    assert synthetic.shape == noise.shape
+    assert batch_loss(models, synthetic) < 0.1 * batch_loss(models, noise)
+
+
+def test_synthesis_leaves_the_models_as_they_were():
+    model = build("resnet").train()
+    model.fc.weight.requires_grad_(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    synthesize_inputs([model], example("resnet"), num_samples=8, steps=3)
+    assert model.training and not model.fc.weight.requires_grad
+    assert model.conv1.weight.requires_grad
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_synthesis_is_seeded():
+    models, x = [build("resnet")], example("resnet")
+    first = synthesize_inputs(models, x, num_samples=8, steps=5, seed=3)
+    assert torch.equal(first, synthesize_inputs(models, x, num_samples=8, steps=5, seed=3))
+    assert not torch.equal(first, synthesize_inputs(models, x, num_samples=8, steps=5, seed=4))
+
+
+def test_models_without_batchnorm_statistics_cannot_be_synthesised_from():
+    models = [build("mlp"), build("resnet")]
+    assert not can_synthesize(models)
+    with pytest.raises(OtfuseError, match="BatchNorm running statistics"):
+        synthesize_inputs(models, example("mlp"))
+    with pytest.raises(OtfuseError, match="one floating-point tensor"):
+        synthesize_inputs([build("resnet")], (example("resnet"),))
+
+
+def test_data_free_recipe_synthesises_for_batchnorm_models_only():
+    x = example("resnet")
+    resnets = [build("resnet", seed=0), build("resnet", seed=1)]
+    result = otfuse.fuse(resnets, example_input=x, synthesize=32)
+    assert result.settings["recipe"] == "data-free" and result.settings["data"] == "synthesized"
+    assert result.settings["repair"] == "refit" and result.settings["num_samples"] == 32
+    off = otfuse.fuse(resnets, example_input=x, synthesize=0)
+    assert "data" not in off.settings and off.settings["repair"] == "none"
+    mlps = otfuse.fuse([build("mlp"), build("mlp", seed=1)], example_input=example("mlp"))
+    assert "data" not in mlps.settings and mlps.settings["refine"]
