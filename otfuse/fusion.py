@@ -26,7 +26,7 @@ from otfuse.cost import CostName, MarginalName
 from otfuse.discovery import SpaceGraph, discover
 from otfuse.errors import DataError, OtfuseError
 from otfuse.recipes import resolve
-from otfuse.refinement import align_to_average, refine_plans
+from otfuse.refinement import align_to_average, apply_plans, refine_plans
 from otfuse.repair import REPAIRS, RepairName, apply_repair
 from otfuse.synthesis import can_synthesize, synthesize_inputs
 from otfuse.transport import SolverName, TransportPlan
@@ -365,7 +365,8 @@ def _fuse_with(request: _Request, settings: dict) -> FusionResult:
     )
     aligned_at = time.perf_counter()
     if settings["repair"] != "none":
-        parents = [build_model(prepared.models[anchor], s) for s in aligned]
+        targets = _function_preserving(prepared, anchor, aligned, plans, settings["outgoing"])
+        parents = [build_model(prepared.models[anchor], s) for s in targets]
         apply_repair(settings["repair"], fused, parents, w, prepared.sample, prepared.example_input)
     end = time.perf_counter()
     timings = {"align_and_average": aligned_at - request.start, "repair": end - aligned_at}
@@ -381,6 +382,33 @@ def _fuse_with(request: _Request, settings: dict) -> FusionResult:
         logs,
         dict(settings),
     )
+
+
+def _function_preserving(
+    prepared: Prepared,
+    anchor: int,
+    aligned: list[StateDict],
+    plans: list[dict[str, TransportPlan]],
+    outgoing: str,
+) -> list[StateDict]:
+    """The aligned models as repair and refit targets: models that compute what the parents compute.
+
+    Across widths, the paper's averaging rule for outgoing weights scales a split or merged unit's
+    contribution to the next layer, so the aligned state no longer computes its model's function;
+    transporting with ``outgoing="sum"`` by the same plans does (exactly for duplicated units).
+    With equal widths (permutations) the two rules agree and ``aligned`` is returned as it is.
+    """
+    sizes_a = prepared.graphs[anchor].sizes
+    if outgoing == "sum" or all(g.sizes == sizes_a for g in prepared.graphs):
+        return aligned
+    targets = []
+    for i, (state, graph) in enumerate(zip(prepared.states, prepared.graphs)):
+        if i == anchor:
+            targets.append(aligned[i])
+            continue
+        by_index = {s.index: plans[i][s.name] for s in graph.transportable()}
+        targets.append(apply_plans(state, graph, sizes_a, by_index, outgoing="sum")[0])
+    return targets
 
 
 def _fuse_selected(request: _Request, settings: dict) -> FusionResult:
