@@ -267,7 +267,7 @@ def _add_fuse(commands) -> None:
         type=parse_count,
         default=None,
         metavar="N",
-        help="without --data, BatchNorm models: synthesise N inputs from their statistics (0: off)",
+        help="without --data: synthesise N inputs from the models themselves (0: off)",
     )
     p.add_argument(
         "--eval",

@@ -260,9 +260,10 @@ def fuse(
         progress: show a progress bar over the models being aligned.
         to_average: for K > 2, re-align every model to the running average of the aligned models
             (at most ``max_sweeps`` rounds) instead of to the anchor alone.
-        synthesize: without ``data``, when every model has BatchNorm running statistics: synthesise
-            this many inputs from those statistics (:mod:`otfuse.synthesis`) and fuse with the
-            ``data`` recipe's options on them (0: never; the ``data-free`` recipe uses 256).
+        synthesize: without ``data``, when the models have BatchNorm running statistics or output
+            class scores: synthesise this many inputs from the models themselves
+            (:mod:`otfuse.synthesis`) and fuse with the ``data`` recipe's options on them (0: never;
+            the ``data-free`` recipe uses 256).
 
     Returns:
         A :class:`FusionResult`; ``result.model`` is a plain ``nn.Module`` whose ``state_dict`` loads into
@@ -286,12 +287,21 @@ def fuse(
         synthesize=synthesize,
     )
     settings = resolve(recipe, data is not None, **overrides)
-    if data is None and settings["synthesize"] and can_synthesize(check_models(models)):
+    if data is None and settings["synthesize"] and _synthesis_applies(models, example_input):
         data, settings = _synthetic_data(models, example_input, settings, overrides, progress)
     request = _Request(models, weights, anchor, data, example_input, progress, start)
     if settings.get("select") and data is not None:
         return _fuse_selected(request, settings)
     return _fuse_with(request, settings)
+
+
+def _synthesis_applies(models: Sequence[nn.Module], example_input: object) -> bool:
+    models = check_models(models)
+    try:
+        example = resolve_example_input(models[0], example_input, None)
+    except OtfuseError:
+        return False  # prepare() reports the missing example input
+    return can_synthesize(models, example)
 
 
 def _synthetic_data(

@@ -1,9 +1,10 @@
 """Named sets of fusion options ("recipes") and how :func:`otfuse.fuse` resolves its defaults.
 
 * ``paper-wts`` / ``paper-acts``: Singh & Jaggi's one-shot OT fusion, data-free or from activations.
-* ``data-free``: the best recipe measured here without data (see the README's recipe table):
-  weight-matching refinement (and alignment to the average for K > 2); for models with BatchNorm,
-  256 inputs synthesised from the parents' BatchNorm statistics, then the ``data`` recipe on them.
+* ``data-free``: the best recipe measured here without data (see the README's recipe table): 256
+  inputs synthesised from the parents (their BatchNorm statistics, or the classes they recognise),
+  then the ``data`` recipe on them; for models where neither applies, weight-matching refinement
+  (and alignment to the average for K > 2).
 * ``data``: the best recipe measured here given a few hundred unlabeled inputs: the alignment
   (weights, correlation of pre-activations, or post-activations) whose fused model is closest to the
   parents' prediction ensemble on those inputs (no labels needed), then statistics repair and a
@@ -34,7 +35,7 @@ BASE: dict[str, Any] = {
     "to_average": False,  # K > 2: align to the running average
     "max_sweeps": 10,  # refinement sweeps / averaging rounds at most
     "select": None,  # candidate alignments to choose from with data (recipes only)
-    "synthesize": 0,  # no data, BatchNorm models: inputs synthesised from their statistics
+    "synthesize": 0,  # without data: inputs synthesised from the models (BatchNorm stats, classes)
 }
 
 RECIPES: dict[str, dict[str, Any]] = {

@@ -1,22 +1,26 @@
-"""Inputs synthesised from the parents' BatchNorm statistics, for data-free repair and refit.
+"""Inputs synthesised from the parents themselves, for data-free repair and refit.
 
-A BatchNorm layer's running mean :math:`\\mu_\\ell` and variance :math:`\\sigma^2_\\ell` record what its
-inputs looked like on the training data. Starting from Gaussian noise, a batch :math:`x` (N, ...) is
-optimised (Adam) so that, in every parent, each BatchNorm layer sees batch statistics that match
-its running ones:
+A trained model carries two traces of its data that need no data to read: its BatchNorm layers'
+running means :math:`\mu_\ell` and variances :math:`\sigma^2_\ell` describe what their inputs looked
+like, and its classifier knows what each class looks like. Starting from Gaussian noise, a batch
+:math:`x` (N, ...) with assigned classes :math:`y_i = i \bmod C` is optimised (Adam) so that every
+parent :math:`k` sees batch statistics that match its running ones and recognises the classes:
 
 .. math::
 
-    \\mathcal{L}(x) = \\frac{1}{L}\\sum_{k,\\ell}
-        \\frac{\\lVert \\hat\\mu_{k\\ell}(x) - \\mu_{k\\ell} \\rVert^2}{\\sum \\sigma^2_{k\\ell}}
-      + \\frac{\\lVert \\hat\\sigma^2_{k\\ell}(x) - \\sigma^2_{k\\ell} \\rVert^2}
-             {\\sum \\sigma^4_{k\\ell}}
-      + \\tau \\, \\mathrm{TV}(x),
+    \mathcal{L}(x) = \frac{1}{L}\sum_{k,\ell}\Big(
+        \frac{\lVert \hat\mu_{k\ell}(x) - \mu_{k\ell} \rVert^2}{\sum \sigma^2_{k\ell}}
+      + \frac{\lVert \hat\sigma^2_{k\ell}(x) - \sigma^2_{k\ell} \rVert^2}
+             {\sum \sigma^4_{k\ell}}\Big)
+      + \sum_k \mathrm{CE}(f_k(x), y)
+      + \tau \, \mathrm{TV}(x) + \alpha \, \overline{x^2}.
 
-where TV, the mean squared difference of neighbouring pixels, is used for image batches
-(N, C, H, W) only. No data is read: the batch stands in for an unlabeled sample when none is given.
-The idea is that of DeepInversion (Yin et al., "Dreaming to Distill", CVPR 2020), without its
-teacher-student and class terms.
+The statistics term is used when the models have BatchNorm running statistics; otherwise, when they
+output class scores (N, C), the class term (with BatchNorm statistics the class term made fused
+ResNets worse here, 80.0% against 84.3%); TV, the mean squared difference of neighbouring pixels,
+only for image batches (N, C, H, W). No data is read: the batch stands in for an unlabeled sample when none
+is given. This is the idea of DeepInversion (Yin et al., "Dreaming to Distill", CVPR 2020), without
+its teacher-student term.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm.auto import tqdm
@@ -40,9 +45,28 @@ def tracked_batchnorms(model: nn.Module) -> list[_BatchNorm]:
     ]
 
 
-def can_synthesize(models: Sequence[nn.Module]) -> bool:
-    """True when every model has BatchNorm running statistics to synthesise inputs from."""
-    return all(tracked_batchnorms(m) for m in models)
+def class_count(model: nn.Module, example_input: torch.Tensor) -> int:
+    """C when ``model`` maps ``example_input`` to class scores (N, C) with C >= 2, else 0."""
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            out = model.eval()(example_input)
+    except Exception:  # noqa: BLE001 - any failure means: not a plain classifier on this input
+        return 0
+    finally:
+        model.train(was_training)
+    shaped = isinstance(out, torch.Tensor) and out.ndim == 2 and out.shape[1] >= 2
+    return int(out.shape[1]) if shaped else 0
+
+
+def can_synthesize(models: Sequence[nn.Module], example_input: object) -> bool:
+    """True when inputs can be synthesised for ``models``: one floating-point input tensor, and
+    BatchNorm running statistics in every model or class scores from every model."""
+    if not isinstance(example_input, torch.Tensor) or not example_input.is_floating_point():
+        return False
+    with_stats = all(tracked_batchnorms(m) for m in models)
+    classes = {class_count(m, example_input) for m in models}
+    return with_stats or (len(classes) == 1 and 0 not in classes)
 
 
 def statistics_loss(values: Sequence[tuple[_BatchNorm, torch.Tensor]]) -> torch.Tensor:
@@ -74,27 +98,32 @@ def synthesize_inputs(
     steps: int = 200,
     lr: float = 0.1,
     smoothness: float = 0.05,
+    prior: float = 0.01,
     seed: int = 0,
     progress: bool = False,
 ) -> torch.Tensor:
-    """A batch (num_samples, ...) shaped like ``example_input``'s rows whose BatchNorm statistics in
-    every model match the running statistics (see the module's docstring).
+    """A batch (num_samples, ...) shaped like ``example_input``'s rows, optimised as the module's
+    docstring says (statistics term with BatchNorm, class term for classifiers).
 
     The models are run in eval mode and are not modified (parameters, modes and gradient flags are
-    restored). Raises :class:`OtfuseError` when a model has no BatchNorm running statistics.
+    restored). Raises :class:`OtfuseError` when neither term applies.
     """
-    if not isinstance(example_input, torch.Tensor) or not example_input.is_floating_point():
-        raise OtfuseError("input synthesis needs models that take one floating-point tensor")
-    if not can_synthesize(models):
-        raise OtfuseError("input synthesis needs BatchNorm running statistics in every model")
+    if not can_synthesize(models, example_input):
+        raise OtfuseError(
+            "input synthesis needs models that take one floating-point tensor and have BatchNorm "
+            "running statistics or output class scores (N, C)"
+        )
+    use_stats = all(tracked_batchnorms(m) for m in models)
+    classes = 0 if use_stats else class_count(models[0], example_input)
     generator = torch.Generator().manual_seed(seed)
     shape = (num_samples, *example_input.shape[1:])
     x = torch.randn(shape, generator=generator, dtype=example_input.dtype).requires_grad_(True)
+    labels = torch.arange(num_samples) % classes if classes else None
     optimizer = torch.optim.Adam([x], lr=lr)
     seen: list[tuple[_BatchNorm, torch.Tensor]] = []
     hooks = [
         norm.register_forward_pre_hook(lambda mod, args: seen.append((mod, args[0])))
-        for model in models
+        for model in (models if use_stats else [])
         for norm in tracked_batchnorms(model)
     ]
     saved = _freeze(models)
@@ -103,9 +132,11 @@ def synthesize_inputs(
             for _ in tqdm(range(steps), desc="synthesise", disable=not progress, leave=False):
                 seen.clear()
                 optimizer.zero_grad()
-                for model in models:
-                    model(x)
+                outputs = [model(x) for model in models]
                 loss = statistics_loss(seen) + smoothness * total_variation(x)
+                loss = loss + prior * x.pow(2).mean()
+                if labels is not None:
+                    loss = loss + sum(F.cross_entropy(o, labels) for o in outputs)
                 loss.backward()
                 optimizer.step()
     finally:

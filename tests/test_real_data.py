@@ -88,20 +88,22 @@ def test_data_recipe_repairs_statistics_on_real_data(parents, fashion):
     assert abs(h_repaired - h_parent) < abs(h_plain - h_parent)
 
 
-def test_data_free_fusion_of_batchnorm_nets_synthesises_what_it_needs(fashion):
-    """BatchNorm convnets trained here: the paper's data-free fusion keeps averaged statistics that
-    no longer fit; inputs synthesised from those statistics (no data read) rescue it."""
+@pytest.mark.parametrize("batch_norm", [True, False])
+def test_data_free_fusion_of_conv_nets_synthesises_what_it_needs(fashion, batch_norm):
+    """Convnets trained here: with BatchNorm, the paper's data-free fusion keeps averaged statistics
+    that no longer fit; inputs synthesised from the parents (no data read) rescue it."""
     train_set, _ = fashion
     models = []
     for seed in (0, 1):
         torch.manual_seed(seed)
-        model = zoo.create("convnet", width=0.5, batch_norm=True, in_shape=(1, 28, 28))
+        model = zoo.create("convnet", width=0.5, batch_norm=batch_norm, in_shape=(1, 28, 28))
         train(model, train_set, TrainConfig(epochs=1, lr=0.05, seed=seed), progress=False)
         models.append(model.eval())
     example_input = torch.zeros(2, 1, 28, 28)
-    paper = accuracy(
-        otfuse.fuse(models, recipe="paper-wts", example_input=example_input).model, fashion
-    )
+    paper = otfuse.fuse(models, recipe="paper-wts", example_input=example_input).model
     result = otfuse.fuse(models, example_input=example_input, synthesize=64)
     assert result.settings["data"] == "synthesized"
-    assert accuracy(result.model, fashion) > paper + 10
+    if batch_norm:
+        assert accuracy(result.model, fashion) > accuracy(paper, fashion) + 10
+    else:  # the paper's fusion is already near these shallow parents: no loss
+        assert accuracy(result.model, fashion) > accuracy(paper, fashion) - 1

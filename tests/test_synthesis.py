@@ -3,6 +3,7 @@
 import pytest
 import torch
 from models import build, example
+from torch import nn
 
 import otfuse
 from otfuse.errors import OtfuseError
@@ -64,16 +65,31 @@ def test_synthesis_is_seeded():
     assert not torch.equal(first, synthesize_inputs(models, x, num_samples=8, steps=5, seed=4))
 
 
-def test_models_without_batchnorm_statistics_cannot_be_synthesised_from():
-    models = [build("mlp"), build("resnet")]
-    assert not can_synthesize(models)
-    with pytest.raises(OtfuseError, match="BatchNorm running statistics"):
-        synthesize_inputs(models, example("mlp"))
-    with pytest.raises(OtfuseError, match="one floating-point tensor"):
-        synthesize_inputs([build("resnet")], (example("resnet"),))
+def test_classifiers_get_inputs_they_recognise_as_the_assigned_classes():
+    models = [build("mlp", seed=0)]  # no BatchNorm: the class term
+    x = example("mlp")
+    synthetic = synthesize_inputs(models, x, num_samples=50)
+    noise = torch.randn(synthetic.shape, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(50) % 5
+    for model in models:
+        with torch.no_grad():
+            assert (model(synthetic).argmax(1) == labels).float().mean() > 0.95
+            assert (model(noise).argmax(1) == labels).float().mean() < 0.5
 
 
-def test_data_free_recipe_synthesises_for_batchnorm_models_only():
+def test_models_with_nothing_to_synthesise_from_are_refused():
+    torch.manual_seed(0)
+    regressors = [nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 1)) for _ in range(2)]
+    x = torch.randn(4, 6)
+    assert not can_synthesize(regressors, x)
+    with pytest.raises(OtfuseError, match="BatchNorm running statistics or output class scores"):
+        synthesize_inputs(regressors, x)
+    assert not can_synthesize([build("resnet")], (example("resnet"),))
+    assert not can_synthesize([build("mlp")], example("mlp").long())
+    assert can_synthesize([build("mlp"), build("resnet")], example("resnet")) is False
+
+
+def test_data_free_recipe_synthesises_when_it_can():
     x = example("resnet")
     resnets = [build("resnet", seed=0), build("resnet", seed=1)]
     result = otfuse.fuse(resnets, example_input=x, synthesize=32)
@@ -82,4 +98,8 @@ def test_data_free_recipe_synthesises_for_batchnorm_models_only():
     off = otfuse.fuse(resnets, example_input=x, synthesize=0)
     assert "data" not in off.settings and off.settings["repair"] == "none"
     mlps = otfuse.fuse([build("mlp"), build("mlp", seed=1)], example_input=example("mlp"))
-    assert "data" not in mlps.settings and mlps.settings["refine"]
+    assert mlps.settings["data"] == "synthesized"
+    torch.manual_seed(0)
+    regressors = [nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 1)) for _ in range(2)]
+    plain = otfuse.fuse(regressors, example_input=torch.randn(4, 6))
+    assert "data" not in plain.settings and plain.settings["refine"]
