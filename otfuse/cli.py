@@ -760,6 +760,11 @@ def config_yaml(config: Mapping[str, Any]) -> str:
     if left:
         text += f"# not given, so otfuse.fuse takes them from recipe '{settings['recipe']}':\n"
         text += "".join(f"#   {name}: {json.dumps(settings[name])}\n" for name in left)
+    if settings["synthesize"] and "data" not in config:
+        text += (
+            f"# without data, models with BatchNorm or class outputs get {settings['synthesize']} "
+            "synthesised inputs and the data recipe's options\n"
+        )
     return text.rstrip("\n")
 
 

@@ -366,6 +366,7 @@ def test_print_config_merges_config_and_flags_and_reads_back(work, monkeypatch, 
         "weights": [1.0, 3.0],
     }
     assert "# not given, so otfuse.fuse takes them from recipe 'data-free'" in out
+    assert "get 256 synthesised inputs and the data recipe's options" in out
     (work / "printed.yaml").write_text(out)  # what it prints is a config it reads back
     again = call_ok(work, monkeypatch, capsys, "fuse", "--config", "printed.yaml", "--print-config")
     assert again == out

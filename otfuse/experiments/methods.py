@@ -7,7 +7,7 @@ data (activation-based alignment, statistics repair).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -30,9 +30,26 @@ class Method:
             return False
         return not (self.many_only and len(parents) < 3)
 
-    def build(self, parents: Sequence[nn.Module], sample: torch.Tensor) -> nn.Module:
+    def build(
+        self, parents: Sequence[nn.Module], sample: torch.Tensor, *, quick: bool = False
+    ) -> nn.Module:
         data = sample if self.uses_data else None
-        return otfuse.fuse(parents, data=data, example_input=sample[:2], **self.options).model
+        options = run_options(self.options, quick)
+        return otfuse.fuse(parents, data=data, example_input=sample[:2], **options).model
+
+
+QUICK_SYNTHESIZE = (
+    32  # --quick: inputs that fusion without data synthesises (full runs: the recipe's)
+)
+
+
+def run_options(options: Mapping[str, object], quick: bool) -> dict:
+    """``options`` of :func:`otfuse.fuse` in a run: quick runs synthesise fewer inputs for the
+    data-free recipe (the full runs use the recipe's own number)."""
+    options = dict(options)
+    if quick and options.get("recipe") == "data-free":
+        options.setdefault("synthesize", QUICK_SYNTHESIZE)
+    return options
 
 
 def has_batchnorm(model: nn.Module) -> bool:

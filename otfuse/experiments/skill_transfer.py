@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 import otfuse
 from otfuse.data import Dataset, load_dataset, sample_inputs, split_special_class
 from otfuse.experiments.common import QUICK_TRAIN_EXAMPLES, ParentSpec, parent_specs, train_parent
+from otfuse.experiments.methods import run_options
 from otfuse.experiments.plots import (
     Panel,
     Series,
@@ -71,7 +72,7 @@ def score(model: nn.Module, test: Dataset, special_test: Dataset, seconds: float
 
 
 def fused_model(
-    label: str, parents: list[nn.Module], w_a: float, sample: torch.Tensor
+    label: str, parents: list[nn.Module], w_a: float, sample: torch.Tensor, quick: bool = False
 ) -> tuple[nn.Module, float]:
     """The model of method ``label`` at weight ``w_a`` on A, and the seconds it took to build."""
     weights = [w_a, 1.0 - w_a]
@@ -81,7 +82,7 @@ def fused_model(
     elif label == "prediction ensemble":
         model = otfuse.ensemble(parents, weights)
     else:
-        options = OT_METHODS[label]
+        options = run_options(OT_METHODS[label], quick)
         data = sample if options["recipe"] == "data" else None
         model = otfuse.fuse(
             parents, weights=weights, anchor=0, data=data, example_input=sample[:2], **options
@@ -98,6 +99,7 @@ def sweep(
     *,
     progress: bool = True,
     desc: str = "sweep",
+    quick: bool = False,
 ) -> dict[str, list[dict]]:
     """Method label -> one entry per weight:
     ``{"w_a", "accuracy", "special_accuracy", "seconds"}``."""
@@ -105,7 +107,7 @@ def sweep(
     series: dict[str, list[dict]] = {label: [] for label in labels}
     jobs = [(w, label) for w in weights_a for label in labels]
     for w_a, label in tqdm(jobs, desc=desc, disable=not progress, leave=False):
-        model, seconds = fused_model(label, parents, w_a, sample)
+        model, seconds = fused_model(label, parents, w_a, sample, quick)
         series[label].append({"w_a": w_a, **asdict(score(model, test, special_test, seconds))})
     return series
 
@@ -124,6 +126,7 @@ def run_arch(
     weights_a: tuple[float, ...],
     *,
     progress: bool = True,
+    quick: bool = False,
 ) -> dict:
     """Train (or load) A and B of ``spec``, score them and their ensemble, and sweep the fusions."""
     data_a, data_b = split_data(train, special)
@@ -145,7 +148,14 @@ def run_arch(
         "examples": {"A": len(data_a), "B": len(data_b), "special test": len(special_test)},
         "parents": {label: asdict(s) for label, s in scores.items()},
         "sweep": sweep(
-            parents, weights_a, sample, test, special_test, progress=progress, desc=spec.arch
+            parents,
+            weights_a,
+            sample,
+            test,
+            special_test,
+            progress=progress,
+            desc=spec.arch,
+            quick=quick,
         ),
     }
 
@@ -179,7 +189,15 @@ def run(
         train = train.subset(torch.arange(QUICK_TRAIN_EXAMPLES))
     weights_a = QUICK_WEIGHTS if quick else FULL_WEIGHTS
     models = {
-        arch: run_arch(parent_spec(arch, quick), train, test, special, weights_a, progress=progress)
+        arch: run_arch(
+            parent_spec(arch, quick),
+            train,
+            test,
+            special,
+            weights_a,
+            progress=progress,
+            quick=quick,
+        )
         for arch in archs
     }
     results = {

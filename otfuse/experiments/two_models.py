@@ -87,6 +87,7 @@ class Data:
     test: Dataset
     sample: torch.Tensor  # (sample_size, C, H, W) unlabeled training inputs for fusion
     finetune: Dataset
+    quick: bool = False  # a --quick run (fewer synthesised inputs for data-free fusion)
 
 
 def _first(dataset: Dataset, n: int | None) -> Dataset:
@@ -98,7 +99,7 @@ def load_data(budget: Budget, data_dir: str | Path | None) -> Data:
     train = _first(load_dataset("fashion-mnist", "train", data_dir), budget.train_examples)
     test = _first(load_dataset("fashion-mnist", "test", data_dir), budget.test_examples)
     sample = sample_inputs(train, budget.sample_size, budget.sample_seed)
-    return Data(train, test, sample, _first(train, budget.finetune_examples))
+    return Data(train, test, sample, _first(train, budget.finetune_examples), budget == QUICK)
 
 
 def data_settings(data: Data, budget: Budget) -> dict:
@@ -136,7 +137,9 @@ def one_shot(
         (label, lambda m=model: m) for label, model in baselines(parents).items()
     ]
     jobs += [
-        (m.label, lambda m=m: m.build(parents, data.sample)) for m in METHODS if m.applies(parents)
+        (m.label, lambda m=m: m.build(parents, data.sample, quick=data.quick))
+        for m in METHODS
+        if m.applies(parents)
     ]
     rows, models = [], {}
     for label, make in tqdm(jobs, desc=desc, disable=not progress, leave=False):

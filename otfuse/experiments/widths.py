@@ -43,6 +43,7 @@ from otfuse.experiments.common import (
     parent_specs,
     train_or_load,
 )
+from otfuse.experiments.methods import run_options
 from otfuse.experiments.plots import (
     Panel,
     Series,
@@ -118,7 +119,12 @@ def train_width(
 
 
 def fusion_rows(
-    pair: WidthPair, train: Dataset, test: Dataset, sample: torch.Tensor, progress: bool
+    pair: WidthPair,
+    train: Dataset,
+    test: Dataset,
+    sample: torch.Tensor,
+    progress: bool,
+    quick: bool = False,
 ) -> list[dict]:
     """Parents, ensemble, vanilla averaging (impossible) and OT fusion into either width."""
     wide, sec_w = train_width(pair.spec, pair.wide, 0, train, progress)
@@ -133,7 +139,7 @@ def fusion_rows(
     ]
     jobs = [(label, anchor) for anchor in (0, 1) for label in FUSION_METHODS]
     for label, anchor in tqdm(jobs, desc=pair.spec.arch, disable=not progress, leave=False):
-        options = FUSION_METHODS[label]
+        options = run_options(FUSION_METHODS[label], quick)
         data = sample if options["recipe"] == "data" else None
         start = time.perf_counter()
         fused = otfuse.fuse(
@@ -188,12 +194,14 @@ def vanilla_row(models: list[nn.Module]) -> dict:
 # (b) Compression
 
 
-def compress(method: str, wide: nn.Module, fraction: float, sample: torch.Tensor) -> nn.Module:
+def compress(
+    method: str, wide: nn.Module, fraction: float, sample: torch.Tensor, quick: bool = False
+) -> nn.Module:
     """``wide`` compressed to ``1 - fraction`` of its hidden units by ``method``."""
     pruned = magnitude_prune(wide, fraction)
     if method == "magnitude pruning":
         return pruned
-    options = FUSION_METHODS[method]
+    options = run_options(FUSION_METHODS[method], quick)
     data = sample if options["recipe"] == "data" else None
     return otfuse.fuse(
         [pruned, wide], weights=[0.0, 1.0], anchor=0, data=data, example_input=sample[:2], **options
@@ -207,6 +215,7 @@ def compression(
     sample: torch.Tensor,
     fractions: tuple[float, ...],
     progress: bool,
+    quick: bool = False,
 ) -> dict:
     """Accuracy of each compression method at each fraction removed, one-shot and fine-tuned."""
     wide, seconds = train_width(spec, spec.arch_kwargs.get("width", 1.0), 0, train, progress)
@@ -214,7 +223,7 @@ def compression(
     jobs = [(f, m) for f in fractions for m in COMPRESSION_METHODS]
     for fraction, method in tqdm(jobs, desc="compression", disable=not progress, leave=False):
         start = time.perf_counter()
-        model = compress(method, wide, fraction, sample)
+        model = compress(method, wide, fraction, sample, quick)
         build = time.perf_counter() - start
         tuned = finetune(model, train, FINETUNE, progress=False).model
         series[method].append(
@@ -264,7 +273,7 @@ def run(
             "widths": {"wide": pair.wide, "narrow": pair.narrow},
             "epochs": pair.spec.epochs,
             "lr": pair.spec.lr,
-            "rows": fusion_rows(pair, train, test, sample, progress),
+            "rows": fusion_rows(pair, train, test, sample, progress, quick),
         }
     fractions = QUICK_FRACTIONS if quick else FULL_FRACTIONS
     results = {
@@ -275,7 +284,9 @@ def run(
         "test_examples": len(test),
         "torch_threads": torch.get_num_threads(),
         "different_widths": different,
-        "compression": compression(mlp_spec(quick), train, test, sample, fractions, progress),
+        "compression": compression(
+            mlp_spec(quick), train, test, sample, fractions, progress, quick
+        ),
         "seconds": time.perf_counter() - start,
     }
     write_outputs(Path(out), results)
