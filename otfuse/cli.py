@@ -862,8 +862,9 @@ def fuse_text(loaded: Sequence[Loaded], result, metadata: Mapping, out: Path) ->
     s = metadata["settings"]
     weights = ", ".join(f"{w:.3g}" for w in s["weights"])
     options = ", ".join(f"{k} {s[k]}" for k in RECIPE_OPTIONS if k in s)
+    on = f" on {s['synthesize']} synthesised inputs" if s.get("data") == "synthesized" else ""
     lines = [
-        f"fused {len(loaded)} models in {result.seconds:.2f} s with recipe {s.get('recipe')}: "
+        f"fused {len(loaded)} models in {result.seconds:.2f} s with recipe {s.get('recipe')}{on}: "
         f"{options}",
         f"anchor {loaded[result.anchor].name}, weights {weights}",
         "transport cost per neuron space (model -> anchor):",
