@@ -361,24 +361,22 @@ def parse_weights(text: str) -> list[float]:
     return weights
 
 
-def parse_positive_int(text: str) -> int:
+def _parse_int(text: str, minimum: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
     return value
+
+
+def parse_positive_int(text: str) -> int:
+    return _parse_int(text, 1)
 
 
 def parse_count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
-    return value
+    return _parse_int(text, 0)
 
 
 def parse_positive_float(text: str) -> float:

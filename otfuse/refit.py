@@ -34,6 +34,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils import parametrize
 
 from otfuse.discovery import discover
 
@@ -83,7 +84,11 @@ def fit_points(gm: torch.fx.GraphModule) -> list[FitPoint]:
 
 
 def _fittable(module: nn.Module) -> bool:
-    if not isinstance(module, _FITTABLE):
+    if not isinstance(module, _FITTABLE) or parametrize.is_parametrized(module):
+        return False
+    if not isinstance(module.weight, nn.Parameter):  # e.g. computed by weight_norm's hook
+        return False
+    if module.bias is not None and not isinstance(module.bias, nn.Parameter):
         return False
     if isinstance(module, nn.Linear):
         return True
@@ -124,6 +129,25 @@ def layer_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         )
     patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
     return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+
+
+def selected_rows(
+    module: nn.Module, x: torch.Tensor, rows: torch.Tensor, *, budget: int = 1 << 25
+) -> torch.Tensor:
+    """``layer_rows(module, x)[rows]`` (``rows`` sorted), unfolding at most about ``budget``
+    elements at a time, so that large inputs need not be unfolded whole."""
+    if isinstance(module, nn.Linear):
+        return layer_rows(module, x)[rows]
+    per_sample = layer_rows(module, x[:1]).numel()
+    chunk = max(1, budget // max(per_sample, 1))
+    rows_per_sample = per_sample // module.weight[0].numel()
+    parts = []
+    for start in range(0, len(x), chunk):
+        first, last = start * rows_per_sample, (start + chunk) * rows_per_sample
+        inside = rows[(rows >= first) & (rows < last)] - first
+        if len(inside):
+            parts.append(layer_rows(module, x[start : start + chunk])[inside])
+    return torch.cat(parts)
 
 
 def output_rows(module: nn.Module, y: torch.Tensor) -> torch.Tensor:
@@ -191,7 +215,7 @@ class _Refitter(torch.fx.Interpreter):
     def _refit(self, point: FitPoint, x: torch.Tensor) -> None:
         layer = self.modules[point.module]
         rows = self.rows[point.node]
-        inputs = layer_rows(layer, x)[rows]
+        inputs = selected_rows(layer, x, rows)
         target = self.targets[point.node]
         norm = self.modules[point.norm] if point.norm else None
         scale = shift = None
@@ -222,17 +246,17 @@ def _row_choice(count: int, max_rows: int, generator: torch.Generator) -> torch.
 
 
 def _row_counts(gm: torch.fx.GraphModule, points, inputs: torch.Tensor) -> dict[str, int]:
-    """Number of regression rows at each fit point, from one run of the fused model."""
+    """Number of regression rows (samples x positions) at each fit point, from one run."""
     modules = dict(gm.named_modules())
     counts: dict[str, int] = {}
     names = {p.node: p for p in points}
 
     class _Counter(torch.fx.Interpreter):
         def run_node(self, n):
+            out = super().run_node(n)
             if n.name in names:
-                args, _ = self.fetch_args_kwargs_from_env(n)
-                counts[n.name] = len(layer_rows(modules[names[n.name].module], args[0]))
-            return super().run_node(n)
+                counts[n.name] = len(output_rows(modules[names[n.name].module], out))
+            return out
 
     _Counter(gm).run(inputs)
     return counts

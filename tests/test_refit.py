@@ -7,7 +7,7 @@ from models import FIXTURES, build, example
 
 import otfuse
 from otfuse.discovery import discover
-from otfuse.refit import fit_points, refit_layers, solve_layer
+from otfuse.refit import fit_points, layer_rows, refit_layers, selected_rows, solve_layer
 from otfuse.repair import reset_batchnorm
 
 # every parameterised layer of these fixtures is refitted, so one teacher can be reproduced exactly
@@ -80,3 +80,17 @@ def test_refit_is_the_data_recipe_default():
     model, x = build("mlp"), sample("mlp")
     result = otfuse.fuse([model, build("mlp", seed=1)], data=x, example_input=x[:2])
     assert result.settings["repair"] == "refit"
+
+
+def test_rows_are_the_same_when_unfolded_in_chunks():
+    conv, x = torch.nn.Conv2d(3, 4, 3, stride=2, padding=1), torch.randn(7, 3, 9, 9)
+    full = layer_rows(conv, x)
+    rows = torch.randperm(len(full), generator=torch.Generator().manual_seed(0))[:50].sort().values
+    torch.testing.assert_close(selected_rows(conv, x, rows, budget=100), full[rows])
+
+
+def test_layers_whose_weights_are_computed_are_not_refitted():
+    model = build("mlp")
+    torch.nn.utils.parametrizations.weight_norm(model.fc2)
+    gm = discover(model, example("mlp")).graph_module
+    assert "fc2" not in {p.module for p in fit_points(gm)}
