@@ -37,6 +37,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
 from otfuse.discovery import discover
+from otfuse.modes import evaluating
 
 _FITTABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
@@ -95,7 +96,7 @@ def _fittable(module: nn.Module) -> bool:
     return (
         module.groups == 1
         and module.padding_mode == "zeros"
-        and not isinstance(module.padding, str)
+        and module.padding != "same"  # "valid" is no padding; "same" can pad unevenly
     )
 
 
@@ -116,17 +117,13 @@ def layer_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """
     if isinstance(module, nn.Linear):
         return x.reshape(-1, x.shape[-1])
+    padding = (0,) * len(module.kernel_size) if module.padding == "valid" else module.padding
     if isinstance(module, nn.Conv1d):
         x = x.unsqueeze(-1)
         kernel, dilation = (module.kernel_size[0], 1), (module.dilation[0], 1)
-        padding, stride = (module.padding[0], 0), (module.stride[0], 1)
+        padding, stride = (padding[0], 0), (module.stride[0], 1)
     else:
-        kernel, dilation, padding, stride = (
-            module.kernel_size,
-            module.dilation,
-            module.padding,
-            module.stride,
-        )
+        kernel, dilation, stride = module.kernel_size, module.dilation, module.stride
     patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
     return patches.transpose(1, 2).reshape(-1, patches.shape[1])
 
@@ -158,20 +155,30 @@ def output_rows(module: nn.Module, y: torch.Tensor) -> torch.Tensor:
 
 
 def solve_layer(
-    x: torch.Tensor, z: torch.Tensor, w0: torch.Tensor, *, intercept: bool, ridge: float
+    x: torch.Tensor,
+    z: torch.Tensor,
+    w0: torch.Tensor,
+    *,
+    intercept: bool,
+    ridge: float,
+    chunk: int = 4096,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Ridge regression of ``z`` (rows, out) on ``x`` (rows, d) towards ``w0`` (out, d).
 
     Returns the weight (out, d) and, with ``intercept``, the bias (out,), in float64.
     """
-    x, z, w0 = x.double(), z.double(), w0.double()
-    x_mean = x.mean(0) if intercept else torch.zeros(x.shape[1], dtype=x.dtype)
-    z_mean = z.mean(0) if intercept else torch.zeros(z.shape[1], dtype=z.dtype)
-    xc, zc = x - x_mean, z - z_mean
-    gram = xc.T @ xc
+    f64 = torch.float64
+    x_mean = x.mean(0, dtype=f64) if intercept else torch.zeros(x.shape[1], dtype=f64)
+    z_mean = z.mean(0, dtype=f64) if intercept else torch.zeros(z.shape[1], dtype=f64)
+    gram = torch.zeros(x.shape[1], x.shape[1], dtype=f64)
+    cross = torch.zeros(x.shape[1], z.shape[1], dtype=f64)
+    for start in range(0, len(x), chunk):  # X^T X and X^T Z in float64 without a full copy
+        xc = x[start : start + chunk].to(f64) - x_mean
+        gram += xc.T @ xc
+        cross += xc.T @ (z[start : start + chunk].to(f64) - z_mean)
     lam = ridge * gram.diagonal().sum() / gram.shape[0] + 1e-12
     gram.diagonal().add_(lam)
-    weight = torch.linalg.solve(gram, xc.T @ zc + lam * w0.T).T
+    weight = torch.linalg.solve(gram, cross + lam * w0.to(f64).T).T
     bias = z_mean - weight @ x_mean if intercept else None
     return weight, bias
 
@@ -191,7 +198,7 @@ class _TargetRecorder(torch.fx.Interpreter):
         if point is not None:
             rows = output_rows(self.modules[point.module], out.detach())[self.rows[point.node]]
             previous = self.sums.get(point.node)
-            scaled = self.weight * rows.float()
+            scaled = self.weight * rows  # in the model's own precision
             self.sums[point.node] = scaled if previous is None else previous + scaled
         return out
 
@@ -223,9 +230,8 @@ class _Refitter(torch.fx.Interpreter):
             scale = norm.weight.double() / (norm.running_var.double() + norm.eps).sqrt()
             shift = norm.bias.double() - scale * norm.running_mean.double()
             usable = scale.abs() > 1e-6 * scale.abs().max().clamp_min(1e-30)
-            current = inputs.double() @ layer.weight.reshape(layer.weight.shape[0], -1).T.double()
-            if layer.bias is not None:
-                current = current + layer.bias.double()
+            flat = layer.weight.reshape(layer.weight.shape[0], -1)
+            current = F.linear(inputs, flat, layer.bias).double()
             target = torch.where(usable, (target - shift) / scale.where(usable, 1.0), current)
         has_bias = layer.bias is not None
         w0 = layer.weight.reshape(layer.weight.shape[0], -1)
@@ -289,8 +295,9 @@ def refit_layers(
         counts = _row_counts(gm, points, inputs)
         rows = {p.node: _row_choice(counts[p.node], max_rows, generator) for p in points}
         sums: dict[str, torch.Tensor] = {}
-        for parent, w in zip(parents, weights):
-            parent_gm = discover(parent, example_input).graph_module.eval()
-            _TargetRecorder(parent_gm, points, rows, sums, w).run(inputs)
+        with evaluating(parents):
+            for parent, w in zip(parents, weights, strict=True):
+                parent_gm = discover(parent, example_input).graph_module
+                _TargetRecorder(parent_gm, points, rows, sums, w).run(inputs)
         _Refitter(gm, points, sums, rows, ridge).run(inputs)
     return fused.eval()

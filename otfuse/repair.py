@@ -34,6 +34,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from otfuse.discovery import SpaceGraph, discover
 from otfuse.errors import OtfuseError
+from otfuse.modes import evaluating
 from otfuse.refit import refit_layers
 
 RepairName = Literal["none", "bn", "repair", "refit"]
@@ -186,13 +187,12 @@ def repair_statistics(
         return fused
     targets = {p.node: (0.0, 0.0) for p in points}
     with torch.no_grad():
-        for parent, w in zip(parents, weights):
-            recorder = _StatisticsRecorder(
-                discover(parent, example_input).graph_module.eval(), points
-            )
-            recorder.run(inputs)
-            for name, (mean, std) in recorder.stats.items():
-                targets[name] = (targets[name][0] + w * mean, targets[name][1] + w * std)
+        with evaluating(parents):
+            for parent, w in zip(parents, weights, strict=True):
+                recorder = _StatisticsRecorder(discover(parent, example_input).graph_module, points)
+                recorder.run(inputs)
+                for name, (mean, std) in recorder.stats.items():
+                    targets[name] = (targets[name][0] + w * mean, targets[name][1] + w * std)
         params = dict(fused.named_parameters())
         _Repairer(graph.graph_module.eval(), points, targets, params).run(inputs)
     return fused

@@ -34,6 +34,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm.auto import tqdm
 
 from otfuse.errors import OtfuseError
+from otfuse.modes import evaluating
 
 
 def tracked_batchnorms(model: nn.Module) -> list[_BatchNorm]:
@@ -47,14 +48,11 @@ def tracked_batchnorms(model: nn.Module) -> list[_BatchNorm]:
 
 def class_count(model: nn.Module, example_input: torch.Tensor) -> int:
     """C when ``model`` maps ``example_input`` to class scores (N, C) with C >= 2, else 0."""
-    was_training = model.training
     try:
-        with torch.no_grad():
-            out = model.eval()(example_input)
+        with evaluating([model]), torch.no_grad():
+            out = model(example_input)
     except Exception:  # noqa: BLE001 - any failure means: not a plain classifier on this input
         return 0
-    finally:
-        model.train(was_training)
     shaped = isinstance(out, torch.Tensor) and out.ndim == 2 and out.shape[1] >= 2
     return int(out.shape[1]) if shaped else 0
 
@@ -126,9 +124,8 @@ def synthesize_inputs(
         for model in (models if use_stats else [])
         for norm in tracked_batchnorms(model)
     ]
-    saved = _freeze(models)
     try:
-        with torch.enable_grad():
+        with evaluating(models, freeze=True), torch.enable_grad():
             for _ in tqdm(range(steps), desc="synthesise", disable=not progress, leave=False):
                 seen.clear()
                 optimizer.zero_grad()
@@ -142,23 +139,4 @@ def synthesize_inputs(
     finally:
         for hook in hooks:
             hook.remove()
-        _restore(models, saved)
     return x.detach()
-
-
-def _freeze(models: Sequence[nn.Module]) -> list[tuple[bool, list[bool]]]:
-    saved = []
-    for model in models:
-        params = list(model.parameters())
-        saved.append((model.training, [p.requires_grad for p in params]))
-        for p in params:
-            p.requires_grad_(False)
-        model.eval()
-    return saved
-
-
-def _restore(models: Sequence[nn.Module], saved: list[tuple[bool, list[bool]]]) -> None:
-    for model, (training, flags) in zip(models, saved):
-        for p, flag in zip(model.parameters(), flags):
-            p.requires_grad_(flag)
-        model.train(training)

@@ -94,3 +94,28 @@ def test_layers_whose_weights_are_computed_are_not_refitted():
     torch.nn.utils.parametrizations.weight_norm(model.fc2)
     gm = discover(model, example("mlp")).graph_module
     assert "fc2" not in {p.module for p in fit_points(gm)}
+
+
+def test_parents_come_back_in_their_own_modes():
+    teacher, student, x = build("vgg", seed=0).train(), build("vgg", seed=1), sample("vgg")
+    refit_layers(student, [teacher], [1.0], x, x[:2])
+    assert all(m.training for m in teacher.modules())
+
+
+def test_double_precision_models_are_refitted_in_double_precision():
+    student, teacher = build("vgg", seed=1).double(), build("vgg", seed=0).double()
+    x = sample("vgg").double()
+    refit_layers(student, [teacher], [1.0], x, x[:2], ridge=1e-12)
+    assert (outputs(student, x) - outputs(teacher, x)).abs().max() < 1e-9
+
+
+def test_valid_padding_is_refitted():
+    torch.manual_seed(0)
+    student, teacher = (
+        torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3, padding="valid"), torch.nn.Flatten())
+        for _ in range(2)
+    )
+    x = torch.randn(40, 2, 6, 6)
+    assert fit_points(discover(student, x[:2]).graph_module)
+    refit_layers(student, [teacher], [1.0], x, x[:2], ridge=1e-9)
+    torch.testing.assert_close(outputs(student, x), outputs(teacher, x), atol=1e-4, rtol=1e-4)

@@ -103,3 +103,9 @@ def test_data_free_recipe_synthesises_when_it_can():
     regressors = [nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 1)) for _ in range(2)]
     plain = otfuse.fuse(regressors, example_input=torch.randn(4, 6))
     assert "data" not in plain.settings and plain.settings["refine"]
+
+
+def test_a_model_passed_twice_comes_back_as_it_was():
+    model = build("mlp").train()
+    synthesize_inputs([model, model], example("mlp"), num_samples=4, steps=2)
+    assert model.training and all(p.requires_grad for p in model.parameters())
