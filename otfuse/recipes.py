@@ -73,6 +73,9 @@ def resolve(recipe: str | None, has_data: bool, **overrides: Any) -> dict[str, A
     settings = {**BASE, **RECIPES[recipe], "recipe": recipe}
     given = {k: v for k, v in overrides.items() if v is not None}
     settings.update(given)
+    count = settings["synthesize"]
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise OtfuseError(f"synthesize must be a number of inputs (0 or more), got {count!r}")
     if settings["select"] and set(given) & {k for c in settings["select"] for k in c}:
         settings["select"] = None  # the caller chose the alignment
     return settings

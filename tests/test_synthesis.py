@@ -109,3 +109,11 @@ def test_a_model_passed_twice_comes_back_as_it_was():
     model = build("mlp").train()
     synthesize_inputs([model, model], example("mlp"), num_samples=4, steps=2)
     assert model.training and all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("count", [-1, 2.5, True])
+def test_a_bad_synthesis_count_is_a_clear_error(count):
+    with pytest.raises(OtfuseError, match="synthesize must be a number of inputs"):
+        otfuse.fuse(
+            [build("mlp"), build("mlp", seed=1)], example_input=example("mlp"), synthesize=count
+        )
