@@ -287,21 +287,12 @@ def fuse(
         synthesize=synthesize,
     )
     settings = resolve(recipe, data is not None, **overrides)
-    if data is None and settings["synthesize"] and _synthesis_applies(models, example_input):
+    if data is None and settings["synthesize"]:
         data, settings = _synthetic_data(models, example_input, settings, overrides, progress)
     request = _Request(models, weights, anchor, data, example_input, progress, start)
     if settings.get("select") and data is not None:
         return _fuse_selected(request, settings)
     return _fuse_with(request, settings)
-
-
-def _synthesis_applies(models: Sequence[nn.Module], example_input: object) -> bool:
-    models = check_models(models)
-    try:
-        example = resolve_example_input(models[0], example_input, None)
-    except OtfuseError:
-        return False  # prepare() reports the missing example input
-    return can_synthesize(models, example)
 
 
 def _synthetic_data(
@@ -310,11 +301,18 @@ def _synthetic_data(
     settings: dict,
     overrides: dict,
     progress: bool,
-) -> tuple[torch.Tensor, dict]:
-    """Inputs synthesised from the models' BatchNorm statistics, and the ``data`` recipe's options
-    (with the caller's overrides) to fuse on them; the recipe's name is kept."""
+) -> tuple[torch.Tensor | None, dict]:
+    """Inputs synthesised from the models (:mod:`otfuse.synthesis`) and the ``data`` recipe's
+    options, with the caller's overrides, to fuse on them (the recipe's name is kept); or None and
+    ``settings`` unchanged when the models allow no synthesis."""
+    models = check_models(models)
+    try:
+        example = resolve_example_input(models[0], example_input, None)
+    except OtfuseError:
+        return None, settings  # prepare() reports the missing example input
+    if not can_synthesize(models, example):
+        return None, settings
     n = settings["synthesize"]
-    example = resolve_example_input(models[0], example_input, None)
     inputs = synthesize_inputs(
         models, example, num_samples=n, seed=settings["seed"], progress=progress
     )
