@@ -58,9 +58,13 @@ def main() -> None:
     if args.json:
         print(json.dumps(result))
         return
-    print(f"fuse {args.models} x VGG11 ({params / 1e6:.2f}M parameters each), paper-wts recipe, solver={args.solver}")
+    print(
+        f"fuse {args.models} x VGG11 ({params / 1e6:.2f}M parameters each), paper-wts recipe, solver={args.solver}"
+    )
     print(f"  cold run: {cold:.3f} s; warm: {summary(times)}")
-    print(f"  peak memory above the loaded models: {peak:.0f} MiB (process RSS with models: {base:.0f} MiB)")
+    print(
+        f"  peak memory above the loaded models: {peak:.0f} MiB (process RSS with models: {base:.0f} MiB)"
+    )
     print(f"  target < 1.5 s: {'met' if result['median_s'] < 1.5 else 'NOT met'}")
 
 

@@ -27,14 +27,18 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for pair in range(args.pairs):
         seeds = (2 * pair, 2 * pair + 1)
-        parents = [train_parent(STANDARD_PARENTS["mlpnet"], train, s, progress=False)[0] for s in seeds]
+        parents = [
+            train_parent(STANDARD_PARENTS["mlpnet"], train, s, progress=False)[0] for s in seeds
+        ]
         acc = [evaluate(p, test).accuracy for p in parents]
         vanilla = evaluate(otfuse.vanilla_average(parents), test).accuracy
         wts = evaluate(otfuse.fuse(parents, recipe="paper-wts").model, test).accuracy
         acts = evaluate(otfuse.fuse(parents, recipe="paper-acts", data=sample).model, test).accuracy
         met = all(ot >= max(acc) - 3 and ot > vanilla + 3 for ot in (wts, acts))
-        print(f"| seeds {seeds} | {acc[0]:.2f} | {acc[1]:.2f} | {vanilla:.2f} | {wts:.2f} | {acts:.2f} | "
-              f"{'met' if met else 'NOT met'} |")
+        print(
+            f"| seeds {seeds} | {acc[0]:.2f} | {acc[1]:.2f} | {vanilla:.2f} | {wts:.2f} | {acts:.2f} | "
+            f"{'met' if met else 'NOT met'} |"
+        )
 
 
 if __name__ == "__main__":
