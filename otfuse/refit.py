@@ -36,7 +36,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
-from otfuse.discovery import discover
+from otfuse.discovery import discover, module_calls
 from otfuse.modes import evaluating
 
 _FITTABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -62,11 +62,7 @@ class FitPoint:
 def fit_points(gm: torch.fx.GraphModule) -> list[FitPoint]:
     """Linear, Conv1d and Conv2d layers (ungrouped, zero padding, called once, parameters not shared)
     in graph order."""
-    modules = dict(gm.named_modules())
-    calls: dict[str, int] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    modules, calls = dict(gm.named_modules()), module_calls(gm)
     owners: dict[int, int] = {}
     for module in modules.values():
         for p in module.parameters(recurse=False):
@@ -184,19 +180,27 @@ def solve_layer(
 
 
 class _TargetRecorder(torch.fx.Interpreter):
-    """Runs an aligned parent and accumulates ``weight`` times its rows at every target node."""
+    """Runs an aligned parent and accumulates ``weight`` times its rows at every target node.
 
-    def __init__(self, gm, points, rows: dict[str, torch.Tensor], sums: dict, weight: float):
+    The first parent run picks each point's seeded rows (``choose(count)``); later runs reuse them.
+    """
+
+    def __init__(
+        self, gm, points, rows: dict[str, torch.Tensor], sums: dict, weight: float, choose
+    ):
         super().__init__(gm)
         self.points = {p.target: p for p in points}
         self.modules = dict(gm.named_modules())
-        self.rows, self.sums, self.weight = rows, sums, weight
+        self.rows, self.sums, self.weight, self.choose = rows, sums, weight, choose
 
     def run_node(self, n: torch.fx.Node):
         out = super().run_node(n)
         point = self.points.get(n.name)
         if point is not None:
-            rows = output_rows(self.modules[point.module], out.detach())[self.rows[point.node]]
+            every = output_rows(self.modules[point.module], out.detach())
+            if point.node not in self.rows:
+                self.rows[point.node] = self.choose(len(every))
+            rows = every[self.rows[point.node]]
             previous = self.sums.get(point.node)
             scaled = self.weight * rows  # in the model's own precision
             self.sums[point.node] = scaled if previous is None else previous + scaled
@@ -251,23 +255,6 @@ def _row_choice(count: int, max_rows: int, generator: torch.Generator) -> torch.
     return torch.randperm(count, generator=generator)[:max_rows].sort().values
 
 
-def _row_counts(gm: torch.fx.GraphModule, points, inputs: torch.Tensor) -> dict[str, int]:
-    """Number of regression rows (samples x positions) at each fit point, from one run."""
-    modules = dict(gm.named_modules())
-    counts: dict[str, int] = {}
-    names = {p.node: p for p in points}
-
-    class _Counter(torch.fx.Interpreter):
-        def run_node(self, n):
-            out = super().run_node(n)
-            if n.name in names:
-                counts[n.name] = len(output_rows(modules[names[n.name].module], out))
-            return out
-
-    _Counter(gm).run(inputs)
-    return counts
-
-
 def refit_layers(
     fused: nn.Module,
     parents: Sequence[nn.Module],
@@ -292,12 +279,12 @@ def refit_layers(
         return fused.eval()
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        counts = _row_counts(gm, points, inputs)
-        rows = {p.node: _row_choice(counts[p.node], max_rows, generator) for p in points}
+        rows: dict[str, torch.Tensor] = {}
         sums: dict[str, torch.Tensor] = {}
+        choose = lambda count: _row_choice(count, max_rows, generator)  # noqa: E731
         with evaluating(parents):
             for parent, w in zip(parents, weights, strict=True):
                 parent_gm = discover(parent, example_input).graph_module
-                _TargetRecorder(parent_gm, points, rows, sums, w).run(inputs)
+                _TargetRecorder(parent_gm, points, rows, sums, w, choose).run(inputs)
         _Refitter(gm, points, sums, rows, ridge).run(inputs)
     return fused.eval()

@@ -32,7 +32,7 @@ import torch.fx
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from otfuse.discovery import SpaceGraph, discover
+from otfuse.discovery import SpaceGraph, discover, module_calls
 from otfuse.errors import OtfuseError
 from otfuse.modes import evaluating
 from otfuse.refit import refit_layers
@@ -92,10 +92,7 @@ def correction_points(graph: SpaceGraph) -> list[CorrectionPoint]:
     gm = graph.graph_module
     modules = dict(gm.named_modules())
     axes = {name: axis for s in graph.spaces if not s.fixed for name, _, axis in s.nodes}
-    points, calls = [], {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    points, calls = [], module_calls(gm)
     for node in gm.graph.nodes:
         # a module called more than once cannot be corrected for each call separately
         if node.op != "call_module" or node.name not in axes or calls[node.target] > 1:

@@ -11,7 +11,16 @@ from otfuse.discovery.rules import info_of, rule_for, where
 from otfuse.discovery.walker import Feature, Info, ParamRef, SpaceBuilder, trace
 from otfuse.errors import UnsupportedOpError
 
-__all__ = ["Layout", "Member", "NeuronSpace", "Segment", "SpaceGraph", "discover"]
+__all__ = ["Layout", "Member", "NeuronSpace", "Segment", "SpaceGraph", "discover", "module_calls"]
+
+
+def module_calls(gm: torch.fx.GraphModule) -> dict[str, int]:
+    """How many times the traced graph calls each submodule (by qualified name)."""
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    return calls
 
 
 def discover(model: nn.Module, example_input: torch.Tensor | tuple) -> SpaceGraph:
