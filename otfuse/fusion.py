@@ -26,7 +26,7 @@ from otfuse.cost import CostName, MarginalName
 from otfuse.discovery import SpaceGraph, discover
 from otfuse.errors import DataError, OtfuseError
 from otfuse.recipes import resolve
-from otfuse.refinement import align_to_average, apply_plans, refine_plans
+from otfuse.refinement import align_to_average, align_to_consensus, apply_plans, refine_plans
 from otfuse.repair import REPAIRS, RepairName, apply_repair
 from otfuse.synthesis import can_synthesize, synthesize_inputs
 from otfuse.transport import SolverName, TransportPlan
@@ -259,7 +259,9 @@ def fuse(
             widths are combined (see :func:`otfuse.alignment.transport_member`).
         progress: show a progress bar over the models being aligned.
         to_average: for K > 2, re-align every model to the running average of the aligned models
-            (at most ``max_sweeps`` rounds) instead of to the anchor alone.
+            (at most ``max_sweeps`` rounds) instead of to the anchor alone: to their averaged
+            weights, or with ``mode="acts"`` to their averaged aligned activations
+            (:func:`otfuse.refinement.align_to_consensus`).
         synthesize: without ``data``, when the models have BatchNorm running statistics or output
             class scores: synthesise this many inputs from the models themselves
             (:mod:`otfuse.synthesis`) and fuse with the ``data`` recipe's options on them (0: never;
@@ -355,7 +357,19 @@ def _fuse_with(request: _Request, settings: dict) -> FusionResult:
     aligned, plans, logs = _align_all(
         prepared, anchor, options, settings["refine"], sweeps, request.progress
     )
-    if settings["to_average"] and k > 2:
+    if settings["to_average"] and k > 2 and prepared.activations is not None:
+        aligned, plans, logs["average"] = align_to_consensus(
+            prepared.states,
+            prepared.graphs,
+            anchor,
+            w,
+            prepared.activations,
+            aligned,
+            plans,
+            options,
+            max_rounds=sweeps,
+        )
+    elif settings["to_average"] and k > 2:
         average = lambda states, ws: average_states(states, ws, prepared.states[anchor])  # noqa: E731
         aligned, plans, logs["average"] = align_to_average(
             prepared.states,

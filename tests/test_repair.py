@@ -109,3 +109,23 @@ def test_alignment_to_the_running_average(name):
     copies = [model] + [permuted(model, x, seed=s)[0] for s in range(3)]
     same = fuse(copies, to_average=True, example_input=x)
     torch.testing.assert_close(same.model(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["mlp", "vgg", "resnet"])
+def test_alignment_to_the_consensus_of_activations(name):
+    """to_average with activations: re-alignment to the average aligned activations of all models
+    never raises the objective, and copies of one model are still aligned exactly."""
+    x = sample(name)
+    options = dict(mode="acts", cost="correlation", repair="none", to_average=True)
+    models = [build(name, seed=s) for s in range(4)]
+    log = fuse(models, data=x, example_input=x[:2], **options).refinement["average"]
+    assert log.changed, "at least one round ran"
+    assert all(b <= a for a, b in zip(log.objective, log.objective[1:]))
+    model = build(name)
+    copies = [permuted(model, x[:2], seed=s) for s in range(3)]
+    same = fuse([model] + [c for c, _ in copies], data=x, example_input=x[:2], **options)
+    assert same.refinement["average"].objective[0] < 1e-5  # the consensus is the model's own
+    for k, (_, planted) in enumerate(copies, start=1):
+        for space, perm in planted.items():
+            np.testing.assert_array_equal(same.plans[k][space].permutation, np.argsort(perm))
+    torch.testing.assert_close(same.model(x), model(x), atol=1e-5, rtol=1e-5)
