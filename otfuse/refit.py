@@ -13,9 +13,10 @@ outputs of the same layer (which the alignment has put in the same unit order):
     \\qquad \\lambda = \\rho \\, \\operatorname{tr}(X_c^\\top X_c) / d,
 
 a ridge regression towards the averaged weights :math:`W_0` (:math:`X_c`: centred inputs, ``d``
-input features, ``rho`` the relative ridge). It is a closed-form solve per layer on unlabeled
-inputs, with no labels and no gradient steps; each layer is fitted on the outputs of the layers
-already refitted, so errors do not accumulate. A layer followed only by a BatchNorm (eval mode, an
+input features, ``rho`` the relative ridge). ``rho`` is chosen per layer among ``RIDGES`` by the
+error on the rows of every fifth input, held out, and the chosen one is then fitted on all rows. It is
+a closed-form solve per layer on unlabeled inputs, with no labels and no gradient steps; each layer is
+fitted on the outputs of the layers already refitted, so errors do not accumulate. A layer followed only by a BatchNorm (eval mode, an
 affine map per unit) is fitted to the parents' *normalised* outputs through that map, and a shift
 that the layer cannot hold (no bias) goes to the BatchNorm's bias. The architecture never changes.
 
@@ -150,6 +151,60 @@ def output_rows(module: nn.Module, y: torch.Tensor) -> torch.Tensor:
     return y.movedim(1, -1).reshape(-1, y.shape[1])
 
 
+RIDGES: tuple[float, ...] = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+
+
+@dataclass
+class Moments:
+    """Sums over regression rows, in float64: enough to solve a ridge regression of ``z`` on ``x``
+    with or without an intercept. ``a + b`` pools the rows of both."""
+
+    count: int
+    sum_x: torch.Tensor  # (d,)
+    sum_z: torch.Tensor  # (out,)
+    xx: torch.Tensor  # (d, d), X^T X
+    xz: torch.Tensor  # (d, out), X^T Z
+
+    @classmethod
+    def of(cls, x: torch.Tensor, z: torch.Tensor, chunk: int = 4096) -> Moments:
+        """The moments of rows ``x`` (rows, d) and ``z`` (rows, out), summed chunk by chunk."""
+        f64 = torch.float64
+        xx = torch.zeros(x.shape[1], x.shape[1], dtype=f64)
+        xz = torch.zeros(x.shape[1], z.shape[1], dtype=f64)
+        for start in range(0, len(x), chunk):  # no float64 copy of all the rows at once
+            xc, zc = x[start : start + chunk].to(f64), z[start : start + chunk].to(f64)
+            xx += xc.T @ xc
+            xz += xc.T @ zc
+        return cls(len(x), x.sum(0, dtype=f64), z.sum(0, dtype=f64), xx, xz)
+
+    def __add__(self, other: Moments) -> Moments:
+        return Moments(
+            self.count + other.count,
+            self.sum_x + other.sum_x,
+            self.sum_z + other.sum_z,
+            self.xx + other.xx,
+            self.xz + other.xz,
+        )
+
+    def solve(
+        self, w0: torch.Tensor, *, intercept: bool, ridge: float
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The ridge solution towards ``w0`` (out, d): the weight (out, d) and, with ``intercept``,
+        the bias (out,); :math:`\\lambda` = ``ridge`` times the mean diagonal of the (centred)
+        Gram matrix."""
+        gram, cross = self.xx.clone(), self.xz
+        x_mean = z_mean = None
+        if intercept:  # centre: X_c^T X_c = X^T X - n x_mean x_mean^T
+            x_mean, z_mean = self.sum_x / self.count, self.sum_z / self.count
+            gram -= self.count * torch.outer(x_mean, x_mean)
+            cross = cross - self.count * torch.outer(x_mean, z_mean)
+        lam = ridge * gram.diagonal().sum() / gram.shape[0] + 1e-12
+        gram.diagonal().add_(lam)
+        weight = torch.linalg.solve(gram, cross + lam * w0.to(torch.float64).T).T
+        bias = z_mean - weight @ x_mean if intercept else None
+        return weight, bias
+
+
 def solve_layer(
     x: torch.Tensor,
     z: torch.Tensor,
@@ -163,20 +218,37 @@ def solve_layer(
 
     Returns the weight (out, d) and, with ``intercept``, the bias (out,), in float64.
     """
-    f64 = torch.float64
-    x_mean = x.mean(0, dtype=f64) if intercept else torch.zeros(x.shape[1], dtype=f64)
-    z_mean = z.mean(0, dtype=f64) if intercept else torch.zeros(z.shape[1], dtype=f64)
-    gram = torch.zeros(x.shape[1], x.shape[1], dtype=f64)
-    cross = torch.zeros(x.shape[1], z.shape[1], dtype=f64)
-    for start in range(0, len(x), chunk):  # X^T X and X^T Z in float64 without a full copy
-        xc = x[start : start + chunk].to(f64) - x_mean
-        gram += xc.T @ xc
-        cross += xc.T @ (z[start : start + chunk].to(f64) - z_mean)
-    lam = ridge * gram.diagonal().sum() / gram.shape[0] + 1e-12
-    gram.diagonal().add_(lam)
-    weight = torch.linalg.solve(gram, cross + lam * w0.to(f64).T).T
-    bias = z_mean - weight @ x_mean if intercept else None
-    return weight, bias
+    return Moments.of(x, z, chunk).solve(w0, intercept=intercept, ridge=ridge)
+
+
+def solve_layer_held_out(
+    x: torch.Tensor,
+    z: torch.Tensor,
+    w0: torch.Tensor,
+    *,
+    intercept: bool,
+    ridges: Sequence[float],
+    held: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """:func:`solve_layer` with the relative ridge chosen among ``ridges`` by held-out error.
+
+    Each candidate is fitted on the rows not ``held`` (a boolean mask over rows) and scored by its
+    squared error on the ``held`` rows; the chosen one is then fitted on all rows. Returns the weight,
+    the bias and the ridge. Without rows on both sides, the middle candidate is used.
+    """
+    ridges = list(ridges)
+    if held.all() or not held.any():
+        ridge = ridges[len(ridges) // 2]
+        return (*solve_layer(x, z, w0, intercept=intercept, ridge=ridge), ridge)
+    fitting, scoring = Moments.of(x[~held], z[~held]), Moments.of(x[held], z[held])
+    x_held, z_held = x[held].double(), z[held].double()
+    errors = []
+    for ridge in ridges:
+        weight, bias = fitting.solve(w0, intercept=intercept, ridge=ridge)
+        prediction = x_held @ weight.T + (bias if bias is not None else 0.0)
+        errors.append(float(((prediction - z_held) ** 2).sum()))
+    ridge = ridges[min(range(len(ridges)), key=errors.__getitem__)]
+    return (*(fitting + scoring).solve(w0, intercept=intercept, ridge=ridge), ridge)
 
 
 class _TargetRecorder(torch.fx.Interpreter):
@@ -192,6 +264,7 @@ class _TargetRecorder(torch.fx.Interpreter):
         self.points = {p.target: p for p in points}
         self.modules = dict(gm.named_modules())
         self.rows, self.sums, self.weight, self.choose = rows, sums, weight, choose
+        self.samples: dict[str, torch.Tensor] = {}
 
     def run_node(self, n: torch.fx.Node):
         out = super().run_node(n)
@@ -200,6 +273,8 @@ class _TargetRecorder(torch.fx.Interpreter):
             every = output_rows(self.modules[point.module], out.detach())
             if point.node not in self.rows:
                 self.rows[point.node] = self.choose(len(every))
+                per_sample = max(1, len(every) // max(1, out.shape[0]))
+                self.samples[point.node] = self.rows[point.node] // per_sample
             rows = every[self.rows[point.node]]
             previous = self.sums.get(point.node)
             scaled = self.weight * rows  # in the model's own precision
@@ -210,11 +285,12 @@ class _TargetRecorder(torch.fx.Interpreter):
 class _Refitter(torch.fx.Interpreter):
     """Runs the fused model once, re-solving each fit point's layer on the inputs it receives."""
 
-    def __init__(self, gm, points, targets, rows, ridge: float) -> None:
+    def __init__(self, gm, points, targets, rows, ridge, samples) -> None:
         super().__init__(gm)
         self.points = {p.node: p for p in points}
         self.modules = dict(gm.named_modules())
-        self.targets, self.rows, self.ridge = targets, rows, ridge
+        self.targets, self.rows, self.ridge, self.samples = targets, rows, ridge, samples
+        self.chosen: dict[str, float] = {}
 
     def run_node(self, n: torch.fx.Node):
         point = self.points.get(n.name)
@@ -239,9 +315,16 @@ class _Refitter(torch.fx.Interpreter):
             target = torch.where(usable, (target - shift) / scale.where(usable, 1.0), current)
         has_bias = layer.bias is not None
         w0 = layer.weight.reshape(layer.weight.shape[0], -1)
-        weight, bias = solve_layer(
-            inputs, target, w0, intercept=has_bias or norm is not None, ridge=self.ridge
-        )
+        intercept = has_bias or norm is not None
+        if isinstance(self.ridge, (int, float)):
+            ridge = self.ridge
+            weight, bias = solve_layer(inputs, target, w0, intercept=intercept, ridge=ridge)
+        else:  # every fifth sample's rows are held out to choose the ridge
+            held = self.samples[point.node] % 5 == 0
+            weight, bias, ridge = solve_layer_held_out(
+                inputs, target, w0, intercept=intercept, ridges=self.ridge, held=held
+            )
+        self.chosen[point.module] = ridge
         layer.weight.copy_(weight.reshape(layer.weight.shape).to(layer.weight.dtype))
         if has_bias:
             layer.bias.copy_(bias.to(layer.bias.dtype))
@@ -262,7 +345,7 @@ def refit_layers(
     inputs: torch.Tensor,
     example_input: torch.Tensor | tuple,
     *,
-    ridge: float = 1e-2,
+    ridge: float | Sequence[float] = RIDGES,
     max_rows: int = 32768,
     seed: int = 0,
 ) -> nn.Module:
@@ -270,7 +353,8 @@ def refit_layers(
     outputs on ``inputs`` (N, ...), in graph order (see the module's docstring).
 
     ``parents`` must already be aligned to the fused model's widths and unit order. At most
-    ``max_rows`` seeded rows (samples x positions) per layer enter each regression. Modifies
+    ``max_rows`` seeded rows (samples x positions) per layer enter each regression. ``ridge``: one
+    relative ridge for every layer, or candidates to choose from per layer by held-out error. Modifies
     ``fused`` in place and returns it (eval mode).
     """
     gm = discover(fused, example_input).graph_module.eval()
@@ -282,9 +366,12 @@ def refit_layers(
         rows: dict[str, torch.Tensor] = {}
         sums: dict[str, torch.Tensor] = {}
         choose = lambda count: _row_choice(count, max_rows, generator)  # noqa: E731
+        samples = {}
         with evaluating(parents):
             for parent, w in zip(parents, weights, strict=True):
                 parent_gm = discover(parent, example_input).graph_module
-                _TargetRecorder(parent_gm, points, rows, sums, w, choose).run(inputs)
-        _Refitter(gm, points, sums, rows, ridge).run(inputs)
+                recorder = _TargetRecorder(parent_gm, points, rows, sums, w, choose)
+                recorder.run(inputs)
+                samples.update(recorder.samples)
+        _Refitter(gm, points, sums, rows, ridge, samples).run(inputs)
     return fused.eval()

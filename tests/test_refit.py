@@ -7,7 +7,16 @@ from models import FIXTURES, build, example
 
 import otfuse
 from otfuse.discovery import discover
-from otfuse.refit import fit_points, layer_rows, refit_layers, selected_rows, solve_layer
+from otfuse.refit import (
+    RIDGES,
+    Moments,
+    fit_points,
+    layer_rows,
+    refit_layers,
+    selected_rows,
+    solve_layer,
+    solve_layer_held_out,
+)
 from otfuse.repair import reset_batchnorm
 
 # every parameterised layer of these fixtures is refitted, so one teacher can be reproduced exactly
@@ -37,6 +46,36 @@ def test_solve_layer_keeps_the_start_where_the_inputs_say_nothing():
     w0 = torch.randn(4, 3)
     w, _ = solve_layer(x, torch.randn(200, 4), w0, intercept=True, ridge=1e-3)
     torch.testing.assert_close(w[:, 2].float(), w0[:, 2])
+
+
+def test_pooled_moments_solve_like_all_rows_at_once():
+    torch.manual_seed(0)
+    x, z, w0 = torch.randn(300, 6) + 2.0, torch.randn(300, 3), torch.randn(3, 6)
+    pooled = Moments.of(x[:100], z[:100]) + Moments.of(x[100:], z[100:], chunk=7)
+    for intercept in (True, False):
+        expected = solve_layer(x, z, w0, intercept=intercept, ridge=0.05)
+        got = pooled.solve(w0, intercept=intercept, ridge=0.05)
+        torch.testing.assert_close(got[0], expected[0])
+        if intercept:
+            torch.testing.assert_close(got[1], expected[1])
+
+
+def test_the_held_out_ridge_follows_what_the_inputs_predict():
+    torch.manual_seed(0)
+    x, held = torch.randn(400, 30), torch.arange(400) % 5 == 0
+    linear = x @ torch.randn(30, 4) + 0.01 * torch.randn(400, 4)
+    *_, ridge = solve_layer_held_out(
+        x, linear, torch.zeros(4, 30), intercept=True, ridges=RIDGES, held=held
+    )
+    assert ridge == min(RIDGES)  # the inputs explain the target: barely any ridge
+    *_, ridge = solve_layer_held_out(
+        x, torch.randn(400, 4), torch.zeros(4, 30), intercept=True, ridges=RIDGES, held=held
+    )
+    assert ridge == max(RIDGES)  # pure noise: stay at the start
+    *_, ridge = solve_layer_held_out(
+        x, linear, torch.zeros(4, 30), intercept=True, ridges=RIDGES, held=torch.zeros(400) > 0
+    )
+    assert ridge == RIDGES[len(RIDGES) // 2]  # nothing held out: the middle candidate
 
 
 @pytest.mark.parametrize("name", EXACT)
