@@ -49,6 +49,10 @@ class TrainConfigError(OtfuseError):
     """A training option is out of range."""
 
 
+class TrainingDivergedError(OtfuseError):
+    """The training loss became NaN or infinite."""
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 10  # passes over the training set
@@ -192,6 +196,11 @@ def _train_epoch(
         images, labels = images.to(device), labels.to(device)
         logits = model(images)
         loss = F.cross_entropy(logits, labels)
+        if not torch.isfinite(loss):
+            raise TrainingDivergedError(
+                f"training diverged at epoch {epoch}, step {i + 1} (loss {loss.item()}): "
+                f"lower the learning rate (lr={config.lr:g})"
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -16,6 +16,7 @@ from otfuse.training import (
     Evaluation,
     TrainConfig,
     TrainConfigError,
+    TrainingDivergedError,
     evaluate,
     finetune,
     learning_rate,
@@ -138,3 +139,13 @@ def test_learning_rate_schedules() -> None:
 def test_bad_train_config_is_refused(kwargs: dict, fragment: str) -> None:
     with pytest.raises(TrainConfigError, match=fragment):
         TrainConfig(**kwargs)
+
+
+def test_a_diverging_run_stops_with_a_clear_error() -> None:
+    torch.manual_seed(0)
+    images, labels = torch.randn(256, 1, 28, 28) * 50, torch.randint(0, 10, (256,))
+    data = Dataset("noise", "train", images, labels, tuple(str(c) for c in range(10)))
+    model = tiny_mlp()
+    config = TrainConfig(epochs=3, batch_size=32, lr=1e4, momentum=0.9, num_threads=1)
+    with pytest.raises(TrainingDivergedError, match=r"diverged at epoch \d+, step \d+.*lr=10000"):
+        train(model, data, config, progress=False)

@@ -62,6 +62,12 @@ METHODS = [
     Method("+ refine (wts)", {"recipe": "paper-wts", "refine": True}),
     Method("+ align to average (wts)", {"recipe": "paper-wts", "to_average": True}, many_only=True),
     Method(
+        "+ align to average (acts)",
+        {"recipe": "paper-acts", "to_average": True},
+        uses_data=True,
+        many_only=True,
+    ),
+    Method(
         "+ correlation cost (acts)", {"recipe": "paper-acts", "cost": "correlation"}, uses_data=True
     ),
     Method(
