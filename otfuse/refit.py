@@ -27,6 +27,7 @@ alignment and is fitted sequentially on the fused model's own inputs.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -156,30 +157,65 @@ RIDGES: tuple[float, ...] = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 @dataclass
 class Moments:
-    """Sums over regression rows, in float64: enough to solve a ridge regression of ``z`` on ``x``
-    with or without an intercept. ``a + b`` pools the rows of both."""
+    """Sums over regression rows, in float64, taken about a fixed ``shift`` of the rows (their mean
+    when an intercept is fitted, so that centring loses no precision; zeros otherwise): enough to
+    solve a ridge regression of ``z`` on ``x``. ``a + b`` pools the rows of both (same shift)."""
 
     count: int
-    sum_x: torch.Tensor  # (d,)
+    shift_x: torch.Tensor  # (d,)
+    shift_z: torch.Tensor  # (out,)
+    sum_x: torch.Tensor  # (d,), sum of x - shift_x
     sum_z: torch.Tensor  # (out,)
-    xx: torch.Tensor  # (d, d), X^T X
-    xz: torch.Tensor  # (d, out), X^T Z
+    xx: torch.Tensor  # (d, d), (X - shift)^T (X - shift)
+    xz: torch.Tensor  # (d, out)
 
     @classmethod
-    def of(cls, x: torch.Tensor, z: torch.Tensor, chunk: int = 4096) -> Moments:
-        """The moments of rows ``x`` (rows, d) and ``z`` (rows, out), summed chunk by chunk."""
+    def of(
+        cls,
+        x: torch.Tensor,
+        z: torch.Tensor,
+        shift: tuple[torch.Tensor, torch.Tensor] | None = None,
+        *,
+        rows: torch.Tensor | None = None,
+        chunk: int = 4096,
+    ) -> Moments:
+        """The moments of rows ``x`` (rows, d) and ``z`` (rows, out), or of those where the boolean
+        mask ``rows`` is true, summed chunk by chunk (no float64 copy of all the rows)."""
         f64 = torch.float64
-        xx = torch.zeros(x.shape[1], x.shape[1], dtype=f64)
-        xz = torch.zeros(x.shape[1], z.shape[1], dtype=f64)
-        for start in range(0, len(x), chunk):  # no float64 copy of all the rows at once
-            xc, zc = x[start : start + chunk].to(f64), z[start : start + chunk].to(f64)
-            xx += xc.T @ xc
-            xz += xc.T @ zc
-        return cls(len(x), x.sum(0, dtype=f64), z.sum(0, dtype=f64), xx, xz)
+        if shift is None:
+            shift = torch.zeros(x.shape[1], dtype=f64), torch.zeros(z.shape[1], dtype=f64)
+        shift_x, shift_z = shift
+        moments = cls(
+            0,
+            shift_x,
+            shift_z,
+            torch.zeros(x.shape[1], dtype=f64),
+            torch.zeros(z.shape[1], dtype=f64),
+            torch.zeros(x.shape[1], x.shape[1], dtype=f64),
+            torch.zeros(x.shape[1], z.shape[1], dtype=f64),
+        )
+        for start in range(0, len(x), chunk):
+            xc, zc = x[start : start + chunk], z[start : start + chunk]
+            if rows is not None:
+                keep = rows[start : start + chunk]
+                xc, zc = xc[keep], zc[keep]
+            xc, zc = xc.to(f64) - shift_x, zc.to(f64) - shift_z
+            moments.count += len(xc)
+            moments.sum_x += xc.sum(0)
+            moments.sum_z += zc.sum(0)
+            moments.xx += xc.T @ xc
+            moments.xz += xc.T @ zc
+        return moments
 
     def __add__(self, other: Moments) -> Moments:
+        if not (
+            torch.equal(self.shift_x, other.shift_x) and torch.equal(self.shift_z, other.shift_z)
+        ):
+            raise ValueError("moments about different shifts cannot be pooled")
         return Moments(
             self.count + other.count,
+            self.shift_x,
+            self.shift_z,
             self.sum_x + other.sum_x,
             self.sum_z + other.sum_z,
             self.xx + other.xx,
@@ -191,18 +227,27 @@ class Moments:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The ridge solution towards ``w0`` (out, d): the weight (out, d) and, with ``intercept``,
         the bias (out,); :math:`\\lambda` = ``ridge`` times the mean diagonal of the (centred)
-        Gram matrix."""
+        Gram matrix. Without ``intercept`` the shift must be zero."""
         gram, cross = self.xx.clone(), self.xz
-        x_mean = z_mean = None
-        if intercept:  # centre: X_c^T X_c = X^T X - n x_mean x_mean^T
-            x_mean, z_mean = self.sum_x / self.count, self.sum_z / self.count
-            gram -= self.count * torch.outer(x_mean, x_mean)
-            cross = cross - self.count * torch.outer(x_mean, z_mean)
+        if intercept:  # centre: X_c^T X_c = S^T S - n m m^T, with S = X - shift and m its mean
+            m_x, m_z = self.sum_x / max(self.count, 1), self.sum_z / max(self.count, 1)
+            gram -= self.count * torch.outer(m_x, m_x)
+            cross = cross - self.count * torch.outer(m_x, m_z)
+        elif self.shift_x.any() or self.shift_z.any():
+            raise ValueError("a fit without intercept needs moments about zero")
         lam = ridge * gram.diagonal().sum() / gram.shape[0] + 1e-12
         gram.diagonal().add_(lam)
         weight = torch.linalg.solve(gram, cross + lam * w0.to(torch.float64).T).T
-        bias = z_mean - weight @ x_mean if intercept else None
-        return weight, bias
+        if not intercept:
+            return weight, None
+        return weight, (self.shift_z + m_z) - weight @ (self.shift_x + m_x)
+
+
+def _shift(x: torch.Tensor, z: torch.Tensor, intercept: bool):
+    """The rows' means as the moments' shift when an intercept is fitted, else None (zero)."""
+    if not intercept:
+        return None
+    return x.mean(0, dtype=torch.float64), z.mean(0, dtype=torch.float64)
 
 
 def solve_layer(
@@ -218,7 +263,8 @@ def solve_layer(
 
     Returns the weight (out, d) and, with ``intercept``, the bias (out,), in float64.
     """
-    return Moments.of(x, z, chunk).solve(w0, intercept=intercept, ridge=ridge)
+    moments = Moments.of(x, z, _shift(x, z, intercept), chunk=chunk)
+    return moments.solve(w0, intercept=intercept, ridge=ridge)
 
 
 def solve_layer_held_out(
@@ -229,6 +275,7 @@ def solve_layer_held_out(
     intercept: bool,
     ridges: Sequence[float],
     held: torch.Tensor,
+    chunk: int = 4096,
 ) -> tuple[torch.Tensor, torch.Tensor | None, float]:
     """:func:`solve_layer` with the relative ridge chosen among ``ridges`` by held-out error.
 
@@ -239,14 +286,18 @@ def solve_layer_held_out(
     ridges = list(ridges)
     if held.all() or not held.any():
         ridge = ridges[len(ridges) // 2]
-        return (*solve_layer(x, z, w0, intercept=intercept, ridge=ridge), ridge)
-    fitting, scoring = Moments.of(x[~held], z[~held]), Moments.of(x[held], z[held])
-    x_held, z_held = x[held].double(), z[held].double()
-    errors = []
-    for ridge in ridges:
-        weight, bias = fitting.solve(w0, intercept=intercept, ridge=ridge)
-        prediction = x_held @ weight.T + (bias if bias is not None else 0.0)
-        errors.append(float(((prediction - z_held) ** 2).sum()))
+        return (*solve_layer(x, z, w0, intercept=intercept, ridge=ridge, chunk=chunk), ridge)
+    shift = _shift(x, z, intercept)
+    fitting = Moments.of(x, z, shift, rows=~held, chunk=chunk)
+    scoring = Moments.of(x, z, shift, rows=held, chunk=chunk)
+    fits = [fitting.solve(w0, intercept=intercept, ridge=r) for r in ridges]
+    errors = [0.0] * len(ridges)
+    for start in range(0, len(x), chunk):  # score on the held-out rows, chunk by chunk
+        keep = held[start : start + chunk]
+        xc, zc = x[start : start + chunk][keep].double(), z[start : start + chunk][keep].double()
+        for i, (weight, bias) in enumerate(fits):
+            prediction = xc @ weight.T + (bias if bias is not None else 0.0)
+            errors[i] += float(((prediction - zc) ** 2).sum())
     ridge = ridges[min(range(len(ridges)), key=errors.__getitem__)]
     return (*(fitting + scoring).solve(w0, intercept=intercept, ridge=ridge), ridge)
 
@@ -255,6 +306,8 @@ class _TargetRecorder(torch.fx.Interpreter):
     """Runs an aligned parent and accumulates ``weight`` times its rows at every target node.
 
     The first parent run picks each point's seeded rows (``choose(count)``); later runs reuse them.
+    It also records the input sample each chosen row comes from (``samples``), taking rows to be
+    sample-major: the batch dimension comes first in every layer's output.
     """
 
     def __init__(
@@ -265,6 +318,11 @@ class _TargetRecorder(torch.fx.Interpreter):
         self.modules = dict(gm.named_modules())
         self.rows, self.sums, self.weight, self.choose = rows, sums, weight, choose
         self.samples: dict[str, torch.Tensor] = {}
+        self.count = 1
+
+    def run(self, inputs: torch.Tensor):  # noqa: D102
+        self.count = max(1, len(inputs))
+        return super().run(inputs)
 
     def run_node(self, n: torch.fx.Node):
         out = super().run_node(n)
@@ -273,7 +331,7 @@ class _TargetRecorder(torch.fx.Interpreter):
             every = output_rows(self.modules[point.module], out.detach())
             if point.node not in self.rows:
                 self.rows[point.node] = self.choose(len(every))
-                per_sample = max(1, len(every) // max(1, out.shape[0]))
+                per_sample = max(1, len(every) // self.count)
                 self.samples[point.node] = self.rows[point.node] // per_sample
             rows = every[self.rows[point.node]]
             previous = self.sums.get(point.node)
@@ -316,7 +374,7 @@ class _Refitter(torch.fx.Interpreter):
         has_bias = layer.bias is not None
         w0 = layer.weight.reshape(layer.weight.shape[0], -1)
         intercept = has_bias or norm is not None
-        if isinstance(self.ridge, (int, float)):
+        if isinstance(self.ridge, numbers.Real):
             ridge = self.ridge
             weight, bias = solve_layer(inputs, target, w0, intercept=intercept, ridge=ridge)
         else:  # every fifth sample's rows are held out to choose the ridge

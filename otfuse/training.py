@@ -173,6 +173,12 @@ def train(
                     eval_accuracy=evaluation.accuracy if evaluation else None,
                 )
             )
+    for name, value in model.state_dict().items():  # the last step may have broken the weights
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise TrainingDivergedError(
+                f"training diverged: '{name}' holds NaN or Inf values; lower the learning rate "
+                f"(lr={config.lr:g})"
+            )
     return history
 
 

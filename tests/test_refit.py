@@ -48,16 +48,27 @@ def test_solve_layer_keeps_the_start_where_the_inputs_say_nothing():
     torch.testing.assert_close(w[:, 2].float(), w0[:, 2])
 
 
-def test_pooled_moments_solve_like_all_rows_at_once():
+def test_pooled_moments_solve_the_centred_ridge_problem():
     torch.manual_seed(0)
-    x, z, w0 = torch.randn(300, 6) + 2.0, torch.randn(300, 3), torch.randn(3, 6)
-    pooled = Moments.of(x[:100], z[:100]) + Moments.of(x[100:], z[100:], chunk=7)
-    for intercept in (True, False):
-        expected = solve_layer(x, z, w0, intercept=intercept, ridge=0.05)
-        got = pooled.solve(w0, intercept=intercept, ridge=0.05)
-        torch.testing.assert_close(got[0], expected[0])
-        if intercept:
-            torch.testing.assert_close(got[1], expected[1])
+    x, z, w0 = torch.randn(300, 6).double() + 2.0, torch.randn(300, 3).double(), torch.randn(3, 6)
+    xc, zc = x - x.mean(0), z - z.mean(0)
+    lam = 0.05 * (xc * xc).sum() / 6 + 1e-12
+    expected = torch.linalg.solve(xc.T @ xc + lam * torch.eye(6), xc.T @ zc + lam * w0.double().T).T
+    shift = x.mean(0), z.mean(0)
+    first = torch.arange(300) < 100
+    pooled = Moments.of(x, z, shift, rows=first) + Moments.of(x, z, shift, rows=~first, chunk=7)
+    weight, bias = pooled.solve(w0, intercept=True, ridge=0.05)
+    torch.testing.assert_close(weight, expected)
+    torch.testing.assert_close(bias, z.mean(0) - expected @ x.mean(0))
+
+
+def test_a_large_offset_in_the_inputs_costs_no_precision():
+    torch.manual_seed(0)
+    x = torch.randn(500, 5).double() + 1e6  # centring by subtraction of sums would lose it all
+    weight, bias = torch.randn(2, 5).double(), torch.randn(2).double()
+    w, b = solve_layer(x, x @ weight.T + bias, torch.zeros(2, 5), intercept=True, ridge=1e-12)
+    torch.testing.assert_close(w, weight, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(x @ w.T + b, x @ weight.T + bias, atol=1e-4, rtol=1e-9)
 
 
 def test_the_held_out_ridge_follows_what_the_inputs_predict():
