@@ -149,3 +149,26 @@ def test_a_diverging_run_stops_with_a_clear_error() -> None:
     config = TrainConfig(epochs=3, batch_size=32, lr=1e4, momentum=0.9, num_threads=1)
     with pytest.raises(TrainingDivergedError, match=r"diverged at epoch \d+, step \d+.*lr=10000"):
         train(model, data, config, progress=False)
+
+
+def test_a_cached_model_with_nan_weights_is_trained_again(tmp_path, monkeypatch) -> None:
+    from otfuse.checkpoints import save_model
+    from otfuse.experiments import common
+
+    monkeypatch.setenv("OTFUSE_CACHE", str(tmp_path))
+    torch.manual_seed(0)
+    images, labels = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
+    data = Dataset("noise", "train", images, labels, tuple(str(c) for c in range(10)))
+    config = TrainConfig(epochs=1, batch_size=32, lr=0.01, num_threads=1)
+    kwargs = {"hidden": (16,)}
+    model, seconds = common.train_or_load("mlpnet", kwargs, data, config, progress=False)
+    assert seconds > 0
+    (path,) = tmp_path.glob("mlpnet-*.safetensors")
+    broken = zoo.create("mlpnet", **kwargs)
+    with torch.no_grad():
+        broken.classifier.weight.fill_(float("nan"))
+    save_model(path, broken, {}, overwrite=True)
+    again, seconds = common.train_or_load("mlpnet", kwargs, data, config, progress=False)
+    assert seconds > 0  # retrained, not loaded
+    assert all(torch.isfinite(v).all() for v in again.state_dict().values())
+    assert common.train_or_load("mlpnet", kwargs, data, config, progress=False)[1] == 0.0

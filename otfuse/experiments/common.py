@@ -60,6 +60,12 @@ def _key(arch: str, arch_kwargs: dict, data: Dataset, config: TrainConfig) -> st
     return digest.hexdigest()[:16]
 
 
+def _finite(model: nn.Module) -> bool:
+    return all(
+        torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point()
+    )
+
+
 def train_or_load(
     arch: str,
     arch_kwargs: dict,
@@ -78,9 +84,11 @@ def train_or_load(
     if path.exists():
         try:
             load_into(model, load_state_dict(path))
-            return model.eval(), 0.0
+            if _finite(model):  # older versions could cache a diverged (NaN) model
+                return model.eval(), 0.0
         except OtfuseError:
-            path.unlink(missing_ok=True)  # a damaged cache entry is retrained
+            pass
+        path.unlink(missing_ok=True)  # a damaged cache entry is retrained
     torch.manual_seed(config.seed)
     model = zoo.create(arch, **arch_kwargs)
     if progress and label:
