@@ -348,7 +348,6 @@ class _Refitter(torch.fx.Interpreter):
         self.points = {p.node: p for p in points}
         self.modules = dict(gm.named_modules())
         self.targets, self.rows, self.ridge, self.samples = targets, rows, ridge, samples
-        self.chosen: dict[str, float] = {}
 
     def run_node(self, n: torch.fx.Node):
         point = self.points.get(n.name)
@@ -375,14 +374,12 @@ class _Refitter(torch.fx.Interpreter):
         w0 = layer.weight.reshape(layer.weight.shape[0], -1)
         intercept = has_bias or norm is not None
         if isinstance(self.ridge, numbers.Real):
-            ridge = self.ridge
-            weight, bias = solve_layer(inputs, target, w0, intercept=intercept, ridge=ridge)
+            weight, bias = solve_layer(inputs, target, w0, intercept=intercept, ridge=self.ridge)
         else:  # every fifth sample's rows are held out to choose the ridge
             held = self.samples[point.node] % 5 == 0
-            weight, bias, ridge = solve_layer_held_out(
+            weight, bias, _ = solve_layer_held_out(
                 inputs, target, w0, intercept=intercept, ridges=self.ridge, held=held
             )
-        self.chosen[point.module] = ridge
         layer.weight.copy_(weight.reshape(layer.weight.shape).to(layer.weight.dtype))
         if has_bias:
             layer.bias.copy_(bias.to(layer.bias.dtype))

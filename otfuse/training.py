@@ -173,13 +173,21 @@ def train(
                     eval_accuracy=evaluation.accuracy if evaluation else None,
                 )
             )
-    for name, value in model.state_dict().items():  # the last step may have broken the weights
-        if value.is_floating_point() and not torch.isfinite(value).all():
-            raise TrainingDivergedError(
-                f"training diverged: '{name}' holds NaN or Inf values; lower the learning rate "
-                f"(lr={config.lr:g})"
-            )
+    broken = first_non_finite(model)  # the last step may have broken the weights
+    if broken is not None:
+        raise TrainingDivergedError(
+            f"training diverged: '{broken}' holds NaN or Inf values; lower the learning rate "
+            f"(lr={config.lr:g})"
+        )
     return history
+
+
+def first_non_finite(model: nn.Module) -> str | None:
+    """The name of the first floating-point entry of ``model``'s state holding NaN or Inf, or None."""
+    for name, value in model.state_dict().items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            return name
+    return None
 
 
 def _train_epoch(

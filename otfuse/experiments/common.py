@@ -22,7 +22,7 @@ from otfuse import zoo
 from otfuse.checkpoints import load_into, load_state_dict, save_model
 from otfuse.data import Dataset
 from otfuse.errors import OtfuseError
-from otfuse.training import TrainConfig, evaluate, train
+from otfuse.training import TrainConfig, evaluate, first_non_finite, train
 
 
 def cache_dir() -> Path:
@@ -60,12 +60,6 @@ def _key(arch: str, arch_kwargs: dict, data: Dataset, config: TrainConfig) -> st
     return digest.hexdigest()[:16]
 
 
-def _finite(model: nn.Module) -> bool:
-    return all(
-        torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point()
-    )
-
-
 def train_or_load(
     arch: str,
     arch_kwargs: dict,
@@ -84,7 +78,7 @@ def train_or_load(
     if path.exists():
         try:
             load_into(model, load_state_dict(path))
-            if _finite(model):  # older versions could cache a diverged (NaN) model
+            if first_non_finite(model) is None:  # older versions could cache a NaN model
                 return model.eval(), 0.0
         except OtfuseError:
             pass
