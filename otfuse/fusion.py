@@ -26,7 +26,13 @@ from otfuse.cost import CostName, MarginalName
 from otfuse.discovery import SpaceGraph, discover
 from otfuse.errors import DataError, OtfuseError
 from otfuse.recipes import resolve
-from otfuse.refinement import align_to_average, align_to_consensus, apply_plans, refine_plans
+from otfuse.refinement import (
+    RefinementLog,
+    align_to_average,
+    align_to_consensus,
+    apply_plans,
+    refine_plans,
+)
 from otfuse.repair import REPAIRS, RepairName, apply_repair
 from otfuse.synthesis import can_synthesize, synthesize_inputs
 from otfuse.transport import SolverName, TransportPlan
@@ -357,30 +363,9 @@ def _fuse_with(request: _Request, settings: dict) -> FusionResult:
     aligned, plans, logs = _align_all(
         prepared, anchor, options, settings["refine"], sweeps, request.progress
     )
-    if settings["to_average"] and k > 2 and prepared.activations is not None:
-        aligned, plans, logs["average"] = align_to_consensus(
-            prepared.states,
-            prepared.graphs,
-            anchor,
-            w,
-            prepared.activations,
-            aligned,
-            plans,
-            options,
-            max_rounds=sweeps,
-        )
-    elif settings["to_average"] and k > 2:
-        average = lambda states, ws: average_states(states, ws, prepared.states[anchor])  # noqa: E731
-        aligned, plans, logs["average"] = align_to_average(
-            prepared.states,
-            prepared.graphs,
-            anchor,
-            w,
-            aligned,
-            plans,
-            options,
-            max_rounds=sweeps,
-            average=average,
+    if settings["to_average"] and k > 2:
+        aligned, plans, logs["average"] = _realign_to_average(
+            prepared, anchor, w, aligned, plans, options, sweeps
         )
     fused = build_model(
         prepared.models[anchor], average_states(aligned, w, prepared.states[anchor])
@@ -403,6 +388,42 @@ def _fuse_with(request: _Request, settings: dict) -> FusionResult:
         timings,
         logs,
         dict(settings),
+    )
+
+
+def _realign_to_average(
+    prepared: Prepared,
+    anchor: int,
+    weights: list[float],
+    aligned: list[StateDict],
+    plans: list[dict[str, TransportPlan]],
+    options: AlignOptions,
+    max_rounds: int,
+) -> tuple[list[StateDict], list[dict[str, TransportPlan]], RefinementLog]:
+    """K > 2: re-align every model to the running average of the aligned models, by their
+    activations when the mode collected them (the consensus), else by their weights."""
+    if prepared.activations is not None:
+        return align_to_consensus(
+            prepared.states,
+            prepared.graphs,
+            anchor,
+            weights,
+            prepared.activations,
+            aligned,
+            plans,
+            options,
+            max_rounds=max_rounds,
+        )
+    return align_to_average(
+        prepared.states,
+        prepared.graphs,
+        anchor,
+        weights,
+        aligned,
+        plans,
+        options,
+        max_rounds=max_rounds,
+        average=lambda states, ws: average_states(states, ws, prepared.states[anchor]),
     )
 
 

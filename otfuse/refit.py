@@ -14,11 +14,12 @@ outputs of the same layer (which the alignment has put in the same unit order):
 
 a ridge regression towards the averaged weights :math:`W_0` (:math:`X_c`: centred inputs, ``d``
 input features, ``rho`` the relative ridge). ``rho`` is chosen per layer among ``RIDGES`` by the
-error on the rows of every fifth input, held out, and the chosen one is then fitted on all rows. It is
-a closed-form solve per layer on unlabeled inputs, with no labels and no gradient steps; each layer is
-fitted on the outputs of the layers already refitted, so errors do not accumulate. A layer followed only by a BatchNorm (eval mode, an
-affine map per unit) is fitted to the parents' *normalised* outputs through that map, and a shift
-that the layer cannot hold (no bias) goes to the BatchNorm's bias. The architecture never changes.
+error on the rows of every fifth input, held out, and the chosen one is then fitted on all rows. It
+is a closed-form solve per layer on unlabeled inputs, with no labels and no gradient steps; each
+layer is fitted on the outputs of the layers already refitted, so errors do not accumulate. A layer
+followed only by a BatchNorm (eval mode, an affine map per unit) is fitted to the parents'
+*normalised* outputs through that map, and a shift that the layer cannot hold (no bias) goes to
+the BatchNorm's bias. The architecture never changes.
 
 The idea of merging linear layers by regression on their inputs' statistics is RegMean (Jin et al.,
 "Dataless Knowledge Fusion by Merging Weights of Language Models", 2023); here it follows the
