@@ -25,6 +25,8 @@ from otfuse.alignment import ALIGN_FIELDS, AlignOptions, Mode, align_state, chec
 from otfuse.cost import CostName, MarginalName
 from otfuse.discovery import SpaceGraph, discover
 from otfuse.errors import DataError, OtfuseError
+from otfuse.config import FusionConfig
+from otfuse.config import resolve as resolve_config
 from otfuse.recipes import resolve
 from otfuse.refinement import (
     RefinementLog,
@@ -67,6 +69,10 @@ class FusionResult:
     timings: dict[str, float] = field(default_factory=dict)
     refinement: dict = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
+    config: FusionConfig | None = None
+    inputs: str = "none"  # where the sample came from: "data", "synthesized" or "none"
+    selection: dict[str, float] = field(default_factory=dict)  # candidate label -> KL to ensemble
+    selected: str | None = None  # the chosen candidate's label
 
     def costs(self) -> list[dict[str, float]]:
         """Transport cost <T, C> per model and space."""
@@ -215,92 +221,47 @@ def build_model(template: nn.Module, state: StateDict) -> nn.Module:
 
 def fuse(
     models: Sequence[nn.Module],
+    config: FusionConfig | str | None = None,
     *,
-    recipe: str | None = None,
-    weights: Sequence[float] | None = None,
-    anchor: int = 0,
     data: object = None,
     example_input: torch.Tensor | tuple | None = None,
-    mode: Mode | None = None,
-    solver: SolverName | None = None,
-    cost: CostName | None = None,
-    marginals: MarginalName | None = None,
-    reg: float | None = None,
-    activations: ActivationPoint | None = None,
-    num_samples: int | None = None,
-    seed: int | None = None,
-    outgoing: str | None = None,
-    repair: RepairName | None = None,
-    refine: bool | None = None,
-    to_average: bool | None = None,
-    max_sweeps: int | None = None,
-    synthesize: int | None = None,
     progress: bool = False,
+    **overrides: object,
 ) -> FusionResult:
     """Fuse K >= 2 models of one architecture family into one model of the anchor's architecture.
 
-    Every model is aligned to ``models[anchor]`` and the aligned parameters are averaged with
-    ``weights`` (default uniform; normalised to sum to 1). Integer buffers come from the anchor.
-
-    Options left as None come from ``recipe`` (:mod:`otfuse.recipes`): by default the ``data`` recipe
-    when ``data`` is given and the ``data-free`` recipe otherwise; ``paper-wts`` and ``paper-acts``
-    are the paper's one-shot method. The alignment options (``mode``, ``solver``, ``cost``,
-    ``marginals``, ``reg``, ``activations``, ``num_samples``, ``seed``) are those of :func:`align`.
-
-    Args:
-        models: K >= 2 models of one architecture family (widths may differ).
-        weights: weight of each model in the average, e.g. proportional to its data size.
-        anchor: index of the model whose architecture, widths and unit order the result has.
-        data: unlabeled inputs (a tensor (N, ...), a dataset with ``.images`` or batches) for
-            ``acts`` and repair; a seeded sample of ``num_samples`` of them is used.
-        example_input: an input the models accept, for tracing (default: from ``data`` or the
-            model's ``otfuse_config``).
-        repair: statistics repair on the sample: ``none``, ``bn`` (recompute BatchNorm statistics),
-            ``repair`` (BatchNorm reset, then REPAIR rescaling of every layer) or ``refit``
-            (``repair``, then a least-squares refit of every Linear/Conv layer to the aligned
-            parents' average outputs; :mod:`otfuse.refit`).
-        refine: after the greedy pass, re-solve each space against all its weights (weight matching
-            with OT plans) until no plan changes, at most ``max_sweeps`` sweeps.
-        outgoing: ``average`` (paper) or ``sum``: how the outgoing weights of units merged across
-            widths are combined (see :func:`otfuse.alignment.transport_member`).
-        progress: show a progress bar over the models being aligned.
-        to_average: for K > 2, re-align every model to the running average of the aligned models
-            (at most ``max_sweeps`` rounds) instead of to the anchor alone: to their averaged
-            weights, or with ``mode="acts"`` to their averaged aligned activations
-            (:func:`otfuse.refinement.align_to_consensus`).
-        synthesize: without ``data``, when the models have BatchNorm running statistics or output
-            class scores: synthesise this many inputs from the models themselves
-            (:mod:`otfuse.synthesis`) and fuse with the ``data`` recipe's options on them (0: never;
-            the ``data-free`` recipe uses 256).
-
-    Returns:
-        A :class:`FusionResult`; ``result.model`` is a plain ``nn.Module`` whose ``state_dict`` loads into
-        the anchor's class without otfuse; ``result.settings`` holds every option used.
+    ``config`` (a :class:`~otfuse.config.FusionConfig` or a recipe name; default: the ``data``
+    recipe when ``data`` is given, else ``data-free``) with ``overrides`` (its field names) applied.
     """
     start = time.perf_counter()
-    overrides = dict(
-        mode=mode,
-        solver=solver,
-        cost=cost,
-        marginals=marginals,
-        reg=reg,
-        activations=activations,
-        num_samples=num_samples,
-        seed=seed,
-        outgoing=outgoing,
-        repair=repair,
-        refine=refine,
-        to_average=to_average,
-        max_sweeps=max_sweeps,
-        synthesize=synthesize,
-    )
-    settings = resolve(recipe, data is not None, **overrides)
+    cfg = resolve_config(config, data is not None, overrides)
+    settings = _legacy_settings(cfg)
+    over = {k: v for k, v in overrides.items() if v is not None and k != "recipe"}
+    if "stages" in over:
+        over["repair"] = settings["repair"]
+        del over["stages"]
+    over = {k: v for k, v in over.items() if k not in ("weights", "anchor", "candidates")}
+    weights, anchor = cfg.weights, cfg.anchor
     if data is None and settings["synthesize"]:
-        data, settings = _synthetic_data(models, example_input, settings, overrides, progress)
+        data, settings = _synthetic_data(models, example_input, settings, over, progress)
     request = _Request(models, weights, anchor, data, example_input, progress, start)
     if settings.get("select") and data is not None:
-        return _fuse_selected(request, settings)
-    return _fuse_with(request, settings)
+        result = _fuse_selected(request, settings)
+    else:
+        result = _fuse_with(request, settings)
+    result.config = cfg
+    result.inputs = "synthesized" if settings.get("data") == "synthesized" else ("data" if data is not None else "none")
+    result.selection = dict(result.settings.get("selection_kl", {}))
+    result.selected = result.settings.get("selected")
+    return result
+
+
+def _legacy_settings(cfg: FusionConfig) -> dict:
+    stages = tuple(cfg.stages)
+    repair = {(): "none", ("bn_reset",): "bn", ("bn_reset", "repair"): "repair"}.get(stages, "refit")
+    d = {k: v for k, v in cfg.to_dict().items() if k not in ("stages", "candidates", "weights", "anchor")}
+    d.update(repair=repair, select=tuple(cfg.candidates) or None)
+    return d
 
 
 def _synthetic_data(
