@@ -7,11 +7,42 @@ import torch.fx
 from torch import nn
 
 from otfuse.discovery.layout import Layout, Member, NeuronSpace, Segment, SpaceGraph
-from otfuse.discovery.rules import info_of, rule_for, where
+from otfuse.discovery.registry import (
+    REGISTRY,
+    RuleRegistry,
+    linear_rule,
+    norm_rule,
+    register_rule,
+    registered_rules,
+    rule_for,
+    unregister_rule,
+)
+from otfuse.discovery.rules import Rule, info_of, join, open_space, tracked_input, where
 from otfuse.discovery.walker import Feature, Info, ParamRef, SpaceBuilder, trace
 from otfuse.errors import UnsupportedOpError
 
-__all__ = ["Layout", "Member", "NeuronSpace", "Segment", "SpaceGraph", "discover", "module_calls"]
+__all__ = [
+    "Feature",
+    "Info",
+    "Layout",
+    "Member",
+    "NeuronSpace",
+    "Rule",
+    "RuleRegistry",
+    "Segment",
+    "SpaceBuilder",
+    "SpaceGraph",
+    "discover",
+    "join",
+    "linear_rule",
+    "module_calls",
+    "norm_rule",
+    "open_space",
+    "register_rule",
+    "registered_rules",
+    "tracked_input",
+    "unregister_rule",
+]
 
 
 def module_calls(gm: torch.fx.GraphModule) -> dict[str, int]:
@@ -26,8 +57,11 @@ def module_calls(gm: torch.fx.GraphModule) -> dict[str, int]:
 def discover(model: nn.Module, example_input: torch.Tensor | tuple) -> SpaceGraph:
     """Find the neuron spaces of ``model`` by tracing it on ``example_input``.
 
+    Modules and functions with a rule registered by :func:`register_rule` are kept whole by the
+    trace and described by their rule.
+
     Args:
-        model: any ``torch.fx``-traceable module.
+        model: any ``torch.fx``-traceable module (registered blocks need not be traceable inside).
         example_input: a tensor (or tuple of tensors) the model accepts, e.g. shape (2, 3, 32, 32).
 
     Returns:
@@ -38,7 +72,12 @@ def discover(model: nn.Module, example_input: torch.Tensor | tuple) -> SpaceGrap
         UnsupportedOpError: an op with tracked units and no rule, naming the op and the node.
         OtfuseError: the model cannot be traced or does not accept ``example_input``.
     """
-    gm = trace(model, example_input)
+    gm = trace(
+        model,
+        example_input,
+        leaf_types=REGISTRY.leaf_types(),
+        wrapped_functions=REGISTRY.wrapped_functions(),
+    )
     builder = SpaceBuilder(gm)
     for node in gm.graph.nodes:
         builder.info[node] = _visit(builder, node)
@@ -67,7 +106,8 @@ def _unknown(b: SpaceBuilder, node: torch.fx.Node) -> Info:
         if any(True for _ in module.parameters()) or any(True for _ in module.buffers()):
             raise UnsupportedOpError(
                 f"module '{node.target}' ({type(module).__name__}) is not supported: otfuse does not "
-                "know how its parameters relate to the units it reads and writes"
+                "know how its parameters relate to the units it reads and writes; teach it with "
+                f"otfuse.register_rule({type(module).__name__}, rule)"
             )
         label = f"module '{node.target}' ({type(module).__name__})"
     else:

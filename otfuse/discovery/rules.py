@@ -1,23 +1,28 @@
 """What each traced op does to neuron spaces (the table of DESIGN.md, as code).
 
 A rule takes the :class:`~otfuse.discovery.walker.SpaceBuilder` and a node and returns the node's info.
-Rules for modules are looked up by module type, rules for functions and methods by target. An op with
-no rule is accepted only when none of its inputs carries tracked units; otherwise it is an
-:class:`~otfuse.errors.UnsupportedOpError` that names the op and the node.
+Rules for modules are looked up by module type, rules for functions and methods by target, through
+:func:`otfuse.discovery.registry.rule_for`: rules users register first, then the built-in tables
+:data:`MODULE_RULES` and :data:`FUNCTION_RULES` below. An op with no rule is accepted only when none of
+its inputs carries tracked units; otherwise it is an :class:`~otfuse.errors.UnsupportedOpError` that
+names the op and the node.
+
+Building blocks for custom rules: :func:`tracked_input` (the units of the node's input),
+:func:`open_space` (new units on the output), :func:`join` (a parameter axis indexes some units).
 """
 
 from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from otfuse.discovery.layout import Layout, Segment
+from otfuse.discovery.layout import Layout, Role, Segment
 from otfuse.discovery.walker import Feature, Info, ParamRef, SpaceBuilder, shape_of
 from otfuse.errors import UnsupportedOpError
 
@@ -31,6 +36,13 @@ def where(node: torch.fx.Node) -> str:
         else getattr(node.target, "__name__", node.target)
     )
     return f"op '{target}' at node '{node.name}'"
+
+
+def describe(b: SpaceBuilder, node: torch.fx.Node) -> str:
+    """The node as error messages name it: ``module 'path' (Class)`` or ``op 'name' at node 'n'``."""
+    if node.op == "call_module":
+        return f"module '{node.target}' ({type(b.modules[node.target]).__name__})"
+    return where(node)
 
 
 def info_of(b: SpaceBuilder, arg: object) -> Info:
@@ -65,15 +77,100 @@ def linear(b: SpaceBuilder, node: torch.fx.Node) -> Info:
     return open_space(b, node, mod.out_features, ndim - 1)
 
 
-def open_space(b: SpaceBuilder, node: torch.fx.Node, size: int, axis: int, groups: int = 1) -> Info:
-    """A new space on output axis ``axis`` whose producers are the module's weight (dim 0) and bias."""
+def open_space(
+    b: SpaceBuilder,
+    node: torch.fx.Node,
+    size: int,
+    axis: int,
+    groups: int = 1,
+    *,
+    producers: Mapping[str, int] | None = None,
+) -> Feature:
+    """A new space of ``size`` units on axis ``axis`` of the node's output, whose units the node
+    produces (its *pre*-activations).
+
+    ``producers`` maps each parameter of the node's module whose axis indexes the new units (the rows
+    of a weight, a bias, a per-output scale) to that axis; by default the module's ``weight`` (dim 0)
+    and ``bias``, those present. ``groups`` > 1 keeps units within that many contiguous groups.
+
+    Returns:
+        ``Feature(axis, layout)`` of the output, for the rule to return.
+    """
     space = b.new_space(size, str(node.target))
     layout = Layout.of(space)
     b.constrain_groups(layout, groups, where(node))
-    b.add_module_members(str(node.target), ("weight", "bias"), 0, layout, "producer")
     out = Feature(axis, layout)
+    if producers is None:
+        b.add_module_members(str(node.target), ("weight", "bias"), 0, layout, "producer")
+    else:
+        for param, param_axis in producers.items():
+            join(b, node, param, param_axis, out, role="producer")
     b.tag(node, out, "pre")
     return out
+
+
+def join(
+    b: SpaceBuilder,
+    node: torch.fx.Node,
+    param: str,
+    axis: int,
+    info: Info,
+    *,
+    role: Role = "norm",
+) -> None:
+    """Record that axis ``axis`` of parameter (or buffer) ``param`` of the node's module indexes the
+    units described by ``info``, so transporting those units transports this axis too.
+
+    With a permutation :math:`\\pi` of the units, the parameter is re-indexed as
+    :math:`\\theta'[\\ldots, i, \\ldots] = \\theta[\\ldots, \\pi(i), \\ldots]` along ``axis``; a soft
+    plan contracts that axis with the corrected plan instead. ``role`` says what the axis is:
+    ``producer`` (the units' incoming weights: weight rows, bias, output scale), ``consumer`` (an
+    input axis: weight columns) or ``norm`` (per-unit parameters of an op that keeps the units).
+
+    Args:
+        param: name relative to the module, e.g. ``"weight"`` or ``"inner.bias"``. A parameter
+            registered as ``None`` (``bias=False``) is skipped.
+        axis: the parameter's axis; its length must equal the number of units of ``info``.
+        info: the units, usually the node's input (``tracked_input(b, node)``) or output (from
+            :func:`open_space`). Nothing is recorded when it is not a :class:`Feature` (e.g. the
+            model's input, which is never transported).
+
+    Raises:
+        UnsupportedOpError: the node is not a module call, the module has no such tensor, or the
+            axis does not fit the units; the message names the module and the parameter.
+    """
+    if not isinstance(info, Feature):
+        return
+    label = describe(b, node)
+    if node.op != "call_module":
+        raise UnsupportedOpError(f"{label}: join() needs a module call to name parameters of")
+    tensor = _module_tensor(b.modules[node.target], param, label)
+    if tensor is None:
+        return
+    if not -tensor.dim() <= axis < tensor.dim():
+        raise UnsupportedOpError(
+            f"{label}: '{param}' has no axis {axis} (shape {tuple(tensor.shape)})"
+        )
+    n = info.layout.length({s: b.size[b.find(s)] for s in info.layout.spaces()})
+    if tensor.shape[axis] != n:
+        raise UnsupportedOpError(
+            f"{label}: axis {axis} of '{param}' has length {tensor.shape[axis]}, "
+            f"but the units it would index are {n}"
+        )
+    b.add_member(f"{node.target}.{param}", axis % tensor.dim(), info.layout, role)
+
+
+def _module_tensor(module: nn.Module, name: str, label: str) -> torch.Tensor | None:
+    """Parameter or buffer ``name`` (dotted) of ``module``, None when registered as None (e.g.
+    ``bias=False``); an :class:`UnsupportedOpError` naming ``label`` when there is none."""
+    owner, _, leaf = name.rpartition(".")
+    try:
+        holder = module.get_submodule(owner) if owner else module
+    except AttributeError:
+        holder = None
+    if leaf in getattr(holder, "_parameters", {}) or leaf in getattr(holder, "_buffers", {}):
+        return getattr(holder, leaf)
+    raise UnsupportedOpError(f"{label}: has no parameter or buffer '{name}'")
 
 
 def conv(b: SpaceBuilder, node: torch.fx.Node) -> Info:
@@ -539,16 +636,3 @@ FUNCTION_RULES: dict[object, Rule] = {
     operator.getitem: getitem,
     getattr: attribute,
 }
-
-
-def rule_for(b: SpaceBuilder, node: torch.fx.Node) -> Rule | None:
-    if node.op == "call_module":
-        module = b.modules[node.target]
-        for types, rule in MODULE_RULES:
-            if isinstance(module, types):
-                return rule
-        return None
-    try:
-        return FUNCTION_RULES.get(node.target)
-    except TypeError:  # unhashable target
-        return None

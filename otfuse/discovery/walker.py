@@ -11,7 +11,7 @@ union-find.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -169,19 +169,55 @@ class SpaceBuilder:
         return SpaceGraph(spaces, self.gm, set(self.params_seen))
 
 
-def trace(model: nn.Module, example_input: torch.Tensor | tuple) -> torch.fx.GraphModule:
+class LeafTracer(torch.fx.Tracer):
+    """The ``torch.fx`` tracer of discovery: modules of ``leaf_types`` stay single ``call_module``
+    nodes (fx does not trace inside them) and ``wrapped_functions`` single ``call_function`` nodes,
+    so an op rule can describe them as a whole. Other modules keep fx's default behaviour.
+
+    ``failed_in`` names the innermost module (qualified name, class name) whose tracing failed.
+    """
+
+    def __init__(
+        self, leaf_types: Iterable[type] = (), wrapped_functions: Iterable[Callable] = ()
+    ) -> None:
+        super().__init__(autowrap_functions=tuple(wrapped_functions))
+        self.leaf_types = tuple(leaf_types)
+        self.failed_in: tuple[str, str] | None = None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, self.leaf_types) or super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict):
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:  # the innermost module is the first to see the error
+                try:
+                    self.failed_in = (self.path_of_module(m), type(m).__name__)
+                except NameError:
+                    pass
+            raise
+
+
+def trace(
+    model: nn.Module,
+    example_input: torch.Tensor | tuple,
+    *,
+    leaf_types: Iterable[type] = (),
+    wrapped_functions: Iterable[Callable] = (),
+) -> torch.fx.GraphModule:
     """Trace ``model`` with ``torch.fx`` and annotate every node with its shape on ``example_input``.
 
-    The model is run in eval mode (so BatchNorm statistics are untouched) and restored afterwards.
+    Modules of ``leaf_types`` and calls of ``wrapped_functions`` are kept whole (see
+    :class:`LeafTracer`). The model is run in eval mode (so BatchNorm statistics are untouched) and
+    restored afterwards.
     """
+    tracer = LeafTracer(leaf_types, wrapped_functions)
     try:
-        gm = torch.fx.symbolic_trace(model)
+        graph = tracer.trace(model)
+        gm = torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
     except Exception as exc:  # noqa: BLE001 - any tracing failure is reported the same way
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise OtfuseError(
-            f"cannot trace {type(model).__name__} with torch.fx ({first}); "
-            "otfuse needs a model without data-dependent Python control flow"
-        ) from None
+        raise OtfuseError(_trace_failure(model, tracer, exc)) from None
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
     was_training = model.training
     model.eval()
@@ -189,11 +225,28 @@ def trace(model: nn.Module, example_input: torch.Tensor | tuple) -> torch.fx.Gra
         with torch.no_grad():
             ShapeProp(gm).propagate(*inputs)
     except Exception as exc:  # noqa: BLE001
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise OtfuseError(f"example input does not fit {type(model).__name__}: {first}") from None
+        name = type(model).__name__
+        raise OtfuseError(f"example input does not fit {name}: {_first_line(exc)}") from None
     finally:
         model.train(was_training)
     return gm
+
+
+def _trace_failure(model: nn.Module, tracer: LeafTracer, exc: Exception) -> str:
+    inside, hint = "", ""
+    if tracer.failed_in is not None:
+        path, cls = tracer.failed_in
+        inside = f"inside module '{path}' ({cls}): "
+        hint = f", or a rule for {cls} (otfuse.register_rule makes it one op of the trace)"
+    return (
+        f"cannot trace {type(model).__name__} with torch.fx ({inside}{_first_line(exc)}); "
+        f"otfuse needs a model without data-dependent Python control flow{hint}"
+    )
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def shape_of(node: torch.fx.Node) -> tuple[int, ...] | None:
