@@ -3,12 +3,22 @@
 Singh & Jaggi, "Model Fusion via Optimal Transport" (NeurIPS 2020), generalised to any ``torch.fx``
 traceable architecture, K models and different widths.
 
->>> result = otfuse.fuse([model_a, model_b], mode="wts", example_input=torch.zeros(2, 1, 28, 28))
+>>> result = otfuse.fuse([model_a, model_b], "paper-wts", example_input=torch.zeros(2, 1, 28, 28))
 >>> fused = result.model
 """
 
-from otfuse.alignment import AlignOptions
-from otfuse.discovery import NeuronSpace, SpaceGraph, discover
+from otfuse.baselines import PredictionEnsemble, ensemble, vanilla_average
+from otfuse.config import FusionConfig, recipe_names
+from otfuse.discovery import (
+    NeuronSpace,
+    SpaceGraph,
+    discover,
+    linear_rule,
+    norm_rule,
+    register_rule,
+    registered_rules,
+    unregister_rule,
+)
 from otfuse.errors import (
     ArchitectureMismatchError,
     CheckpointError,
@@ -17,16 +27,18 @@ from otfuse.errors import (
     TransportError,
     UnsupportedOpError,
 )
-from otfuse.fusion import FusionResult, PredictionEnsemble, align, ensemble, fuse, vanilla_average
+from otfuse.pipeline import FusionResult, align, fuse
+from otfuse.stages import STAGES
 from otfuse.transport import TransportPlan
 
 spaces = discover
 
 __all__ = [
-    "AlignOptions",
+    "STAGES",
     "ArchitectureMismatchError",
     "CheckpointError",
     "DataError",
+    "FusionConfig",
     "FusionResult",
     "NeuronSpace",
     "OtfuseError",
@@ -39,6 +51,12 @@ __all__ = [
     "discover",
     "ensemble",
     "fuse",
+    "linear_rule",
+    "norm_rule",
+    "register_rule",
+    "registered_rules",
+    "unregister_rule",
+    "recipe_names",
     "spaces",
     "vanilla_average",
 ]

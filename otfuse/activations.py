@@ -12,6 +12,7 @@ from typing import Literal
 import torch
 import torch.fx
 
+from otfuse.capture import run_with_hooks
 from otfuse.discovery import NeuronSpace, SpaceGraph
 
 ActivationPoint = Literal["pre", "post"]
@@ -26,19 +27,6 @@ def activation_nodes(space: NeuronSpace, point: ActivationPoint) -> list[tuple[s
         if nodes:
             return nodes
     return []
-
-
-class _Recorder(torch.fx.Interpreter):
-    def __init__(self, gm: torch.fx.GraphModule, wanted: set[str]) -> None:
-        super().__init__(gm)
-        self.wanted = wanted
-        self.values: dict[str, torch.Tensor] = {}
-
-    def run_node(self, n: torch.fx.Node):
-        out = super().run_node(n)
-        if n.name in self.wanted:
-            self.values[n.name] = out.detach()
-        return out
 
 
 def collect_activations(
@@ -78,11 +66,9 @@ def _run(
     chunks: dict[str, list[torch.Tensor]] = {name: [] for name in wanted}
     try:
         with torch.no_grad():
+            hooks = {name: lambda n, out: chunks[n.name].append(out.detach()) for name in wanted}
             for start in range(0, len(inputs), batch_size):
-                recorder = _Recorder(gm, wanted)
-                recorder.run(inputs[start : start + batch_size])
-                for name, value in recorder.values.items():
-                    chunks[name].append(value)
+                run_with_hooks(gm, inputs[start : start + batch_size], after=hooks)
     finally:
         gm.train(was_training)
     return {name: torch.cat(parts, dim=0) for name, parts in chunks.items() if parts}

@@ -16,122 +16,17 @@ computes exactly what B computes.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
-from typing import Literal
 
-import numpy as np
 import torch
 
-from otfuse.activations import ActivationPoint
-from otfuse.cost import CostName, MarginalName, ground_cost, unit_masses
-from otfuse.discovery import Member, NeuronSpace, Segment, SpaceGraph
-from otfuse.errors import ArchitectureMismatchError, OtfuseError, TransportError
-from otfuse.transport import SolverName, TransportPlan, solve
+from otfuse.config import FusionConfig
+from otfuse.cost import ground_cost, unit_masses
+from otfuse.discovery import Member, NeuronSpace, SpaceGraph
+from otfuse.errors import ArchitectureMismatchError, TransportError
+from otfuse.plans import is_plain, transport_member
+from otfuse.transport import TransportPlan, solve
 
-Mode = Literal["wts", "acts"]
-Outgoing = Literal["average", "sum"]
-MODES = ("wts", "acts")
 StateDict = dict[str, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class AlignOptions:
-    """How to align. Every field is documented in :func:`otfuse.align`."""
-
-    mode: Mode = "wts"
-    solver: SolverName = "auto"
-    cost: CostName = "euclidean"
-    marginals: MarginalName = "uniform"
-    reg: float = 0.01
-    activations: ActivationPoint = "pre"
-    num_samples: int = 200
-    seed: int = 0
-    outgoing: Outgoing = "average"
-
-    def check(self) -> None:
-        if self.mode not in MODES:
-            raise OtfuseError(f"unknown mode '{self.mode}'; choose 'wts' or 'acts'")
-        if self.activations not in ("pre", "post"):
-            raise OtfuseError(f"activations must be 'pre' or 'post', not '{self.activations}'")
-        if self.outgoing not in ("average", "sum"):
-            raise OtfuseError(f"outgoing must be 'average' or 'sum', not '{self.outgoing}'")
-        if not self.reg > 0:
-            raise OtfuseError(f"reg must be positive, not {self.reg}")
-
-
-ALIGN_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(AlignOptions))
-
-
-# -- transporting one member axis ---------------------------------------------------------------
-def transport_member(
-    tensor: torch.Tensor,
-    member: Member,
-    space: int,
-    plan: TransportPlan,
-    sizes: Mapping[int, int],
-    outgoing: Outgoing = "average",
-) -> torch.Tensor:
-    """Contract the parts of ``member``'s axis that hold ``space`` with the plan.
-
-    Producer and norm axes use the corrected plan :math:`\hat T = T\,\mathrm{diag}(1/\nu)` (each
-    anchor unit is a convex combination of B's units). Consumer axes use it too with
-    ``outgoing="average"`` (the paper), or with ``outgoing="sum"`` the split plan
-    :math:`\mathrm{diag}(1/\mu)\,T` (each unit of B hands its outgoing weights to the anchor units
-    it is sent to, so merging two identical units keeps the next layer's input). The two agree for
-    permutations. ``sizes`` gives the current size of every space in ``tensor`` (those already
-    transported have the anchor's size). Returns a tensor whose axis has the anchor's size for
-    ``space``.
-    """
-    matrix = plan.split if member.role == "consumer" and outgoing == "sum" else plan.corrected
-    perm = plan.permutation
-    if member.groups > 1:
-        return _transport_grouped(tensor, member, plan.shape, matrix)
-    layout = member.layout
-    if _is_plain(layout, space):
-        return _contract_axis(tensor, member.axis, perm, matrix)
-    x = tensor.movedim(member.axis, -1)
-    lead = x.shape[:-1]
-    x = x.reshape(-1, layout.outer, layout.length(sizes) // layout.outer)
-    pieces, offset = [], 0
-    for seg in layout.segments:
-        n = sizes[seg.space]
-        piece = x[..., offset : offset + n * seg.inner]
-        offset += n * seg.inner
-        if seg.space == space:
-            piece = _contract_axis(piece.reshape(*piece.shape[:2], n, seg.inner), 2, perm, matrix)
-            piece = piece.reshape(*piece.shape[:2], -1)
-        pieces.append(piece)
-    x = torch.cat(pieces, dim=-1)
-    return x.reshape(*lead, -1).movedim(-1, member.axis)
-
-
-def _is_plain(layout, space: int) -> bool:
-    return layout.outer == 1 and layout.segments == (Segment(space),)
-
-
-def _contract_axis(
-    x: torch.Tensor, axis: int, perm: np.ndarray | None, matrix: np.ndarray
-) -> torch.Tensor:
-    """Contract axis ``axis`` (length n_b) of ``x`` with ``matrix`` (n_b, n_a), or gather ``perm``."""
-    if perm is not None:
-        return x.index_select(axis, torch.as_tensor(perm))
-    t = torch.as_tensor(matrix, dtype=x.dtype)
-    return torch.tensordot(x, t, dims=([axis], [0])).movedim(-1, axis)
-
-
-def _transport_grouped(
-    tensor: torch.Tensor, member: Member, shape: tuple[int, int], matrix: np.ndarray
-) -> torch.Tensor:
-    """Input axis of a grouped conv weight (out, in/g, ...): rows of group j use block j of the plan."""
-    g = member.groups
-    nb, na = shape[0] // g, shape[1] // g
-    t = torch.as_tensor(matrix, dtype=tensor.dtype)
-    blocks = torch.stack([t[j * nb : (j + 1) * nb, j * na : (j + 1) * na] for j in range(g)])
-    x = tensor.movedim(member.axis, -1)
-    out_shape = x.shape[:-1]
-    x = x.reshape(g, out_shape[0] // g, -1, nb)
-    x = torch.einsum("gorb,gba->gora", x, blocks)
-    return x.reshape(*out_shape, na).movedim(-1, member.axis)
 
 
 # -- features of units for the weight-based cost ------------------------------------------------
@@ -140,7 +35,7 @@ def unit_features(
 ) -> torch.Tensor:
     """Rows (n, d): every entry of ``tensor`` that belongs to each unit of ``space`` along the member axis."""
     layout = member.layout
-    if _is_plain(layout, space):
+    if is_plain(layout, space):
         return tensor.movedim(member.axis, 0).reshape(tensor.shape[member.axis], -1)
     x = tensor.movedim(member.axis, -1)
     x = x.reshape(-1, layout.outer, layout.length(sizes) // layout.outer)
@@ -211,7 +106,7 @@ def align_state(
     graph_b: SpaceGraph,
     state_a: StateDict,
     graph_a: SpaceGraph,
-    options: AlignOptions,
+    options: FusionConfig,
     acts_b: Mapping[int, torch.Tensor] | None = None,
     acts_a: Mapping[int, torch.Tensor] | None = None,
 ) -> tuple[StateDict, dict[str, TransportPlan]]:

@@ -26,12 +26,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from otfuse.activations import ActivationPoint
 from otfuse.cost import CostName, MarginalName
 from otfuse.errors import OtfuseError
 from otfuse.transport import SolverName
 
 Mode = Literal["wts", "acts"]
-ActivationPoint = Literal["pre", "post"]
 Outgoing = Literal["average", "sum"]
 StageName = Literal["bn_reset", "repair", "refit"]
 RecipeName = Literal["paper-wts", "paper-acts", "data", "data-free", "custom"]
@@ -64,7 +64,9 @@ class FusionConfig:
     cost: CostName = _option("euclidean", "ground metric between units")
     marginals: MarginalName = _option("uniform", "unit masses: uniform, or by weight norm (l1, l2)")
     reg: float = _option(0.01, "Sinkhorn's entropic regularisation, relative to the largest cost")
-    activations: ActivationPoint = _option("pre", "acts: layer outputs (pre) or after the nonlinearity")
+    activations: ActivationPoint = _option(
+        "pre", "acts: layer outputs (pre) or after the nonlinearity"
+    )
     num_samples: int = _option(200, "inputs in the sample for activations and the stages")
     seed: int = _option(0, "seed of the sample, its columns and the refit's rows")
     outgoing: Outgoing = _option("average", "outgoing weights of merged units: average or sum")
@@ -77,7 +79,9 @@ class FusionConfig:
     )
     # -- after averaging --
     stages: tuple[StageName, ...] = _option(tuple, "stages after averaging, in order (need data)")
-    synthesize: int = _option(0, "without data: synthesise this many inputs from the models (0: off)")
+    synthesize: int = _option(
+        0, "without data: synthesise this many inputs from the models (0: off)"
+    )
     # -- the average --
     weights: tuple[float, ...] | None = _option(None, "weight of each model (default: equal)")
     anchor: int = _option(0, "index of the model whose architecture and unit order the result has")
@@ -149,7 +153,9 @@ def resolve(
         name = config or recipe or ("data" if has_data else "data-free")
         config = FusionConfig.from_recipe(name)
     elif not isinstance(config, FusionConfig):
-        raise ConfigError(f"config must be a FusionConfig or a recipe name, not {type(config).__name__}")
+        raise ConfigError(
+            f"config must be a FusionConfig or a recipe name, not {type(config).__name__}"
+        )
     elif recipe is not None:
         config = FusionConfig.from_recipe(recipe)
     return config.replace(**given) if given else config
@@ -177,7 +183,9 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         if allowed:
             for v in value:
                 if v not in allowed:
-                    raise ConfigError(f"unknown {name[:-1]} '{v}'; choose from {', '.join(allowed)}")
+                    raise ConfigError(
+                        f"unknown {name[:-1]} '{v}'; choose from {', '.join(allowed)}"
+                    )
         if name == "weights":
             value = tuple(_number(name, v) for v in value)
         return value
@@ -221,7 +229,9 @@ def _check_ranges(c: FusionConfig) -> None:
     for candidate in c.candidates:
         unknown = set(candidate) - set(ALIGNMENT_FIELDS)
         if unknown:
-            raise ConfigError(f"a candidate sets non-alignment option(s) {', '.join(sorted(unknown))}")
+            raise ConfigError(
+                f"a candidate sets non-alignment option(s) {', '.join(sorted(unknown))}"
+            )
 
 
 # -- the recipes --------------------------------------------------------------------------------
@@ -243,8 +253,10 @@ RECIPES: dict[str, FusionConfig] = {
             {"mode": "acts", "cost": "euclidean", "activations": "post"},
         ),
     ),
-    "data-free": FusionConfig(recipe="data-free", refine=True, to_average=True, synthesize=256),
 }
+# without data: synthesise inputs, then the data recipe on them (see otfuse.pipeline for the
+# fallback when the models allow no synthesis)
+RECIPES["data-free"] = RECIPES["data"].replace(recipe="data-free", synthesize=256)
 
 
 def recipe_names() -> list[str]:

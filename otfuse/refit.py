@@ -39,7 +39,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
-from otfuse.discovery import discover, module_calls
+from otfuse.capture import run_with_hooks
+from otfuse.discovery import SpaceGraph, module_calls
 from otfuse.modes import evaluating
 
 _FITTABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -303,89 +304,63 @@ def solve_layer_held_out(
     return (*(fitting + scoring).solve(w0, intercept=intercept, ridge=ridge), ridge)
 
 
-class _TargetRecorder(torch.fx.Interpreter):
-    """Runs an aligned parent and accumulates ``weight`` times its rows at every target node.
+def _record_targets(
+    gm: torch.fx.GraphModule,
+    points,
+    inputs: torch.Tensor,
+    weight: float,
+    rows,
+    sums,
+    samples,
+    choose,
+) -> None:
+    """Run an aligned parent and add ``weight`` times its chosen rows at every target node to
+    ``sums``. The first parent's run picks each point's seeded rows (``choose(count)``) and the input
+    sample each row comes from (``samples``; rows are sample-major: the batch dimension comes first
+    in every layer's output); later runs reuse them."""
+    modules = dict(gm.named_modules())
+    count = max(1, len(inputs))
 
-    The first parent run picks each point's seeded rows (``choose(count)``); later runs reuse them.
-    It also records the input sample each chosen row comes from (``samples``), taking rows to be
-    sample-major: the batch dimension comes first in every layer's output.
-    """
+    def hook(node: torch.fx.Node, out: torch.Tensor) -> None:
+        point = points[node.name]
+        every = output_rows(modules[point.module], out.detach())
+        if point.node not in rows:
+            rows[point.node] = choose(len(every))
+            samples[point.node] = rows[point.node] // max(1, len(every) // count)
+        scaled = weight * every[rows[point.node]]  # in the model's own precision
+        previous = sums.get(point.node)
+        sums[point.node] = scaled if previous is None else previous + scaled
 
-    def __init__(
-        self, gm, points, rows: dict[str, torch.Tensor], sums: dict, weight: float, choose
-    ):
-        super().__init__(gm)
-        self.points = {p.target: p for p in points}
-        self.modules = dict(gm.named_modules())
-        self.rows, self.sums, self.weight, self.choose = rows, sums, weight, choose
-        self.samples: dict[str, torch.Tensor] = {}
-        self.count = 1
-
-    def run(self, inputs: torch.Tensor):  # noqa: D102
-        self.count = max(1, len(inputs))
-        return super().run(inputs)
-
-    def run_node(self, n: torch.fx.Node):
-        out = super().run_node(n)
-        point = self.points.get(n.name)
-        if point is not None:
-            every = output_rows(self.modules[point.module], out.detach())
-            if point.node not in self.rows:
-                self.rows[point.node] = self.choose(len(every))
-                per_sample = max(1, len(every) // self.count)
-                self.samples[point.node] = self.rows[point.node] // per_sample
-            rows = every[self.rows[point.node]]
-            previous = self.sums.get(point.node)
-            scaled = self.weight * rows  # in the model's own precision
-            self.sums[point.node] = scaled if previous is None else previous + scaled
-        return out
+    run_with_hooks(gm, inputs, after=dict.fromkeys(points, hook))
 
 
-class _Refitter(torch.fx.Interpreter):
-    """Runs the fused model once, re-solving each fit point's layer on the inputs it receives."""
-
-    def __init__(self, gm, points, targets, rows, ridge, samples) -> None:
-        super().__init__(gm)
-        self.points = {p.node: p for p in points}
-        self.modules = dict(gm.named_modules())
-        self.targets, self.rows, self.ridge, self.samples = targets, rows, ridge, samples
-
-    def run_node(self, n: torch.fx.Node):
-        point = self.points.get(n.name)
-        if point is not None:
-            args, _ = self.fetch_args_kwargs_from_env(n)
-            self._refit(point, args[0])
-        return super().run_node(n)
-
-    def _refit(self, point: FitPoint, x: torch.Tensor) -> None:
-        layer = self.modules[point.module]
-        rows = self.rows[point.node]
-        inputs = selected_rows(layer, x, rows)
-        target = self.targets[point.node]
-        norm = self.modules[point.norm] if point.norm else None
-        scale = shift = None
-        if norm is not None:  # fit the layer's output through the BatchNorm's affine map
-            scale = norm.weight.double() / (norm.running_var.double() + norm.eps).sqrt()
-            shift = norm.bias.double() - scale * norm.running_mean.double()
-            usable = scale.abs() > 1e-6 * scale.abs().max().clamp_min(1e-30)
-            flat = layer.weight.reshape(layer.weight.shape[0], -1)
-            current = F.linear(inputs, flat, layer.bias).double()
-            target = torch.where(usable, (target - shift) / scale.where(usable, 1.0), current)
-        has_bias = layer.bias is not None
-        w0 = layer.weight.reshape(layer.weight.shape[0], -1)
-        intercept = has_bias or norm is not None
-        if isinstance(self.ridge, numbers.Real):
-            weight, bias = solve_layer(inputs, target, w0, intercept=intercept, ridge=self.ridge)
-        else:  # every fifth sample's rows are held out to choose the ridge
-            held = self.samples[point.node] % 5 == 0
-            weight, bias, _ = solve_layer_held_out(
-                inputs, target, w0, intercept=intercept, ridges=self.ridge, held=held
-            )
-        layer.weight.copy_(weight.reshape(layer.weight.shape).to(layer.weight.dtype))
-        if has_bias:
-            layer.bias.copy_(bias.to(layer.bias.dtype))
-        elif bias is not None:  # no bias in the layer: the BatchNorm's bias takes the shift
-            norm.bias.add_((scale * bias).to(norm.bias.dtype))
+def _refit_layer(modules, point: FitPoint, x: torch.Tensor, target, rows, ridge, samples) -> None:
+    """Re-solve ``point``'s layer on the input ``x`` the fused model feeds it."""
+    layer = modules[point.module]
+    inputs = selected_rows(layer, x, rows)
+    norm = modules[point.norm] if point.norm else None
+    scale = shift = None
+    if norm is not None:  # fit the layer's output through the BatchNorm's affine map
+        scale = norm.weight.double() / (norm.running_var.double() + norm.eps).sqrt()
+        shift = norm.bias.double() - scale * norm.running_mean.double()
+        usable = scale.abs() > 1e-6 * scale.abs().max().clamp_min(1e-30)
+        flat = layer.weight.reshape(layer.weight.shape[0], -1)
+        current = F.linear(inputs, flat, layer.bias).double()
+        target = torch.where(usable, (target - shift) / scale.where(usable, 1.0), current)
+    has_bias = layer.bias is not None
+    w0 = layer.weight.reshape(layer.weight.shape[0], -1)
+    intercept = has_bias or norm is not None
+    if isinstance(ridge, numbers.Real):
+        weight, bias = solve_layer(inputs, target, w0, intercept=intercept, ridge=ridge)
+    else:  # every fifth sample's rows are held out to choose the ridge
+        weight, bias, _ = solve_layer_held_out(
+            inputs, target, w0, intercept=intercept, ridges=ridge, held=samples % 5 == 0
+        )
+    layer.weight.copy_(weight.reshape(layer.weight.shape).to(layer.weight.dtype))
+    if has_bias:
+        layer.bias.copy_(bias.to(layer.bias.dtype))
+    elif bias is not None:  # no bias in the layer: the BatchNorm's bias takes the shift
+        norm.bias.add_((scale * bias).to(norm.bias.dtype))
 
 
 def _row_choice(count: int, max_rows: int, generator: torch.Generator) -> torch.Tensor:
@@ -395,39 +370,42 @@ def _row_choice(count: int, max_rows: int, generator: torch.Generator) -> torch.
 
 
 def refit_layers(
-    fused: nn.Module,
-    parents: Sequence[nn.Module],
+    fused: SpaceGraph,
+    parents: Sequence[SpaceGraph],
     weights: Sequence[float],
     inputs: torch.Tensor,
-    example_input: torch.Tensor | tuple,
     *,
     ridge: float | Sequence[float] = RIDGES,
     max_rows: int = 32768,
     seed: int = 0,
-) -> nn.Module:
-    """Refit every fittable layer of ``fused`` to the weighted average of the aligned ``parents``'
-    outputs on ``inputs`` (N, ...), in graph order (see the module's docstring).
+) -> None:
+    """Refit every fittable layer of the fused model to the weighted average of the aligned
+    ``parents``' outputs on ``inputs`` (N, ...), in graph order (see the module's docstring).
 
-    ``parents`` must already be aligned to the fused model's widths and unit order. At most
-    ``max_rows`` seeded rows (samples x positions) per layer enter each regression. ``ridge``: one
-    relative ridge for every layer, or candidates to choose from per layer by held-out error. Modifies
-    ``fused`` in place and returns it (eval mode).
+    ``fused`` and ``parents`` are traced graphs (:class:`otfuse.capture.GraphCache`); the parents
+    are aligned to the fused model's widths and unit order. At most ``max_rows`` rows (samples x
+    positions) per layer, drawn with ``seed``, enter each regression. ``ridge``: one relative ridge
+    for every layer, or candidates to choose from per layer by held-out error. Modifies the fused
+    model's parameters in place.
     """
-    gm = discover(fused, example_input).graph_module.eval()
+    gm = fused.graph_module
     points = fit_points(gm)
     if not points:
-        return fused.eval()
+        return
     generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        rows: dict[str, torch.Tensor] = {}
-        sums: dict[str, torch.Tensor] = {}
-        choose = lambda count: _row_choice(count, max_rows, generator)  # noqa: E731
-        samples = {}
-        with evaluating(parents):
-            for parent, w in zip(parents, weights, strict=True):
-                parent_gm = discover(parent, example_input).graph_module
-                recorder = _TargetRecorder(parent_gm, points, rows, sums, w, choose)
-                recorder.run(inputs)
-                samples.update(recorder.samples)
-        _Refitter(gm, points, sums, rows, ridge, samples).run(inputs)
-    return fused.eval()
+    choose = lambda count: _row_choice(count, max_rows, generator)  # noqa: E731
+    rows: dict[str, torch.Tensor] = {}
+    sums: dict[str, torch.Tensor] = {}
+    samples: dict[str, torch.Tensor] = {}
+    by_target = {p.target: p for p in points}
+    with torch.no_grad(), evaluating([gm, *(p.graph_module for p in parents)]):
+        for parent, w in zip(parents, weights, strict=True):
+            _record_targets(parent.graph_module, by_target, inputs, w, rows, sums, samples, choose)
+        modules = dict(gm.named_modules())
+        by_node = {p.node: p for p in points}
+
+        def refit(node: torch.fx.Node, args: tuple) -> None:
+            p = by_node[node.name]
+            _refit_layer(modules, p, args[0], sums[p.node], rows[p.node], ridge, samples[p.node])
+
+        run_with_hooks(gm, inputs, before=dict.fromkeys(by_node, refit))

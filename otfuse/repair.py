@@ -3,10 +3,9 @@
 Averaging aligned units shrinks the spread of their activations layer after layer, and averaged
 BatchNorm statistics no longer describe the fused model. Two remedies, on a sample of inputs:
 
-* ``bn``: recompute the running statistics of every BatchNorm layer of the fused model.
-* ``refit``: ``repair``, then a layer-wise least-squares refit of every Linear/Conv layer to the
-  aligned parents' average outputs (:mod:`otfuse.refit`).
-* ``repair``: for every layer output whose units lie plainly on one axis (a Linear or Conv output, or
+* :func:`reset_batchnorm` (stage ``bn_reset``): recompute the running statistics of every
+  BatchNorm layer of the fused model.
+* :func:`repair_statistics` (stage ``repair``): for every layer output whose units lie plainly on one axis (a Linear or Conv output, or
   the normalisation layer that directly follows it), make each fused unit's mean and standard
   deviation over the sample match the weighted average of the parents' aligned units,
 
@@ -25,20 +24,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.fx
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from otfuse.discovery import SpaceGraph, discover, module_calls
-from otfuse.errors import OtfuseError
+from otfuse.capture import run_with_hooks
+from otfuse.discovery import SpaceGraph, module_calls
 from otfuse.modes import evaluating
-from otfuse.refit import refit_layers
 
-RepairName = Literal["none", "bn", "repair", "refit"]
-REPAIRS: tuple[str, ...] = ("none", "bn", "repair", "refit")
 _NORMS = (_BatchNorm, nn.LayerNorm, nn.GroupNorm)
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -125,95 +120,51 @@ def unit_statistics(value: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch
     return rows.mean(1), rows.std(1, unbiased=False)
 
 
-class _StatisticsRecorder(torch.fx.Interpreter):
-    def __init__(self, gm: torch.fx.GraphModule, points: Sequence[CorrectionPoint]) -> None:
-        super().__init__(gm)
-        self.points = {p.node: p for p in points}
-        self.stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def run_node(self, n: torch.fx.Node):
-        out = super().run_node(n)
-        if n.name in self.points:
-            self.stats[n.name] = unit_statistics(out, self.points[n.name].axis)
-        return out
-
-
-class _Repairer(torch.fx.Interpreter):
-    """Runs the fused model once; at each point, folds the correction into its parameters."""
-
-    def __init__(self, gm, points, targets, params: dict[str, nn.Parameter]) -> None:
-        super().__init__(gm)
-        self.points = {p.node: p for p in points}
-        self.targets = targets
-        self.params = params
-
-    def run_node(self, n: torch.fx.Node):
-        out = super().run_node(n)
-        point = self.points.get(n.name)
-        if point is None:
-            return out
-        mean_f, std_f = unit_statistics(out, point.axis)
-        mean_t, std_t = self.targets[n.name]
-        scale = std_t / std_f.clamp_min(1e-8)
-        shift = mean_t - scale * mean_f if point.bias is not None else torch.zeros_like(mean_t)
-        weight = self.params[point.weight]
-        weight.mul_(scale.to(weight.dtype).reshape(-1, *([1] * (weight.ndim - 1))))
-        if point.bias is not None:
-            bias = self.params[point.bias]
-            bias.mul_(scale.to(bias.dtype)).add_(shift.to(bias.dtype))
-        shape = [1] * out.ndim
-        shape[point.axis] = -1
-        return out * scale.to(out.dtype).reshape(shape) + shift.to(out.dtype).reshape(shape)
+def _corrected(point: CorrectionPoint, out: torch.Tensor, target, params) -> torch.Tensor:
+    """Fold the affine correction of ``point`` into its parameters; returns the corrected output."""
+    mean_f, std_f = unit_statistics(out, point.axis)
+    mean_t, std_t = target
+    scale = std_t / std_f.clamp_min(1e-8)
+    shift = mean_t - scale * mean_f if point.bias is not None else torch.zeros_like(mean_t)
+    weight = params[point.weight]
+    weight.mul_(scale.to(weight.dtype).reshape(-1, *([1] * (weight.ndim - 1))))
+    if point.bias is not None:
+        bias = params[point.bias]
+        bias.mul_(scale.to(bias.dtype)).add_(shift.to(bias.dtype))
+    shape = [1] * out.ndim
+    shape[point.axis] = -1
+    return out * scale.to(out.dtype).reshape(shape) + shift.to(out.dtype).reshape(shape)
 
 
 def repair_statistics(
-    fused: nn.Module,
-    parents: Sequence[nn.Module],
+    fused: SpaceGraph,
+    parents: Sequence[SpaceGraph],
     weights: Sequence[float],
     inputs: torch.Tensor,
-    example_input: torch.Tensor | tuple,
-) -> nn.Module:
+) -> None:
     """REPAIR: match the fused units' mean and std to the weighted average of the aligned parents'.
 
-    ``parents`` must already be aligned to the fused model's widths and unit order. Modifies ``fused``
-    in place and returns it.
+    ``fused`` and ``parents`` are traced graphs of the fused model and of the parents aligned to its
+    widths and unit order (:class:`otfuse.capture.GraphCache`). Modifies the fused model's
+    parameters in place.
     """
-    graph = discover(fused, example_input)
-    points = correction_points(graph)
+    points = {p.node: p for p in correction_points(fused)}
     if not points:
-        return fused
-    targets = {p.node: (0.0, 0.0) for p in points}
-    with torch.no_grad():
-        with evaluating(parents):
-            for parent, w in zip(parents, weights, strict=True):
-                recorder = _StatisticsRecorder(discover(parent, example_input).graph_module, points)
-                recorder.run(inputs)
-                for name, (mean, std) in recorder.stats.items():
-                    targets[name] = (targets[name][0] + w * mean, targets[name][1] + w * std)
-        params = dict(fused.named_parameters())
-        _Repairer(graph.graph_module.eval(), points, targets, params).run(inputs)
-    return fused
+        return
+    targets = {name: (0.0, 0.0) for name in points}
 
+    def record(weight: float):
+        def hook(node: torch.fx.Node, out: torch.Tensor) -> None:
+            mean, std = unit_statistics(out, points[node.name].axis)
+            m, s = targets[node.name]
+            targets[node.name] = (m + weight * mean, s + weight * std)
 
-def apply_repair(
-    kind: RepairName,
-    fused: nn.Module,
-    parents: Sequence[nn.Module],
-    weights: Sequence[float],
-    inputs: torch.Tensor | None,
-    example_input: torch.Tensor | tuple,
-) -> nn.Module:
-    """Dispatch on ``kind``: ``none``, ``bn`` (BatchNorm reset), ``repair`` (BatchNorm reset, then
-    REPAIR rescaling) or ``refit`` (``repair``, then :func:`otfuse.refit.refit_layers`)."""
-    if kind not in REPAIRS:
-        raise OtfuseError(f"unknown repair '{kind}'; choose one of {', '.join(REPAIRS)}")
-    if kind == "none":
-        return fused
-    if inputs is None:
-        raise OtfuseError(f"repair='{kind}' needs data: pass data=<inputs>")
-    reset_batchnorm(fused, inputs)
-    if kind in ("repair", "refit"):
-        repair_statistics(fused, parents, weights, inputs, example_input)
-    if kind == "refit":
-        refit_layers(fused, parents, weights, inputs, example_input)
-    return fused
+        return hook
+
+    gm = fused.graph_module
+    with torch.no_grad(), evaluating([gm, *(p.graph_module for p in parents)]):
+        for parent, w in zip(parents, weights, strict=True):
+            run_with_hooks(parent.graph_module, inputs, after=dict.fromkeys(points, record(w)))
+        params = dict(gm.named_parameters())
+        correct = lambda n, out: _corrected(points[n.name], out, targets[n.name], params)  # noqa: E731
+        run_with_hooks(gm, inputs, after=dict.fromkeys(points, correct))

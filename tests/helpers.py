@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import otfuse
-from otfuse.alignment import transport_member
+from otfuse.plans import transport_member
 from otfuse.transport import TransportPlan
 
 

@@ -218,18 +218,20 @@ def test_non_finite_weights_are_refused(bad):
 
 def test_defaults_follow_the_recipes():
     model, x = build("resnet"), example("resnet")
-    free = otfuse.fuse([model, model], example_input=x)
-    assert free.settings["recipe"] == "data-free" and free.settings["mode"] == "wts"
+    free = otfuse.fuse([model, model], example_input=x, synthesize=8)
+    assert free.config.recipe == "data-free" and free.inputs == "synthesized"
     with_data = otfuse.fuse([model, build("resnet", seed=1)], data=data_for("resnet"))
-    chosen = with_data.settings
-    assert chosen["recipe"] == "data" and chosen["repair"] != "none"
-    scores = chosen["selection_kl"]
-    assert len(scores) == 3 and scores[chosen["selected"]] == min(scores.values())
-    assert (
-        otfuse.fuse([model, model], data=data_for("resnet"), mode="acts").settings["select"] is None
-    )
-    overridden = otfuse.fuse([model, model], data=data_for("resnet"), repair="none", mode="wts")
-    assert overridden.settings["repair"] == "none" and overridden.settings["mode"] == "wts"
+    chosen = with_data.config
+    assert chosen.recipe == "data" and chosen.stages == ("bn_reset", "repair", "refit")
+    scores = with_data.selection
+    assert len(scores) == 3 and scores[with_data.selected] == min(scores.values())
+    assert chosen.candidates == ()  # the config that ran is the chosen candidate's
+    picked = dict(part.split("=") for part in with_data.selected.split(", "))
+    assert all(str(getattr(chosen, k)) == v for k, v in picked.items())
+    explicit = otfuse.fuse([model, model], data=data_for("resnet"), mode="acts")
+    assert explicit.selected is None and explicit.config.mode == "acts"
+    overridden = otfuse.fuse([model, model], data=data_for("resnet"), stages=(), mode="wts")
+    assert overridden.config.stages == () and overridden.config.mode == "wts"
     with pytest.raises(OtfuseError, match="unknown recipe"):
         otfuse.fuse([model, model], recipe="magic", example_input=x)
 
@@ -265,7 +267,12 @@ def test_repair_targets_across_widths_are_what_the_parents_compute(anchor):
     model = build("mlp")
     wide, x = _duplicated(model), example("mlp", n=200, seed=3)
     fused = otfuse.fuse(
-        [model, wide], anchor=anchor, data=x, recipe="paper-acts", repair="refit", solver="exact"
+        [model, wide],
+        anchor=anchor,
+        data=x,
+        recipe="paper-acts",
+        stages=("bn_reset", "repair", "refit"),
+        solver="exact",
     ).model
     with torch.no_grad():
         error = (fused(x) - model(x)).abs().max() / model(x).abs().max()

@@ -78,7 +78,7 @@ def test_activation_alignment_barely_depends_on_the_sample(parents, fashion):
 def test_data_recipe_repairs_statistics_on_real_data(parents, fashion):
     sample = sample_inputs(fashion[0], 300, seed=0)
     plain = otfuse.fuse(parents, recipe="paper-acts", data=sample).model
-    repaired = otfuse.fuse(parents, recipe="paper-acts", repair="repair", data=sample).model
+    repaired = otfuse.fuse(parents, recipe="paper-acts", stages=("bn_reset", "repair"), data=sample).model
     # the fused model's hidden units should regain the spread their parents had
     x = fashion[1].images[:500]
     with torch.no_grad():
@@ -102,7 +102,7 @@ def test_data_free_fusion_of_conv_nets_synthesises_what_it_needs(fashion, batch_
     example_input = torch.zeros(2, 1, 28, 28)
     paper = otfuse.fuse(models, recipe="paper-wts", example_input=example_input).model
     result = otfuse.fuse(models, example_input=example_input, synthesize=64)
-    assert result.settings["data"] == "synthesized"
+    assert result.inputs == "synthesized"
     if batch_norm:
         assert accuracy(result.model, fashion) > accuracy(paper, fashion) + 10
     else:  # the paper's fusion is already near these shallow parents: no loss

@@ -1,4 +1,4 @@
-"""Layer-wise least-squares refit (repair="refit")."""
+"""Layer-wise least-squares refit (stages=("bn_reset", "repair", "refit"))."""
 
 import pytest
 import torch
@@ -6,6 +6,7 @@ from helpers import fuse, max_state_diff
 from models import FIXTURES, build, example
 
 import otfuse
+from otfuse.capture import GraphCache
 from otfuse.discovery import discover
 from otfuse.refit import (
     RIDGES,
@@ -18,6 +19,14 @@ from otfuse.refit import (
     solve_layer_held_out,
 )
 from otfuse.repair import reset_batchnorm
+
+
+def refit_to(student, teacher, x, **options):
+    """Refit ``student`` to the single ``teacher`` on ``x``."""
+    cache = GraphCache(x[:2])
+    refit_layers(cache.graph(student), [cache.graph(teacher)], [1.0], x, **options)
+    return student.eval()
+
 
 # every parameterised layer of these fixtures is refitted, so one teacher can be reproduced exactly
 EXACT = [name for name in FIXTURES if name != "depthwise"]
@@ -93,7 +102,7 @@ def test_the_held_out_ridge_follows_what_the_inputs_predict():
 def test_refit_to_one_teacher_reproduces_it(name):
     student, teacher, x = build(name, seed=1), build(name, seed=0), sample(name)
     assert (outputs(student, x) - outputs(teacher, x)).abs().max() > 0.1
-    refit_layers(student, [teacher], [1.0], x, x[:2], ridge=1e-9)
+    refit_to(student, teacher, x, ridge=1e-9)
     fresh = sample(name, n=32, seed=5)  # the fit is exact, not just on its sample
     torch.testing.assert_close(
         outputs(student, fresh), outputs(teacher, fresh), atol=1e-3, rtol=1e-3
@@ -112,9 +121,10 @@ def test_refit_brings_the_fused_model_closer_to_the_parents_average(name):
     aligned = otfuse.align(other, anchor, example_input=x[:2])
     target = 0.5 * (outputs(anchor, x) + outputs(aligned, x))
     errors = {}
-    for repair in ("repair", "refit"):
-        fused = fuse([anchor, other], data=x, repair=repair, example_input=x[:2]).model
-        errors[repair] = float((outputs(fused, x) - target).pow(2).mean())
+    stages = {"repair": ("bn_reset", "repair"), "refit": ("bn_reset", "repair", "refit")}
+    for name, chosen in stages.items():
+        fused = fuse([anchor, other], data=x, stages=chosen, example_input=x[:2]).model
+        errors[name] = float((outputs(fused, x) - target).pow(2).mean())
     assert errors["refit"] < 0.5 * errors["repair"]
 
 
@@ -122,14 +132,15 @@ def test_refit_brings_the_fused_model_closer_to_the_parents_average(name):
 def test_refitting_the_fusion_of_a_model_with_itself_changes_nothing(name):
     model, x = build(name), sample(name)
     reset_batchnorm(model, x, batch_size=len(x))
-    result = fuse([model, model], data=x, repair="refit", example_input=x[:2])
+    stages = ("bn_reset", "repair", "refit")
+    result = fuse([model, model], data=x, stages=stages, example_input=x[:2])
     assert max_state_diff(result.model, model) < 1e-3
 
 
 def test_refit_is_the_data_recipe_default():
     model, x = build("mlp"), sample("mlp")
     result = otfuse.fuse([model, build("mlp", seed=1)], data=x, example_input=x[:2])
-    assert result.settings["repair"] == "refit"
+    assert result.config.stages[-1] == "refit" and "refit" in result.timings
 
 
 def test_rows_are_the_same_when_unfolded_in_chunks():
@@ -148,14 +159,14 @@ def test_layers_whose_weights_are_computed_are_not_refitted():
 
 def test_parents_come_back_in_their_own_modes():
     teacher, student, x = build("vgg", seed=0).train(), build("vgg", seed=1), sample("vgg")
-    refit_layers(student, [teacher], [1.0], x, x[:2])
+    refit_to(student, teacher, x)
     assert all(m.training for m in teacher.modules())
 
 
 def test_double_precision_models_are_refitted_in_double_precision():
     student, teacher = build("vgg", seed=1).double(), build("vgg", seed=0).double()
     x = sample("vgg").double()
-    refit_layers(student, [teacher], [1.0], x, x[:2], ridge=1e-12)
+    refit_to(student, teacher, x, ridge=1e-12)
     assert (outputs(student, x) - outputs(teacher, x)).abs().max() < 1e-9
 
 
@@ -167,5 +178,5 @@ def test_valid_padding_is_refitted():
     )
     x = torch.randn(40, 2, 6, 6)
     assert fit_points(discover(student, x[:2]).graph_module)
-    refit_layers(student, [teacher], [1.0], x, x[:2], ridge=1e-9)
+    refit_to(student, teacher, x, ridge=1e-9)
     torch.testing.assert_close(outputs(student, x), outputs(teacher, x), atol=1e-4, rtol=1e-4)

@@ -32,7 +32,7 @@ def test_batchnorm_reset_matches_statistics_computed_by_hand():
 @pytest.mark.parametrize("name", list(FIXTURES))
 def test_repair_makes_fused_statistics_match_their_targets(name):
     anchor, other, x = build(name, seed=0), build(name, seed=1), sample(name)
-    result = fuse([anchor, other], data=x, repair="repair", example_input=x[:2])
+    result = fuse([anchor, other], data=x, stages=("bn_reset", "repair"), example_input=x[:2])
     fused = result.model
     parents = [anchor, otfuse.align(other, anchor, example_input=x[:2])]
     graph = discover(fused, x[:2])
@@ -66,16 +66,16 @@ def test_repairing_the_fusion_of_a_model_with_itself_changes_nothing(name):
     model, x = build(name), sample(name)
     # BatchNorm statistics of a model on its own sample are what a reset computes
     reset_batchnorm(model, x, batch_size=len(x))
-    result = fuse([model, model], data=x, repair="repair", example_input=x[:2])
+    result = fuse([model, model], data=x, stages=("bn_reset", "repair"), example_input=x[:2])
     assert max_state_diff(result.model, model) < 1e-4
 
 
 def test_repair_needs_data():
     model = build("mlp")
     with pytest.raises(OtfuseError, match="needs data"):
-        fuse([model, model], repair="repair", example_input=example("mlp"))
-    with pytest.raises(OtfuseError, match="unknown repair"):
-        fuse([model, model], repair="magic", example_input=example("mlp"))
+        fuse([model, model], stages=("bn_reset", "repair"), example_input=example("mlp"))
+    with pytest.raises(OtfuseError, match="unknown stage 'magic'"):
+        fuse([model, model], stages=("magic",), example_input=example("mlp"))
 
 
 @pytest.mark.parametrize("name", list(FIXTURES))
@@ -116,7 +116,7 @@ def test_alignment_to_the_consensus_of_activations(name):
     """to_average with activations: re-alignment to the average aligned activations of all models
     never raises the objective, and copies of one model are still aligned exactly."""
     x = sample(name)
-    options = dict(mode="acts", cost="correlation", repair="none", to_average=True)
+    options = dict(mode="acts", cost="correlation", stages=(), to_average=True)
     # other widths than the anchor's give soft plans, which the consensus moves
     widths = {"mlp": (32, 16, 40), "vgg": (12, 6, 10), "resnet": (6, 3, 5)}[name]
     models = [build(name, seed=0)] + [build(name, seed=s, width=w) for s, w in enumerate(widths, 1)]

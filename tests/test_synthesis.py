@@ -93,16 +93,17 @@ def test_data_free_recipe_synthesises_when_it_can():
     x = example("resnet")
     resnets = [build("resnet", seed=0), build("resnet", seed=1)]
     result = otfuse.fuse(resnets, example_input=x, synthesize=32)
-    assert result.settings["recipe"] == "data-free" and result.settings["data"] == "synthesized"
-    assert result.settings["repair"] == "refit" and result.settings["num_samples"] == 32
+    assert result.config.recipe == "data-free" and result.inputs == "synthesized"
+    assert result.config.stages == ("bn_reset", "repair", "refit")
+    assert result.config.num_samples == 32 and "synthesize" in result.timings
     off = otfuse.fuse(resnets, example_input=x, synthesize=0)
-    assert "data" not in off.settings and off.settings["repair"] == "none"
+    assert off.inputs == "none" and off.config.stages == () and off.config.refine
     mlps = otfuse.fuse([build("mlp"), build("mlp", seed=1)], example_input=example("mlp"))
-    assert mlps.settings["data"] == "synthesized"
+    assert mlps.inputs == "synthesized"
     torch.manual_seed(0)
     regressors = [nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 1)) for _ in range(2)]
     plain = otfuse.fuse(regressors, example_input=torch.randn(4, 6))
-    assert "data" not in plain.settings and plain.settings["refine"]
+    assert plain.inputs == "none" and plain.config.refine and plain.config.mode == "wts"
 
 
 def test_a_model_passed_twice_comes_back_as_it_was():
@@ -113,7 +114,7 @@ def test_a_model_passed_twice_comes_back_as_it_was():
 
 @pytest.mark.parametrize("count", [-1, 2.5, True])
 def test_a_bad_synthesis_count_is_a_clear_error(count):
-    with pytest.raises(OtfuseError, match="synthesize must be a number of inputs"):
+    with pytest.raises(OtfuseError, match="synthesize must be a (whole|number)"):
         otfuse.fuse(
             [build("mlp"), build("mlp", seed=1)], example_input=example("mlp"), synthesize=count
         )

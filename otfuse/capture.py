@@ -1,0 +1,119 @@
+"""A model's graph, captured once per architecture, and runs of that graph with hooks at its nodes.
+
+Tracing (``torch.fx`` with shape propagation) and neuron-space discovery depend only on the
+architecture, so :class:`GraphCache` does them once for every architecture in a fusion call and
+*rebinds* the result to each further model of that architecture: a new ``GraphModule`` over a copy of
+the same graph (node shapes included) whose submodules and parameters are the other model's.
+
+:func:`run_with_hooks` runs a traced graph on inputs and calls a function before or after chosen
+nodes: the one interpreter behind activation recording, statistics repair and refit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from otfuse.discovery import SpaceGraph, discover
+
+BeforeHook = Callable[[torch.fx.Node, tuple], None]
+AfterHook = Callable[[torch.fx.Node, Any], Any]
+_SIMPLE = (bool, int, float, str, type(None))
+
+
+def architecture_key(model: nn.Module) -> tuple:
+    """What must agree for two models to share one traced graph: the class, every submodule's class
+    and simple attributes (flags such as ``residual=True``), and every parameter's and buffer's name,
+    shape and dtype."""
+    modules = []
+    for name, module in model.named_modules():
+        flags = tuple(
+            (k, v)
+            for k, v in sorted(vars(module).items())
+            if not k.startswith("_") and k != "training" and _is_simple(v)
+        )
+        modules.append((name, type(module), flags))
+    tensors = tuple(
+        (name, tuple(t.shape), t.dtype) for name, t in model.state_dict(keep_vars=True).items()
+    )
+    return (type(model), tuple(modules), tensors)
+
+
+def _is_simple(value: object) -> bool:
+    if isinstance(value, (tuple, list)):
+        return all(isinstance(v, _SIMPLE) for v in value)
+    return isinstance(value, _SIMPLE)
+
+
+def rebind(graph: SpaceGraph, model: nn.Module) -> SpaceGraph:
+    """``graph`` (traced from another model of the same architecture) over ``model``'s modules."""
+    copied = torch.fx.Graph()
+    values: dict[torch.fx.Node, torch.fx.Node] = {}
+    out = copied.graph_copy(graph.graph_module.graph, values)
+    copied.output(out)
+    gm = torch.fx.GraphModule(model, copied, class_name=type(model).__name__)
+    return SpaceGraph(graph.spaces, gm, set(graph.param_names))
+
+
+class GraphCache:
+    """Neuron spaces of each architecture met in one fusion call, traced once on ``example_input``.
+
+    ``traces`` counts the models actually traced (one per architecture).
+    """
+
+    def __init__(self, example_input: torch.Tensor | tuple) -> None:
+        self.example_input = example_input
+        self.traces = 0
+        self._graphs: dict[tuple, SpaceGraph] = {}
+        self._bound: dict[int, tuple[nn.Module, SpaceGraph]] = {}
+
+    def graph(self, model: nn.Module) -> SpaceGraph:
+        """The neuron spaces of ``model``, with a graph module that runs ``model``'s parameters."""
+        bound = self._bound.get(id(model))
+        if bound is not None:  # the cache holds the model, so its id is not reused
+            return bound[1]
+        key = architecture_key(model)
+        known = self._graphs.get(key)
+        if known is None:
+            graph = discover(model, self.example_input)
+            self.traces += 1
+            self._graphs[key] = graph
+        else:
+            graph = rebind(known, model)
+        self._bound[id(model)] = (model, graph)
+        return graph
+
+
+def run_with_hooks(
+    gm: torch.fx.GraphModule,
+    *inputs: Any,
+    before: Mapping[str, BeforeHook] | None = None,
+    after: Mapping[str, AfterHook] | None = None,
+) -> Any:
+    """Run ``gm`` on ``inputs``; call ``before[name](node, args)`` before node ``name`` runs and
+    ``after[name](node, value)`` after it (a hook that returns something other than None replaces
+    the node's value for the rest of the run). Returns the graph's output."""
+    return _Hooked(gm, before or {}, after or {}).run(*inputs)
+
+
+class _Hooked(torch.fx.Interpreter):
+    def __init__(self, gm: torch.fx.GraphModule, before: Mapping, after: Mapping) -> None:
+        super().__init__(gm)
+        self.before, self.after = before, after
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        hook = self.before.get(n.name)
+        if hook is not None:
+            args, _ = self.fetch_args_kwargs_from_env(n)
+            hook(n, args)
+        out = super().run_node(n)
+        hook = self.after.get(n.name)
+        if hook is not None:
+            replaced = hook(n, out)
+            if replaced is not None:
+                out = replaced
+        return out

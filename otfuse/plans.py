@@ -1,0 +1,120 @@
+"""Applying transport plans to tensors: every member axis of a neuron space, contracted with its plan.
+
+For a plan :math:`T` (n_b, n_a) of space S, with masses :math:`\\mu = T\\mathbf 1` and
+:math:`\\nu = T^\\top \\mathbf 1`, a member axis of S in model B (length n_b, or a layout in which S
+is one segment) becomes an axis of length n_a:
+
+.. math::
+
+    x'_{\\dots a \\dots} = \\sum_b M_{ba}\\, x_{\\dots b \\dots}, \\qquad
+    M = \\hat T = T\\,\\mathrm{diag}(1/\\nu) \\text{ or, for consumers with ``outgoing="sum"``, }
+    \\mathrm{diag}(1/\\mu)\\,T .
+
+A plan that is a scaled permutation is applied as a gather (exact, fast).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Literal
+
+import numpy as np
+import torch
+
+from otfuse.discovery import Member, Segment, SpaceGraph
+from otfuse.transport import TransportPlan
+
+Outgoing = Literal["average", "sum"]
+StateDict = dict[str, torch.Tensor]
+
+
+def transport_member(
+    tensor: torch.Tensor,
+    member: Member,
+    space: int,
+    plan: TransportPlan,
+    sizes: Mapping[int, int],
+    outgoing: Outgoing = "average",
+) -> torch.Tensor:
+    """Contract the parts of ``member``'s axis that hold ``space`` with the plan.
+
+    Producer and norm axes use the corrected plan :math:`\hat T = T\,\mathrm{diag}(1/\nu)` (each
+    anchor unit is a convex combination of B's units). Consumer axes use it too with
+    ``outgoing="average"`` (the paper), or with ``outgoing="sum"`` the split plan
+    :math:`\mathrm{diag}(1/\mu)\,T` (each unit of B hands its outgoing weights to the anchor units
+    it is sent to, so merging two identical units keeps the next layer's input). The two agree for
+    permutations. ``sizes`` gives the current size of every space in ``tensor`` (those already
+    transported have the anchor's size). Returns a tensor whose axis has the anchor's size for
+    ``space``.
+    """
+    matrix = plan.split if member.role == "consumer" and outgoing == "sum" else plan.corrected
+    perm = plan.permutation
+    if member.groups > 1:
+        return _transport_grouped(tensor, member, plan.shape, matrix)
+    layout = member.layout
+    if is_plain(layout, space):
+        return _contract_axis(tensor, member.axis, perm, matrix)
+    x = tensor.movedim(member.axis, -1)
+    lead = x.shape[:-1]
+    x = x.reshape(-1, layout.outer, layout.length(sizes) // layout.outer)
+    pieces, offset = [], 0
+    for seg in layout.segments:
+        n = sizes[seg.space]
+        piece = x[..., offset : offset + n * seg.inner]
+        offset += n * seg.inner
+        if seg.space == space:
+            piece = _contract_axis(piece.reshape(*piece.shape[:2], n, seg.inner), 2, perm, matrix)
+            piece = piece.reshape(*piece.shape[:2], -1)
+        pieces.append(piece)
+    x = torch.cat(pieces, dim=-1)
+    return x.reshape(*lead, -1).movedim(-1, member.axis)
+
+
+def is_plain(layout, space: int) -> bool:
+    return layout.outer == 1 and layout.segments == (Segment(space),)
+
+
+def _contract_axis(
+    x: torch.Tensor, axis: int, perm: np.ndarray | None, matrix: np.ndarray
+) -> torch.Tensor:
+    """Contract axis ``axis`` (length n_b) of ``x`` with ``matrix`` (n_b, n_a), or gather ``perm``."""
+    if perm is not None:
+        return x.index_select(axis, torch.as_tensor(perm))
+    t = torch.as_tensor(matrix, dtype=x.dtype)
+    return torch.tensordot(x, t, dims=([axis], [0])).movedim(-1, axis)
+
+
+def _transport_grouped(
+    tensor: torch.Tensor, member: Member, shape: tuple[int, int], matrix: np.ndarray
+) -> torch.Tensor:
+    """Input axis of a grouped conv weight (out, in/g, ...): rows of group j use block j of the plan."""
+    g = member.groups
+    nb, na = shape[0] // g, shape[1] // g
+    t = torch.as_tensor(matrix, dtype=tensor.dtype)
+    blocks = torch.stack([t[j * nb : (j + 1) * nb, j * na : (j + 1) * na] for j in range(g)])
+    x = tensor.movedim(member.axis, -1)
+    out_shape = x.shape[:-1]
+    x = x.reshape(g, out_shape[0] // g, -1, nb)
+    x = torch.einsum("gorb,gba->gora", x, blocks)
+    return x.reshape(*out_shape, na).movedim(-1, member.axis)
+
+
+def apply_plans(
+    state_b: StateDict,
+    graph_b: SpaceGraph,
+    sizes_a: Mapping[int, int],
+    plans: Mapping[int, TransportPlan],
+    skip: int | None = None,
+    outgoing: str = "average",
+) -> tuple[StateDict, dict[int, int]]:
+    """Transport ``state_b`` by the plan of every space except ``skip``; returns it and its space sizes."""
+    state, sizes = dict(state_b), graph_b.sizes
+    for space in graph_b.transportable():
+        if space.index == skip:
+            continue
+        for member in space.members:
+            state[member.param] = transport_member(
+                state[member.param], member, space.index, plans[space.index], sizes, outgoing
+            )
+        sizes[space.index] = sizes_a[space.index]
+    return state, sizes

@@ -1,0 +1,172 @@
+"""The stages of a fusion: small named units over one :class:`~otfuse.context.FusionContext`.
+
+A fusion runs, in order::
+
+    align -> [refine] -> [to_average] -> average -> config.stages (bn_reset, repair, refit)
+
+* ``align``: Algorithm 1, every model to the anchor, costs from weights or activations
+  (:mod:`otfuse.alignment`).
+* ``refine``: weight matching with OT plans until no plan changes (:mod:`otfuse.refinement`).
+* ``to_average``: K > 2, re-align to the running average or the activations' consensus
+  (:mod:`otfuse.consensus`).
+* ``average``: the weighted average of the aligned states, a model of the anchor's class.
+* ``bn_reset``, ``repair``, ``refit``: on the sample, recompute BatchNorm statistics, match every
+  unit's mean and spread to the aligned parents' (REPAIR), re-solve every Linear/Conv layer by
+  least squares (:mod:`otfuse.repair`, :mod:`otfuse.refit`).
+
+Each stage declares the config fields it reads (``reads``) and whether it needs data; the registry
+``STAGES`` maps names to them, so the config lists stages by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tqdm.auto import tqdm
+
+from otfuse.alignment import align_state
+from otfuse.baselines import average_states, build_model
+from otfuse.consensus import align_to_average, align_to_consensus
+from otfuse.context import FusionContext
+from otfuse.refinement import refine_plans
+from otfuse.refit import refit_layers
+from otfuse.repair import repair_statistics, reset_batchnorm
+
+ALIGNMENT = ("mode", "solver", "cost", "marginals", "reg", "activations", "seed", "outgoing")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A named step of the pipeline: ``run(context)`` updates the context in place."""
+
+    name: str
+    run: Callable[[FusionContext], None]
+    reads: tuple[str, ...]
+    needs_data: bool
+    summary: str
+
+
+STAGES: dict[str, Stage] = {}
+
+
+def stage(name: str, *, reads: tuple[str, ...] = (), needs_data: bool = False):
+    """Register the decorated function as the stage ``name``."""
+
+    def register(run: Callable[[FusionContext], None]) -> Callable[[FusionContext], None]:
+        summary = (run.__doc__ or "").strip().splitlines()[0] if run.__doc__ else name
+        STAGES[name] = Stage(name, run, reads, needs_data, summary)
+        return run
+
+    return register
+
+
+def stage_names(context: FusionContext) -> list[str]:
+    """The stages ``context.config`` runs, in order."""
+    config, k = context.config, len(context.models)
+    names = ["align"]
+    if config.refine:
+        names.append("refine")
+    if config.to_average and k > 2:
+        names.append("to_average")
+    return [*names, "average", *config.stages]
+
+
+@stage("align", reads=ALIGNMENT)
+def align_to_anchor(context: FusionContext) -> None:
+    """Align every model to the anchor, one neuron space at a time (greedy, Algorithm 1)."""
+    anchor, graphs, states = context.anchor, context.graphs, context.states
+    acts = context.activations()
+    aligned, plans = [], []
+    bars = not context.clock.progress.bars
+    for i in tqdm(range(len(states)), desc="align", unit="model", disable=bars, leave=False):
+        if i == anchor:
+            aligned.append(states[i])
+            plans.append({})
+            continue
+        pair = (acts[i], acts[anchor]) if acts is not None else (None, None)
+        state, space_plans = align_state(
+            states[i], graphs[i], states[anchor], graphs[anchor], context.config, *pair
+        )
+        aligned.append(state)
+        plans.append(space_plans)
+    context.aligned, context.plans = aligned, plans
+
+
+@stage("refine", reads=("marginals", "solver", "outgoing", "max_sweeps"))
+def refine(context: FusionContext) -> None:
+    """Re-solve every space of every model against all its weights (weight matching)."""
+    anchor, graphs, states = context.anchor, context.graphs, context.states
+    for i in range(len(states)):
+        if i == anchor:
+            continue
+        args = (states[i], graphs[i], states[anchor], graphs[anchor])
+        context.aligned[i], context.plans[i], context.logs[i] = refine_plans(
+            *args, context.plans[i], context.config, max_sweeps=context.config.max_sweeps
+        )
+
+
+@stage("to_average", reads=(*ALIGNMENT, "max_sweeps"))
+def to_average(context: FusionContext) -> None:
+    """K > 2: re-align every model to the running average (weights) or consensus (activations)."""
+    c = context
+    common = (c.states, c.graphs, c.anchor, c.weights)
+    acts = c.activations()
+    if acts is not None:
+        result = align_to_consensus(
+            *common, acts, c.aligned, c.plans, c.config, max_rounds=c.config.max_sweeps
+        )
+    else:
+        reference = c.states[c.anchor]
+        result = align_to_average(
+            *common,
+            c.aligned,
+            c.plans,
+            c.config,
+            max_rounds=c.config.max_sweeps,
+            average=lambda states, ws: average_states(states, ws, reference),
+        )
+    c.aligned, c.plans, c.logs["average"] = result
+
+
+@stage("average")
+def average(context: FusionContext) -> None:
+    """Average the aligned states into a model of the anchor's class."""
+    reference = context.states[context.anchor]
+    state = average_states(context.aligned, context.weights, reference)
+    context.fused = build_model(context.models[context.anchor], state)
+
+
+@stage("bn_reset", needs_data=True)
+def bn_reset(context: FusionContext) -> None:
+    """Recompute the fused model's BatchNorm statistics on the sample."""
+    reset_batchnorm(context.fused, context.sample)
+
+
+@stage("repair", needs_data=True)
+def repair(context: FusionContext) -> None:
+    """Match each fused unit's mean and spread to the aligned parents' average (REPAIR)."""
+    repair_statistics(
+        context.fused_graph(), context.target_graphs(), context.weights, context.sample
+    )
+
+
+@stage("refit", reads=("seed",), needs_data=True)
+def refit(context: FusionContext) -> None:
+    """Re-solve every Linear/Conv layer to the aligned parents' average outputs (least squares)."""
+    refit_layers(
+        context.fused_graph(),
+        context.target_graphs(),
+        context.weights,
+        context.sample,
+        seed=context.config.seed,
+    )
+    context.fused.eval()
+
+
+def run_stages(context: FusionContext) -> FusionContext:
+    """Run every stage of ``context.config`` on ``context``, timing each."""
+    for name in stage_names(context):
+        STAGES[name].run(context)
+        context.clock.lap(name)
+    return context

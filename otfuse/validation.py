@@ -1,0 +1,190 @@
+"""One validation layer for everything a user hands to otfuse: models, weights, inputs.
+
+Each check raises an :class:`~otfuse.errors.OtfuseError` subclass with one line that names the
+cause ("data has 1 channel, the models expect 3"), never a torch traceback. The library's entry
+points and the command line call the same functions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from otfuse.errors import DataError, OtfuseError
+
+_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def check_models(models: Sequence[nn.Module]) -> list[nn.Module]:
+    """At least two ``nn.Module`` with finite floating-point parameters and buffers."""
+    if isinstance(models, nn.Module) or not isinstance(models, Iterable):
+        raise OtfuseError("models must be a list of nn.Module")
+    models = list(models)
+    if len(models) < 2:
+        raise OtfuseError(f"fusion needs at least two models, got {len(models)}")
+    for i, model in enumerate(models):
+        if not isinstance(model, nn.Module):
+            raise OtfuseError(f"model {i} is a {type(model).__name__}, not an nn.Module")
+        name = first_non_finite(model.state_dict())
+        if name is not None:
+            raise OtfuseError(f"model {i} has NaN or Inf values in '{name}'")
+    return models
+
+
+def first_non_finite(state: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point entry of ``state`` holding NaN or Inf, or None."""
+    for name, value in state.items():
+        # a sum is finite iff every entry is (barring overflow, which the exact check rules out)
+        if value.is_floating_point() and not torch.isfinite(value.sum()):
+            if not torch.isfinite(value).all():
+                return name
+    return None
+
+
+def normalise_weights(weights: Sequence[float] | None, k: int) -> list[float]:
+    """``weights`` scaled to sum to one (default: equal), one per model."""
+    if weights is None:
+        return [1.0 / k] * k
+    weights = [float(w) for w in weights]
+    if len(weights) != k:
+        raise OtfuseError(f"got {len(weights)} weights for {k} models")
+    if any(not w >= 0 for w in weights) or sum(weights) <= 0:
+        raise OtfuseError("weights must be non-negative and sum to a positive number")
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+def check_anchor(anchor: int, k: int) -> int:
+    if not 0 <= anchor < k:
+        raise OtfuseError(f"anchor must be an index in 0..{k - 1}, got {anchor}")
+    return anchor
+
+
+# -- inputs ---------------------------------------------------------------------------------------
+def sample_inputs(data: object, n: int, seed: int) -> torch.Tensor:
+    """A seeded sample of at most ``n`` inputs (rows) from ``data``, checked.
+
+    ``data`` may be a tensor or array (N, ...), a dataset with ``.images`` (:mod:`otfuse.data`), a
+    map-style ``torch.utils.data.Dataset`` whose items are inputs or (input, label) pairs (e.g. a
+    ``TensorDataset``), or an iterable of batches (a ``DataLoader``).
+    """
+    if n < 1:
+        raise DataError(f"the sample needs at least one input, not {n}")
+    inputs = _as_tensor(data, n, seed)
+    if inputs.ndim == 0 or len(inputs) == 0:
+        raise DataError("data holds no inputs")
+    if len(inputs) > n:
+        gen = torch.Generator().manual_seed(seed)
+        inputs = inputs[torch.randperm(len(inputs), generator=gen)[:n]]
+    return check_inputs(inputs)
+
+
+def check_inputs(inputs: torch.Tensor) -> torch.Tensor:
+    """Floating-point, finite inputs."""
+    if not inputs.is_floating_point():
+        raise DataError(
+            f"data has dtype {str(inputs.dtype).replace('torch.', '')}; the models take "
+            "floating-point inputs (convert them, e.g. with .float() / 255)"
+        )
+    bad = ~torch.isfinite(inputs.reshape(len(inputs), -1)).all(1)
+    if bad.any():
+        raise DataError(
+            f"data holds NaN or Inf values (input {int(bad.nonzero()[0])} of the sample)"
+        )
+    return inputs
+
+
+def check_fits(inputs: torch.Tensor, example: torch.Tensor | tuple, model: nn.Module) -> None:
+    """``inputs`` (N, ...) have the per-input shape of ``example``, in words when they do not."""
+    if not isinstance(example, torch.Tensor) or inputs.shape[1:] == example.shape[1:]:
+        return
+    raise DataError(_mismatch(tuple(inputs.shape[1:]), tuple(example.shape[1:]), model))
+
+
+def _mismatch(got: tuple[int, ...], expected: tuple[int, ...], model: nn.Module) -> str:
+    layer = next((m for m in model.modules() if isinstance(m, _LAYERS)), None)
+    if len(got) == len(expected) >= 2 and got[1:] == expected[1:] and got[0] != expected[0]:
+        unit = "channel" if got[0] == 1 else "channels"
+        return f"data has {got[0]} {unit}, the models expect {expected[0]}"
+    if isinstance(layer, nn.Linear) and len(expected) == 1:
+        return f"data has {int(np.prod(got))} features per input, the models expect {expected[0]}"
+    return f"data inputs have shape {_shape(got)}, the models expect {_shape(expected)}"
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "x".join(str(d) for d in shape) or "()"
+
+
+def _as_tensor(data: object, n: int, seed: int) -> torch.Tensor:
+    if hasattr(data, "images"):
+        data = data.images
+    if isinstance(data, np.ndarray):
+        data = torch.from_numpy(data)
+    if isinstance(data, torch.Tensor):
+        return data
+    if isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__"):
+        return _from_dataset(data, n, seed)
+    if not isinstance(data, Iterable) or isinstance(data, (str, bytes)):
+        raise DataError(
+            f"data must be a tensor, a dataset or batches of inputs, not {type(data).__name__}"
+        )
+    return _take_batches(data, n)
+
+
+def _first(item: object) -> object:
+    return item[0] if isinstance(item, (tuple, list)) else item
+
+
+def _from_dataset(dataset: torch.utils.data.Dataset, n: int, seed: int) -> torch.Tensor:
+    """``n`` seeded items of a map-style dataset, stacked."""
+    count = len(dataset)
+    if count == 0:
+        raise DataError("data holds no inputs")
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(count, generator=gen)[:n].sort().values if count > n else range(count)
+    items = [_first(dataset[int(i)]) for i in order]
+    if not all(isinstance(x, torch.Tensor) for x in items):
+        raise DataError(f"dataset items must be tensors, not {type(items[0]).__name__}")
+    try:
+        return torch.stack(items)
+    except RuntimeError:
+        raise DataError("dataset items have different shapes") from None
+
+
+def _take_batches(data: Iterable, n: int) -> torch.Tensor:
+    parts, total = [], 0
+    for batch in data:
+        x = _first(batch)
+        if isinstance(x, np.ndarray):
+            x = torch.from_numpy(x)
+        if not isinstance(x, torch.Tensor):
+            raise DataError(f"data batches must hold tensors, not {type(x).__name__}")
+        parts.append(x)
+        total += len(x)
+        if total >= n:
+            break
+    if not parts:
+        raise DataError("data holds no inputs")
+    if any(p.shape[1:] != parts[0].shape[1:] for p in parts):
+        raise DataError("data batches have inputs of different shapes")
+    return torch.cat(parts)
+
+
+def example_input_for(
+    model: nn.Module, example_input: torch.Tensor | tuple | None, sample: torch.Tensor | None
+) -> torch.Tensor | tuple:
+    """The input to trace with: the caller's, two rows of the sample, or zeros of the shape the
+    model records (``otfuse_config["in_shape"]``, as zoo models do)."""
+    if example_input is not None:
+        return example_input
+    if sample is not None:
+        return sample[:2]
+    in_shape = getattr(model, "otfuse_config", {}).get("in_shape")
+    if in_shape is not None:
+        return torch.zeros(2, *in_shape)
+    raise OtfuseError(
+        "pass example_input=<a tensor the models accept> (or data) to trace the models"
+    )
