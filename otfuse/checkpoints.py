@@ -8,27 +8,35 @@ every bad file raises a one-line :class:`~otfuse.errors.CheckpointError`.
 
 Writing is atomic: the data goes to a temporary file in the target's directory, is flushed to disk
 and renamed over the target, so an interrupted run leaves the old file (or none), never half of one.
-:func:`atomic_path`, :func:`atomic_write_text` and :func:`atomic_write_bytes` do the same for any
-output (JSON, CSV, PNG).
+:func:`atomic_path`, :func:`atomic_write_text` and :func:`atomic_write_bytes` (from
+:mod:`otfuse.atomic`) do the same for any output (JSON, CSV, PNG).
+
+A checkpoint's metadata may record its architecture (``metadata["arch"]``, written by
+:func:`architecture_record`, from :mod:`otfuse.architectures`): a zoo model's ``otfuse_config``, or an import path ``module:callable``
+with its keyword arguments, and the shape of one input. :func:`read_architecture` reads it back as an
+:class:`Architecture`, :func:`recorded_in_shape` gives the input shape, and :func:`load_model` builds
+the model and loads the weights. A checkpoint never makes otfuse import code: a recorded import path
+is built only when the caller passes it (or ``allow_import=True``).
 
 Example::
 
     save_model("fused.safetensors", model, {"epoch": 3})   # also writes fused.safetensors.json
     ckpt = load_state_dict("fused.safetensors")             # ckpt.metadata == {"epoch": 3}
     load_into(model, ckpt)
+
+    save_model("a.safetensors", model, {"arch": architecture_record(model, in_shape=(1, 28, 28))})
+    loaded = load_model("a.safetensors")                    # zoo models: no code imported
+    loaded.model, loaded.architecture.in_shape
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import hashlib
 import json
-import os
 import re
 import struct
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
@@ -43,18 +51,33 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
-from otfuse.errors import CheckpointError, OtfuseError
+from otfuse.architectures import (
+    Architecture,
+    ArchitectureUnknownError,
+    architecture_record,
+    read_architecture,
+    recorded_in_shape,
+)
+from otfuse.atomic import atomic_path, atomic_write_bytes, atomic_write_text
+from otfuse.errors import CheckpointError
 
 __all__ = [
     "FORMATS",
+    "Architecture",
+    "ArchitectureUnknownError",
     "Checkpoint",
+    "LoadedModel",
+    "architecture_record",
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_text",
     "check_finite",
     "check_fits",
     "load_into",
+    "load_model",
     "load_state_dict",
+    "read_architecture",
+    "recorded_in_shape",
     "save_model",
     "sha256_file",
 ]
@@ -346,6 +369,75 @@ def load_into(model: nn.Module, checkpoint: Checkpoint | Mapping[str, Tensor]) -
 
 
 # --------------------------------------------------------------------------------------------------
+# Building a checkpoint's model (its architecture: otfuse.architectures)
+
+
+@dataclass
+class LoadedModel:
+    """A model built from a checkpoint, with the weights loaded (eval mode)."""
+
+    model: nn.Module
+    checkpoint: Checkpoint
+    architecture: Architecture
+
+    @property
+    def in_shape(self) -> tuple[int, ...] | None:
+        """The recorded (or given) shape of one input, else the zoo model's."""
+        config = getattr(self.model, "otfuse_config", None) or {}
+        return (
+            recorded_in_shape(self.checkpoint.metadata)
+            or self.architecture.in_shape
+            or recorded_in_shape({"arch": config})
+        )
+
+
+def load_model(
+    path: str | Path,
+    architecture: Architecture | None = None,
+    defaults: Mapping[str, Any] | None = None,
+    *,
+    allow_import: bool = False,
+) -> LoadedModel:
+    """Read ``path`` safely, build its architecture and load the weights (checked to fit and to be
+    finite).
+
+    ``architecture``: the model to build (its import path is imported); the keyword arguments it
+    leaves out are taken from the checkpoint's record when that names the same zoo model or
+    callable. By default the recorded architecture, where an import path is imported only with
+    ``allow_import``.
+    ``defaults``: see :meth:`Architecture.build`. Raises :class:`ArchitectureUnknownError` when
+    neither says how to build the model.
+    """
+    checkpoint = load_state_dict(path)
+    given = architecture is not None
+    recorded = read_architecture(checkpoint.metadata)
+    if architecture is None:
+        architecture = recorded
+    elif recorded is not None and recorded.target == architecture.target:
+        kwargs = {**recorded.kwargs, **architecture.kwargs}
+        architecture = Architecture(
+            architecture.target, kwargs, architecture.in_shape or recorded.in_shape
+        )
+    if architecture is None:
+        raise ArchitectureUnknownError(
+            f"{path} records no architecture; give the architecture that holds its weights",
+            Path(path),
+        )
+    if not given and not architecture.is_zoo and not allow_import:
+        raise ArchitectureUnknownError(
+            f"{path} was built by {architecture.target}; otfuse never imports code named in a "
+            "file: give that architecture (or allow_import=True) to build it",
+            Path(path),
+            architecture,
+        )
+    model = architecture.build(defaults, allow_import=True)
+    load_into(model, checkpoint)
+    check_finite(checkpoint.state_dict, str(path))
+    model.eval()
+    return LoadedModel(model, checkpoint, architecture)
+
+
+# --------------------------------------------------------------------------------------------------
 # Writing
 
 
@@ -369,7 +461,7 @@ def save_model(
     path = Path(path)
     fmt = _infer_format(path, format)
     if path.exists() and not overwrite:
-        raise CheckpointError(f"{path} exists; pass --force to overwrite")
+        raise CheckpointError(f"{path} exists; pass overwrite=True to replace it")
     tensors = _tensors_to_save(model_or_state_dict)
     sidecar = {"schema": SIDECAR_SCHEMA, "file": path.name, "sha256": ""}
     sidecar["metadata"] = _json_metadata(metadata or {})
@@ -470,103 +562,6 @@ def _json_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
                 "pass str, int, float, bool, None, lists or dicts"
             ) from None
     return out
-
-
-# --------------------------------------------------------------------------------------------------
-# Atomic writing of any file
-
-
-@contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; when the block succeeds, move it onto ``path``.
-
-    The temporary file keeps the target's suffix (``.plot.png.x1y2.tmp.png``), so writers that pick
-    a format from the name work. On success it is fsynced and renamed over ``path`` with
-    :func:`os.replace` (atomic); on any exception, Ctrl-C included, it is removed and ``path`` is
-    left as it was. Missing parent directories are created. Raises :class:`OtfuseError` if the file
-    cannot be written.
-
-    Example::
-
-        with atomic_path("plot.png") as tmp:
-            fig.savefig(tmp)
-    """
-    target = Path(path)
-    tmp = _make_temp(target)
-    try:
-        yield tmp
-        _commit(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(target.parent)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (see :func:`atomic_path`); return ``path``."""
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-    return Path(path)
-
-
-def atomic_write_text(path: str | Path, text: str, *, encoding: str = "utf-8") -> Path:
-    """Write ``text`` to ``path`` atomically (see :func:`atomic_path`); return ``path``."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding=encoding)
-    return Path(path)
-
-
-def _make_temp(target: Path) -> Path:
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(
-            dir=target.parent, prefix=f".{target.name}.", suffix=f".tmp{target.suffix}"
-        )
-    except OSError as exc:
-        raise _write_error(target, exc) from exc
-    os.close(fd)
-    return Path(name)
-
-
-def _commit(tmp: Path, target: Path) -> None:
-    """Flush ``tmp`` to disk, give it the usual permissions and rename it onto ``target``."""
-    try:
-        fd = os.open(tmp, os.O_RDWR)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, target)
-    except OSError as exc:
-        raise _write_error(target, exc) from exc
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename durable where the platform allows it (POSIX); best effort."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-@functools.lru_cache(maxsize=1)
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _write_error(target: Path, exc: OSError) -> OtfuseError:
-    return OtfuseError(
-        f"cannot write {target}: {exc.strerror or exc}; choose a writable location with free space"
-    )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -51,6 +51,7 @@ __all__ = [
     "DatasetInfo",
     "dataset_names",
     "input_shape",
+    "is_dataset_name",
     "load_dataset",
     "num_classes",
     "read_cifar_batch",
@@ -89,12 +90,12 @@ class DatasetInfo:
 
 
 _FMNIST_HINT = (
-    "reinstall the Debian package dataset-fashion-mnist (make data) or pass --data-dir "
-    "with the four IDX files"
+    "reinstall the Debian package dataset-fashion-mnist (make data) or point data_dir (or "
+    "OTFUSE_DATA_DIR) at a folder with the four IDX files"
 )
-_MNIST_HINT = "pass --data-dir (or set OTFUSE_DATA_DIR) to a folder with the four MNIST IDX files"
+_MNIST_HINT = "point data_dir (or OTFUSE_DATA_DIR) at a folder with the four MNIST IDX files"
 _CIFAR_HINT = (
-    "pass --data-dir (or set OTFUSE_DATA_DIR) to the cifar-10-batches-py folder "
+    "point data_dir (or OTFUSE_DATA_DIR) at the cifar-10-batches-py folder "
     "(data_batch_1..5, test_batch) of the python version of CIFAR-10"
 )
 
@@ -211,6 +212,11 @@ class Dataset:
 def dataset_names() -> list[str]:
     """Names accepted by :func:`load_dataset`."""
     return list(_DATASETS)
+
+
+def is_dataset_name(name: str) -> bool:
+    """Whether ``name`` (or an alias such as ``fmnist``, ``cifar-10``) names a dataset here."""
+    return _ALIASES.get(name.lower(), name.lower()) in _DATASETS
 
 
 def dataset_info(name: str) -> DatasetInfo:

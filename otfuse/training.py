@@ -3,6 +3,12 @@
 SGD with momentum and weight decay, cross-entropy loss, a learning rate that follows ``schedule``.
 On CPU, training is deterministic given ``TrainConfig.seed`` (and the number of threads).
 
+A run that diverges raises :class:`TrainingDivergedError`: the loss becomes NaN or infinite, rises
+above :data:`DIVERGENCE_FACTOR` times its first value (at least 1), or the last epoch's mean loss
+ends above ``10 x`` the first step's; so does a run whose weights end holding NaN or Inf.
+``progress=True`` shows a progress bar when stderr is a terminal, and one line per epoch otherwise
+(log files get no ``\\r`` frames).
+
 >>> history = train(model, load_dataset("fashion-mnist"), TrainConfig(epochs=5))
 >>> evaluate(model, load_dataset("fashion-mnist", "test")).accuracy
 """
@@ -13,6 +19,7 @@ import contextlib
 import copy
 import math
 import random
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -34,6 +41,7 @@ __all__ = [
     "TrainConfig",
     "TrainConfigError",
     "TrainHistory",
+    "TrainingDivergedError",
     "evaluate",
     "finetune",
     "learning_rate",
@@ -43,6 +51,8 @@ __all__ = [
 ]
 
 SCHEDULES = ("cosine", "step", "constant")
+DIVERGENCE_FACTOR = 1000.0  # a step's loss this many times the first one's (at least 1): diverged
+FINAL_LOSS_FACTOR = 10.0  # the last epoch's mean loss this many times the first step's: diverged
 
 
 class TrainConfigError(OtfuseError):
@@ -156,23 +166,27 @@ def train(
     loader = dataset.loader(config.batch_size, shuffle=True, seed=config.seed)
     total_steps = config.epochs * len(loader)
     history = TrainHistory()
-    bar = tqdm(total=total_steps, disable=not progress, desc="train", unit="step", leave=False)
+    on_terminal = progress and sys.stderr.isatty()
+    bar = tqdm(total=total_steps, disable=not on_terminal, desc="train", unit="step", leave=False)
+    watch = _DivergenceWatch(config.lr)
     with _num_threads(config.num_threads), bar:
         for epoch in range(1, config.epochs + 1):
             start = time.perf_counter()
-            loss, accuracy, lr = _train_epoch(model, loader, optimizer, config, epoch, bar)
+            loss, accuracy, lr = _train_epoch(model, loader, optimizer, config, epoch, bar, watch)
             evaluation = evaluate(model, eval_dataset) if eval_dataset is not None else None
-            history.epochs.append(
-                EpochStats(
-                    epoch=epoch,
-                    loss=loss,
-                    accuracy=accuracy,
-                    lr=lr,
-                    seconds=time.perf_counter() - start,
-                    eval_loss=evaluation.loss if evaluation else None,
-                    eval_accuracy=evaluation.accuracy if evaluation else None,
-                )
+            stats = EpochStats(
+                epoch=epoch,
+                loss=loss,
+                accuracy=accuracy,
+                lr=lr,
+                seconds=time.perf_counter() - start,
+                eval_loss=evaluation.loss if evaluation else None,
+                eval_accuracy=evaluation.accuracy if evaluation else None,
             )
+            history.epochs.append(stats)
+            if progress and not on_terminal:
+                print(_epoch_line(stats, config.epochs), file=sys.stderr, flush=True)
+    watch.check_final(history.final.loss)
     broken = first_non_finite(model)  # the last step may have broken the weights
     if broken is not None:
         raise TrainingDivergedError(
@@ -180,6 +194,43 @@ def train(
             f"(lr={config.lr:g})"
         )
     return history
+
+
+def _epoch_line(stats: EpochStats, epochs: int) -> str:
+    """One log line per epoch, for stderr that is not a terminal."""
+    line = (
+        f"train: epoch {stats.epoch}/{epochs}: loss {stats.loss:.4f}, accuracy "
+        f"{stats.accuracy:.2f}%, lr {stats.lr:.4g} ({stats.seconds:.1f} s)"
+    )
+    if stats.eval_accuracy is not None:
+        line += f"; eval accuracy {stats.eval_accuracy:.2f}%, loss {stats.eval_loss:.4f}"
+    return line
+
+
+class _DivergenceWatch:
+    """Raises :class:`TrainingDivergedError` when the loss runs away from its first value."""
+
+    def __init__(self, lr: float) -> None:
+        self.lr = lr
+        self.first: float | None = None
+
+    def step(self, loss: float, epoch: int, step: int) -> None:
+        if self.first is None and math.isfinite(loss):
+            self.first = loss
+        limit = DIVERGENCE_FACTOR * max(self.first or 1.0, 1.0)
+        if not math.isfinite(loss) or loss > limit:
+            start = f", from {self.first:.3g} at the first step" if self.first is not None else ""
+            raise TrainingDivergedError(
+                f"training diverged at epoch {epoch}, step {step}: loss {loss:.3g}{start}; "
+                f"lower the learning rate (lr={self.lr:g})"
+            )
+
+    def check_final(self, loss: float) -> None:
+        if self.first is not None and loss > FINAL_LOSS_FACTOR * max(self.first, 1.0):
+            raise TrainingDivergedError(
+                f"training diverged: the last epoch's mean loss is {loss:.3g}, up from "
+                f"{self.first:.3g} at the first step; lower the learning rate (lr={self.lr:g})"
+            )
 
 
 def first_non_finite(model: nn.Module) -> str | None:
@@ -197,6 +248,7 @@ def _train_epoch(
     config: TrainConfig,
     epoch: int,
     bar: tqdm,
+    watch: _DivergenceWatch,
 ) -> tuple[float, float, float]:
     """One pass over ``loader``; returns mean loss, accuracy (percent) and the last lr."""
     model.train()
@@ -210,11 +262,7 @@ def _train_epoch(
         images, labels = images.to(device), labels.to(device)
         logits = model(images)
         loss = F.cross_entropy(logits, labels)
-        if not torch.isfinite(loss):
-            raise TrainingDivergedError(
-                f"training diverged at epoch {epoch}, step {i + 1} (loss {loss.item()}): "
-                f"lower the learning rate (lr={config.lr:g})"
-            )
+        watch.step(loss.item(), epoch, i + 1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -16,19 +16,26 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from otfuse import zoo
 from otfuse.checkpoints import (
+    Architecture,
+    ArchitectureUnknownError,
     Checkpoint,
+    architecture_record,
     atomic_path,
     atomic_write_bytes,
     atomic_write_text,
     check_finite,
     check_fits,
     load_into,
+    load_model,
     load_state_dict,
+    read_architecture,
+    recorded_in_shape,
     save_model,
     sha256_file,
 )
-from otfuse.errors import CheckpointError
+from otfuse.errors import CheckpointError, OtfuseError
 
 
 @pytest.fixture
@@ -61,6 +68,7 @@ def refused(path: Path, *words: str) -> str:
         load_state_dict(path)
     message = str(err.value)
     assert "\n" not in message
+    assert " --" not in message, "a library error speaks of command-line flags"
     assert str(path) in message
     for word in words:
         assert word in message, message
@@ -333,7 +341,7 @@ def test_existing_output_is_refused_without_overwrite(tmp_path, model):
     before = out.read_bytes()
     with pytest.raises(CheckpointError) as err:
         save_model(out, fresh_model(), {"run": 2})
-    assert str(err.value) == f"{out} exists; pass --force to overwrite"
+    assert str(err.value) == f"{out} exists; pass overwrite=True to replace it"
     assert out.read_bytes() == before
     save_model(out, fresh_model(), {"run": 2}, overwrite=True)
     ckpt = load_state_dict(out)
@@ -433,3 +441,64 @@ def test_atomic_path_cleans_up_on_failure(tmp_path, error):
             tmp.write_text("a,b\n1,")
             raise error()
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------------------
+# Architectures recorded in checkpoints
+
+CHECKPOINT_NET = """
+from torch import nn
+
+def make(width=3):
+    return nn.Sequential(nn.Linear(4, width), nn.ReLU(), nn.Linear(width, 2))
+"""
+
+
+def test_a_zoo_model_records_its_config_and_builds_without_importing(tmp_path):
+    torch.manual_seed(0)
+    model = zoo.create("mlpnet", hidden=(6,), in_shape=(1, 4, 4), num_classes=3)
+    record = architecture_record(model)
+    assert record == model.otfuse_config and record["in_shape"] == [1, 4, 4]
+    save_model(tmp_path / "m.safetensors", model, {"arch": record})
+    loaded = load_model(tmp_path / "m.safetensors")
+    assert loaded.architecture.target == "mlpnet" and loaded.in_shape == (1, 4, 4)
+    assert not loaded.model.training
+    x = torch.rand(2, 1, 4, 4)
+    assert torch.equal(loaded.model(x), model.eval()(x))
+
+
+def test_a_callable_is_recorded_but_imported_only_when_asked(tmp_path, monkeypatch):
+    (tmp_path / "checkpoint_net.py").write_text(CHECKPOINT_NET)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    arch = Architecture("checkpoint_net:make", {"width": 5})
+    model = arch.build()
+    record = architecture_record(model, arch, in_shape=(4,))
+    assert record == {"callable": "checkpoint_net:make", "kwargs": {"width": 5}, "in_shape": [4]}
+    assert read_architecture({"arch": record}) == Architecture(
+        "checkpoint_net:make", {"width": 5}, (4,)
+    )
+    assert recorded_in_shape({"arch": record}) == (4,)
+    save_model(tmp_path / "c.safetensors", model, {"arch": record})
+    with pytest.raises(ArchitectureUnknownError) as err:
+        load_model(tmp_path / "c.safetensors")  # a file never makes otfuse import code
+    assert err.value.recorded.target == "checkpoint_net:make"
+    assert " --" not in str(err.value)
+    assert load_model(tmp_path / "c.safetensors", allow_import=True).in_shape == (4,)
+    # the same callable given without arguments: the record's fill them in
+    loaded = load_model(tmp_path / "c.safetensors", Architecture("checkpoint_net:make"))
+    assert loaded.model[0].out_features == 5 and loaded.architecture.kwargs == {"width": 5}
+
+
+def test_no_record_and_broken_builders_are_one_line_errors(tmp_path, monkeypatch, model):
+    save_model(tmp_path / "bare.safetensors", model)
+    with pytest.raises(ArchitectureUnknownError) as err:
+        load_model(tmp_path / "bare.safetensors")
+    assert err.value.recorded is None and "records no architecture" in str(err.value)
+    assert read_architecture({}) is None and recorded_in_shape({"arch": "x"}) is None
+    with pytest.raises(OtfuseError, match="cannot import no_such_module"):
+        Architecture("no_such_module:make").build()
+    (tmp_path / "raising_net.py").write_text("def make():\n    raise ValueError('bad width')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(OtfuseError, match="raised ValueError: bad width"):
+        Architecture("raising_net:make").build()
+    assert architecture_record(model) == {"class": "torch.nn.modules.container.Sequential"}

@@ -88,6 +88,7 @@ def write_cifar(folder: Path, n: int = 4, protocol: int = 2) -> Path:
 def assert_one_line_data_error(excinfo: pytest.ExceptionInfo, *fragments: str) -> None:
     message = str(excinfo.value)
     assert "\n" not in message
+    assert " --" not in message, "a library error speaks of command-line flags"
     for fragment in fragments:
         assert fragment in message, message
 
@@ -149,7 +150,7 @@ def test_plain_and_gzipped_idx_files_give_the_same_dataset(idx_dir: Path, tmp_pa
         ("short_header", ["train-labels-idx1-ubyte", "no full IDX header"]),
         ("count_mismatch", ["30 images", "29 labels"]),
         ("label_range", ["train-labels-idx1-ubyte", "labels from 0 to 12"]),
-        ("missing", ["train-labels-idx1-ubyte (or .gz) is missing", "--data-dir"]),
+        ("missing", ["train-labels-idx1-ubyte (or .gz) is missing", "data_dir"]),
         ("bad_size", ["images of (28, 27)"]),
     ],
 )
@@ -199,7 +200,7 @@ def test_a_file_damaged_after_loading_is_noticed(idx_dir: Path) -> None:
 def test_fashion_mnist_hint_names_the_debian_package(tmp_path: Path) -> None:
     with pytest.raises(DataError) as excinfo:
         load_dataset("fashion-mnist", data_dir=tmp_path)
-    assert_one_line_data_error(excinfo, "dataset-fashion-mnist", "--data-dir")
+    assert_one_line_data_error(excinfo, "dataset-fashion-mnist", "data_dir")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -209,7 +210,7 @@ def test_fashion_mnist_hint_names_the_debian_package(tmp_path: Path) -> None:
 def test_mnist_has_no_default_folder() -> None:
     with pytest.raises(DataError) as excinfo:
         load_dataset("mnist")
-    assert_one_line_data_error(excinfo, "no default folder", "--data-dir")
+    assert_one_line_data_error(excinfo, "no default folder", "data_dir")
 
 
 def test_environment_variable_names_the_folder_or_its_parent(

@@ -13,11 +13,11 @@ import pytest
 import torch
 from torch import nn
 
+from otfuse.baselines import ensemble
 from otfuse.experiments import common, many_models, two_models
 from otfuse.experiments.costs import ModelCost, inference_macs, model_cost
 from otfuse.experiments.methods import METHODS
 from otfuse.experiments.report import Target, jsonable
-from otfuse.baselines import ensemble
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PARENTS = ("parent A (seed 0)", "parent B (seed 1)")

@@ -1,4 +1,4 @@
-"""The paper's experiments, one command each: ``otfuse experiment NAME [--quick] [--out DIR]``.
+"""The paper's experiments, one command each: ``otfuse experiment NAME [--quick] [-o DIR]``.
 
 Every experiment writes ``DIR/NAME/report.md``, ``results.json`` and its plots, and prints its table.
 Experiments register themselves with :func:`register`; :func:`run_experiment` runs one by name.

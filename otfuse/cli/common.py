@@ -1,0 +1,197 @@
+"""What every command shares: the usage error, the parser class, reports, and values of options."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import math
+import re
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from otfuse.errors import OtfuseError
+
+PROG = "otfuse"
+
+
+class UsageError(OtfuseError):
+    """A wrong command line or config file: exit status 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage mistake raises :class:`UsageError` (printed in one line by ``main``)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+@dataclass
+class Report:
+    """What a command found: ``text`` (results, for people), ``payload`` (for ``--json``) and
+    ``notes`` (what was written; left out by ``--quiet``)."""
+
+    text: str
+    payload: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+class Stopwatch:
+    """Wall time per step of a command; the steps and ``other`` add up to ``total``."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.steps: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, step: str) -> Iterator[None]:
+        begin = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.steps[step] = self.steps.get(step, 0.0) + time.perf_counter() - begin
+
+    def seconds(self) -> dict[str, float]:
+        total = time.perf_counter() - self.start
+        out = dict(self.steps)
+        out["other"] = max(0.0, total - sum(self.steps.values()))
+        out["total"] = total
+        return out
+
+
+def command(commands, name: str, handler: Callable, help: str) -> ArgumentParser:
+    """A sub-command with the options every command has (-q, --json)."""
+    p = commands.add_parser(name, help=help, description=help)
+    p.set_defaults(handler=handler, parser=p)
+    p.add_argument(
+        "-q", "--quiet", action="store_true", help="print the results only: no progress, no notes"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    return p
+
+
+def add_output(p: ArgumentParser, what: str, metavar: str = "OUT", force: bool = True) -> None:
+    p.add_argument("-o", "--output", default=None, metavar=metavar, help=what)
+    if force:
+        p.add_argument("--force", action="store_true", help=f"overwrite {metavar} if it exists")
+
+
+# --------------------------------------------------------------------------------------------------
+# Values of options
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``1x28x28`` or ``1,28,28`` -> (1, 28, 28)."""
+    parts = [p for p in re.split(r"[x,\s]+", str(text).strip().strip("()[]")) if p]
+    if not parts or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a shape like 1x28x28")
+    return tuple(int(p) for p in parts)
+
+
+def format_shape(shape: Sequence[int]) -> str:
+    return "x".join(str(s) for s in shape)
+
+
+def parse_int(text: str, minimum: int | None = None) -> int:
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if minimum is not None and value < minimum:
+        raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+    return value
+
+
+def parse_positive_int(text: str) -> int:
+    return parse_int(text, 1)
+
+
+def parse_float(text: str) -> float:
+    try:
+        value = float(str(text).strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a finite number")
+    return value
+
+
+def parse_positive_float(text: str) -> float:
+    value = parse_float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def parse_value(text: str) -> object:
+    """A keyword argument's value: true/false, none, 1x28x28, numbers, (16,8) or [16,8], else text."""
+    word = text.strip()
+    low = word.lower()
+    if low in ("true", "yes", "on"):
+        return True
+    if low in ("false", "no", "off"):
+        return False
+    if low in ("none", "null"):
+        return None
+    if re.fullmatch(r"\d+(x\d+)+", low):
+        return tuple(int(p) for p in low.split("x"))
+    try:
+        value = ast.literal_eval(word)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return word
+    return tuple(value) if isinstance(value, list) else value
+
+
+def parse_kwargs(text: str, where: str) -> dict[str, object]:
+    """``width=2,hidden=(16,8)`` -> {"width": 2, "hidden": (16, 8)} (commas in brackets kept)."""
+    kwargs: dict[str, object] = {}
+    for item in split_top_level(text):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise UsageError(f"{where}: '{item}' is not a keyword argument like width=2")
+        kwargs[key] = parse_value(value)
+    return kwargs
+
+
+def split_top_level(text: str) -> list[str]:
+    """``a,(b,c),d`` -> ["a", "(b,c)", "d"]."""
+    items, depth, current = [], 0, []
+    for char in text:
+        depth += char in "([{"
+        depth -= char in ")]}"
+        if char == "," and depth == 0:
+            items.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    items.append("".join(current))
+    return [item for item in items if item.strip()]
+
+
+# --------------------------------------------------------------------------------------------------
+# JSON
+
+
+def jsonable(value: Any) -> Any:
+    """A copy of ``value`` that json.dumps writes as strict JSON (non-finite floats become null)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (str, int, bool)) or value is None:
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return jsonable(dataclasses.asdict(value))
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return jsonable(value.item())
+    if hasattr(value, "item") and callable(value.item):  # numpy scalars
+        return jsonable(value.item())
+    return str(value)

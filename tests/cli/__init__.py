@@ -1,0 +1,1 @@
+"""Tests of the otfuse command line (otfuse/cli/), one module per concern."""

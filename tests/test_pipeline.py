@@ -1,0 +1,131 @@
+"""The pipeline: one trace per architecture, named stages over one context, honest timings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.fx
+from helpers import max_state_diff, permuted
+from models import build, example
+
+import otfuse
+import otfuse.stages
+from otfuse.capture import GraphCache, architecture_key, run_with_hooks
+from otfuse.stages import STAGES
+
+
+@pytest.fixture
+def count_traces(monkeypatch):
+    calls = []
+    original = torch.fx.Tracer.trace
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.fx.Tracer, "trace", counting)
+    return calls
+
+
+def test_the_data_recipe_traces_each_architecture_once(count_traces):
+    x = example("vgg", n=32)
+    models = [build("vgg", seed=s) for s in range(3)]
+    result = otfuse.fuse(models, data=x)
+    assert len(count_traces) == 1 and result.traces == 1
+    assert len(result.selection) == 3  # three candidates, every stage, still one trace
+
+
+def test_models_of_two_widths_are_two_architectures(count_traces):
+    x = example("mlp", n=32)
+    result = otfuse.fuse([build("mlp"), build("mlp", seed=1, width=32)], data=x)
+    assert result.traces == 2 and len(count_traces) == 2
+
+
+def test_a_rebound_graph_runs_the_other_models_parameters():
+    x = example("resnet")
+    a, b = build("resnet"), build("resnet", seed=1)
+    cache = GraphCache(x)
+    ga, gb = cache.graph(a), cache.graph(b)
+    assert cache.traces == 1 and architecture_key(a) == architecture_key(b)
+    assert cache.graph(a) is ga  # a model's graph is made once
+    torch.testing.assert_close(gb.graph_module(x), b(x))
+    torch.testing.assert_close(ga.graph_module(x), a(x))
+    assert [s.name for s in gb.spaces] == [s.name for s in ga.spaces]
+
+
+def test_hooks_see_and_replace_node_values():
+    x = example("mlp")
+    model = build("mlp")
+    gm = GraphCache(x).graph(model).graph_module
+    seen = {}
+    name = next(n.name for n in gm.graph.nodes if n.op == "call_module" and n.target == "fc3")
+    out = run_with_hooks(
+        gm,
+        x,
+        before={name: lambda n, args: seen.setdefault("input", args[0])},
+        after={name: lambda n, value: torch.zeros_like(value)},
+    )
+    assert seen["input"].shape == (4, 12) and torch.equal(out, torch.zeros(4, 5))
+
+
+def test_timings_name_every_stage_and_add_up_to_the_wall_time():
+    x = example("vgg", n=32)
+    models = [build("vgg"), build("vgg", seed=1)]
+    result = otfuse.fuse(models, data=x)
+    assert {"prepare", "align", "average", "bn_reset", "repair", "refit", "select"} <= set(
+        result.timings
+    )
+    assert sum(result.timings.values()) == pytest.approx(result.seconds, rel=1e-6)
+
+
+def test_progress_reports_each_stage_to_a_callback_and_stderr(capsys):
+    x = example("vgg", n=16)
+    models = [build("vgg"), build("vgg", seed=1)]
+    stages = []
+    otfuse.fuse(
+        models, "paper-acts", data=x, stages=("bn_reset",), progress=lambda s, t: stages.append(s)
+    )
+    assert stages == ["prepare", "align", "average", "bn_reset"]
+    otfuse.fuse(models, "paper-wts", example_input=x[:2], progress=True)
+    err = capsys.readouterr().err
+    assert "otfuse: align" in err and "otfuse: average" in err and "\r" not in err
+    otfuse.fuse(models, "paper-wts", example_input=x[:2])
+    assert capsys.readouterr().err == ""
+
+
+def test_stages_run_in_the_order_the_config_lists_and_each_changes_the_model():
+    x = example("vgg", n=32)
+    anchor, other = build("vgg"), build("vgg", seed=1)
+    plain = otfuse.fuse([anchor, other], "paper-acts", data=x).model
+    reset = otfuse.fuse([anchor, other], "paper-acts", data=x, stages=("bn_reset",)).model
+    assert max_state_diff(plain, reset) > 1e-3
+    assert not torch.allclose(plain.features[1].running_var, reset.features[1].running_var)
+    assert all(STAGES[name].needs_data for name in ("bn_reset", "repair", "refit"))
+    assert STAGES["refit"].reads == ("seed",)
+
+
+def test_the_seed_reaches_the_refit_rows(monkeypatch):
+    x = example("vgg", n=16)
+    models = [build("vgg"), build("vgg", seed=1)]
+    seen = []
+    original = otfuse.stages.refit_layers
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["seed"])
+        return original(*args, **kwargs, max_rows=50)  # fewer rows than the layers have
+
+    monkeypatch.setattr(otfuse.stages, "refit_layers", spy)
+    options = dict(data=x, stages=("refit",), num_samples=16)
+    a = otfuse.fuse(models, "paper-wts", seed=4, **options).model
+    b = otfuse.fuse(models, "paper-wts", seed=4, **options).model
+    c = otfuse.fuse(models, "paper-wts", seed=5, **options).model
+    assert seen == [4, 4, 5]
+    assert max_state_diff(a, b) == 0.0 and max_state_diff(a, c) > 1e-4
+
+
+def test_fusing_a_permuted_copy_with_the_data_recipe_returns_the_model():
+    x = example("resnet", n=32)
+    model = build("resnet")
+    copy, _ = permuted(model, x[:2], seed=3)
+    fused = otfuse.fuse([model, copy], data=x, stages=()).model
+    torch.testing.assert_close(fused(x), model(x), atol=1e-5, rtol=1e-5)

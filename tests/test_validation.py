@@ -1,0 +1,85 @@
+"""One validation layer: every bad input to the API is an OtfuseError with one line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from models import build, example
+from torch.utils.data import DataLoader, TensorDataset
+
+import otfuse
+from otfuse.errors import DataError, OtfuseError
+
+
+def _bad(x: torch.Tensor, **changes) -> torch.Tensor:
+    x = x.clone()
+    for index, value in changes.items():
+        x[int(index[1:])] = value
+    return x
+
+
+GOOD = example("vgg", n=16)
+
+BAD_DATA = {
+    "one channel for three": (GOOD[:, :1], "data has 1 channel, the models expect 3"),
+    "wrong size": (
+        torch.randn(16, 3, 9, 9),
+        "data inputs have shape 3x9x9, the models expect 3x8x8",
+    ),
+    "integer pixels": ((GOOD * 100).to(torch.uint8), "data has dtype uint8"),
+    "NaN": (_bad(GOOD, i5=float("nan")), "NaN or Inf values"),
+    "Inf": (_bad(GOOD, i0=float("inf")), "NaN or Inf values"),
+    "empty": (GOOD[:0], "data holds no inputs"),
+    "not data": ("images.png", "data must be a tensor, a dataset or batches"),
+    "mixed batches": ([GOOD[:4], GOOD[:4, :, :4]], "different shapes"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_DATA))
+def test_bad_data_is_one_line(case):
+    data, message = BAD_DATA[case]
+    models = [build("vgg"), build("vgg", seed=1)]
+    with pytest.raises(DataError, match=message) as caught:
+        otfuse.fuse(models, "paper-acts", data=data, example_input=GOOD[:2])
+    assert "\n" not in str(caught.value)
+
+
+def test_data_alone_that_does_not_fit_the_models_is_one_line():
+    models = [build("vgg"), build("vgg", seed=1)]
+    with pytest.raises(OtfuseError, match="does not fit") as caught:
+        otfuse.fuse(models, "paper-acts", data=GOOD[:, :1])
+    assert "\n" not in str(caught.value) and "Traceback" not in str(caught.value)
+
+
+def test_num_samples_zero_is_a_config_error():
+    models = [build("mlp"), build("mlp", seed=1)]
+    x = example("mlp", n=8)
+    with pytest.raises(OtfuseError, match="num_samples must be at least 1"):
+        otfuse.fuse(models, "paper-acts", data=x, num_samples=0)
+
+
+def test_weights_and_anchor_must_fit_the_models():
+    models, x = [build("mlp"), build("mlp", seed=1)], example("mlp")
+    with pytest.raises(OtfuseError, match="got 3 weights for 2 models"):
+        otfuse.fuse(models, "paper-wts", example_input=x, weights=(1, 1, 1))
+    with pytest.raises(OtfuseError, match=r"anchor must be an index in 0..1, got 2"):
+        otfuse.fuse(models, "paper-wts", example_input=x, anchor=2)
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda x: x,
+        lambda x: x.numpy(),
+        lambda x: TensorDataset(x, torch.zeros(len(x), dtype=torch.long)),
+        lambda x: DataLoader(TensorDataset(x), batch_size=5),
+        lambda x: [x[:7], x[7:]],
+    ],
+    ids=["tensor", "array", "TensorDataset", "DataLoader", "list of batches"],
+)
+def test_every_kind_of_data_gives_the_same_fusion(wrap):
+    models, x = [build("mlp"), build("mlp", seed=1)], example("mlp", n=12)
+    reference = otfuse.fuse(models, "paper-acts", data=x).model.state_dict()
+    fused = otfuse.fuse(models, "paper-acts", data=wrap(x), num_samples=12).model.state_dict()
+    for key, value in reference.items():
+        torch.testing.assert_close(fused[key], value)
