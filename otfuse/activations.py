@@ -14,6 +14,7 @@ import torch.fx
 
 from otfuse.capture import run_with_hooks
 from otfuse.discovery import NeuronSpace, SpaceGraph
+from otfuse.modes import evaluating
 
 ActivationPoint = Literal["pre", "post"]
 PREFERENCE = {"pre": ("pre", "norm", "post"), "post": ("post", "norm", "pre")}
@@ -61,16 +62,11 @@ def collect_activations(
 def _run(
     gm: torch.fx.GraphModule, inputs: torch.Tensor, wanted: set[str], batch_size: int
 ) -> dict[str, torch.Tensor]:
-    was_training = gm.training
-    gm.eval()
     chunks: dict[str, list[torch.Tensor]] = {name: [] for name in wanted}
-    try:
-        with torch.no_grad():
-            hooks = {name: lambda n, out: chunks[n.name].append(out.detach()) for name in wanted}
-            for start in range(0, len(inputs), batch_size):
-                run_with_hooks(gm, inputs[start : start + batch_size], after=hooks)
-    finally:
-        gm.train(was_training)
+    hooks = {name: lambda n, out: chunks[n.name].append(out.detach()) for name in wanted}
+    with torch.no_grad(), evaluating([gm]):
+        for start in range(0, len(inputs), batch_size):
+            run_with_hooks(gm, inputs[start : start + batch_size], after=hooks)
     return {name: torch.cat(parts, dim=0) for name, parts in chunks.items() if parts}
 
 

@@ -43,6 +43,7 @@ from torch.utils.data import (
     TensorDataset,
 )
 
+from otfuse import validation
 from otfuse.errors import DataError
 
 __all__ = [
@@ -259,15 +260,9 @@ def load_dataset(name: str, split: str = "train", data_dir: str | Path | None = 
 
 
 def sample_inputs(dataset: Dataset, n: int, seed: int) -> torch.Tensor:
-    """A seeded random sample of ``min(n, len(dataset))`` images, shape (n, C, H, W).
-
-    Used as the inputs whose activations align neurons (``mode="acts"``).
-    """
-    if n < 1:
-        raise DataError(f"the number of sample inputs must be at least 1, got {n}")
-    generator = torch.Generator().manual_seed(seed)
-    index = torch.randperm(len(dataset), generator=generator)[:n]
-    return dataset.images[index]
+    """A seeded random sample of ``min(n, len(dataset))`` images, shape (n, C, H, W): the sample
+    :func:`otfuse.fuse` draws from ``dataset`` (:func:`otfuse.validation.sample_inputs`)."""
+    return validation.sample_inputs(dataset.images, n, seed)
 
 
 def split_special_class(

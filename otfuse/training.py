@@ -33,6 +33,8 @@ from tqdm.auto import tqdm
 
 from otfuse.data import Dataset
 from otfuse.errors import OtfuseError
+from otfuse.modes import evaluating
+from otfuse.validation import first_non_finite as first_non_finite_entry
 
 __all__ = [
     "EpochStats",
@@ -235,10 +237,7 @@ class _DivergenceWatch:
 
 def first_non_finite(model: nn.Module) -> str | None:
     """The name of the first floating-point entry of ``model``'s state holding NaN or Inf, or None."""
-    for name, value in model.state_dict().items():
-        if value.is_floating_point() and not torch.isfinite(value).all():
-            return name
-    return None
+    return first_non_finite_entry(model.state_dict())
 
 
 def _train_epoch(
@@ -299,13 +298,9 @@ def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 100
 
     The model's train/eval mode is restored afterwards.
     """
-    was_training = model.training
-    model.eval()
     device = _device(model)
-    try:
+    with evaluating([model]):
         chunks = [model(batch.to(device)).cpu() for batch in images.split(batch_size)]
-    finally:
-        model.train(was_training)
     return torch.cat(chunks)
 
 

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from otfuse.errors import OtfuseError
+from otfuse.jsonsafe import jsonable
 
 __all__ = [
     "ConvNet",
@@ -94,12 +95,8 @@ def create(name: str, **kwargs: object) -> nn.Module:
         ) from None
     bound.apply_defaults()
     model = builder(**bound.arguments)
-    model.otfuse_config = {"name": name, **{k: _jsonable(v) for k, v in bound.arguments.items()}}
+    model.otfuse_config = {"name": name, **{k: jsonable(v) for k, v in bound.arguments.items()}}
     return model
-
-
-def _jsonable(value: object) -> object:
-    return [_jsonable(v) for v in value] if isinstance(value, (tuple, list)) else value
 
 
 # ----------------------------------------------------------------------------------------------

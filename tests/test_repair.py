@@ -79,32 +79,38 @@ def test_repair_needs_data():
 
 
 @pytest.mark.parametrize("name", list(FIXTURES))
-def test_refinement_never_increases_the_objective_and_keeps_planted_permutations(name):
+def test_refinement_keeps_planted_permutations(name):
     model, x = build(name), example(name)
     other, planted = permuted(model, x, seed=4)
     result = fuse([model, other], refine=True, example_input=x)
     assert max_state_diff(result.model, model) < 1e-5
     for space, perm in planted.items():
         np.testing.assert_array_equal(result.plans[1][space].permutation, np.argsort(perm))
-    different = fuse([model, build(name, seed=2)], refine=True, example_input=x)
-    objective = different.refinement[1].objective
-    assert all(b <= a for a, b in zip(objective, objective[1:]))
 
 
-def test_refinement_improves_weight_matching_on_random_models():
-    a, b, x = build("resnet", seed=0), build("resnet", seed=5), example("resnet")
-    log = fuse([a, b], refine=True, example_input=x).refinement[1]
-    assert log.objective[-1] <= log.objective[0]
+def _distance(a, b) -> float:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sum(float((sa[k] - sb[k]).pow(2).sum()) for k in sa if sa[k].is_floating_point())
+
+
+@pytest.mark.parametrize("name", ["mlp", "vgg", "resnet"])
+def test_refinement_brings_the_aligned_model_closer_to_the_anchor(name):
+    """With all the weight on B, the fusion is B aligned to A: refinement must leave it computing
+    B's function while its weights end strictly closer to A's than the greedy pass put them."""
+    a, b, x = build(name, seed=0), build(name, seed=5), example(name)
+    greedy = fuse([a, b], weights=(0, 1), example_input=x)
+    refined = fuse([a, b], weights=(0, 1), refine=True, example_input=x)
+    assert _distance(refined.model, a) < 0.99 * _distance(greedy.model, a)
+    assert refined.refinement[1].objective[-1] == pytest.approx(_distance(refined.model, a))
+    torch.testing.assert_close(refined.model(x), b(x), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["mlp", "resnet"])
 def test_alignment_to_the_running_average(name):
+    """Copies of one model, permuted, are re-aligned to their average exactly. (On random models
+    of these fixtures no re-alignment round lowers the weight spread, so the greedy alignment is
+    kept: the consensus test below shows the stage moving plans with activations.)"""
     x = example(name)
-    models = [build(name, seed=s) for s in range(4)]
-    result = fuse(models, to_average=True, example_input=x)
-    objective = result.refinement["average"].objective
-    assert all(b <= a for a, b in zip(objective, objective[1:]))
-    assert torch.isfinite(result.model(x)).all()
     model = build(name)
     copies = [model] + [permuted(model, x, seed=s)[0] for s in range(3)]
     same = fuse(copies, to_average=True, example_input=x)

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import argparse
 import ast
-import dataclasses
 import math
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from otfuse.errors import OtfuseError
+from otfuse.jsonsafe import jsonable  # noqa: F401 - re-exported for the commands
 
 PROG = "otfuse"
 
@@ -176,22 +174,3 @@ def split_top_level(text: str) -> list[str]:
 
 # --------------------------------------------------------------------------------------------------
 # JSON
-
-
-def jsonable(value: Any) -> Any:
-    """A copy of ``value`` that json.dumps writes as strict JSON (non-finite floats become null)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, (str, int, bool)) or value is None:
-        return value
-    if isinstance(value, Mapping):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return jsonable(dataclasses.asdict(value))
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return jsonable(value.item())
-    if hasattr(value, "item") and callable(value.item):  # numpy scalars
-        return jsonable(value.item())
-    return str(value)

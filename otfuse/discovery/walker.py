@@ -21,6 +21,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from otfuse.discovery.layout import ActivationKind, Layout, Member, NeuronSpace, Role, SpaceGraph
 from otfuse.errors import OtfuseError, UnsupportedOpError
+from otfuse.modes import evaluating
 
 
 @dataclass(frozen=True)
@@ -219,16 +220,12 @@ def trace(
     except Exception as exc:  # noqa: BLE001 - any tracing failure is reported the same way
         raise OtfuseError(_trace_failure(model, tracer, exc)) from None
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), evaluating([model]):
             ShapeProp(gm).propagate(*inputs)
     except Exception as exc:  # noqa: BLE001
         name = type(model).__name__
         raise OtfuseError(f"example input does not fit {name}: {_first_line(exc)}") from None
-    finally:
-        model.train(was_training)
     return gm
 
 

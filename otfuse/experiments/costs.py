@@ -26,6 +26,8 @@ import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
+from otfuse.modes import evaluating
+
 __all__ = ["ModelCost", "count_params", "inference_macs", "model_cost"]
 
 
@@ -75,12 +77,10 @@ def inference_macs(model: nn.Module, example_input: torch.Tensor) -> int:
         for m in model.modules()
         if isinstance(m, counted) and not getattr(m, "transposed", False)
     ]
-    was_training = model.training
-    model.eval()
     try:
-        model(example_input)
+        with evaluating([model]):
+            model(example_input)
     finally:
-        model.train(was_training)
         for h in handles:
             h.remove()
     return total // max(1, len(example_input))

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from otfuse.checkpoints import atomic_path, atomic_write_text
+from otfuse.jsonsafe import jsonable
 
 __all__ = [
     "Target",
@@ -65,26 +66,6 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
         cells = [c if isinstance(c, str) else fmt(c) for c in row]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def jsonable(value: Any) -> Any:
-    """A JSON-ready copy: dataclasses and mappings become dicts, tuples lists, paths strings,
-    one-element tensors numbers, and non-finite floats ``None`` (JSON has no NaN)."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        value = dataclasses.asdict(value)
-    if isinstance(value, Mapping):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Path):
-        return str(value)
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)
 
 
 def write_results(path: str | Path, results: Mapping[str, Any]) -> Path:
