@@ -60,12 +60,13 @@ class Clock:
         self.start = self.last = time.perf_counter()
         self.timings: dict[str, float] = {}
         self.progress = progress
+        self.label = ""  # said before each stage's name in progress lines (e.g. the candidate)
 
     def lap(self, name: str) -> float:
         now = time.perf_counter()
         seconds, self.last = now - self.last, now
         self.timings[name] = self.timings.get(name, 0.0) + seconds
-        self.progress.done(name, seconds)
+        self.progress.done(self.label + name, seconds)
         return seconds
 
     @property

@@ -202,7 +202,9 @@ def _select(context: FusionContext, inputs: str) -> FusionResult:
     target = torch.log(sum(w * p.exp() for w, p in zip(context.weights, probs)).clamp_min(1e-30))
     context.clock.lap("select")
     best, scores = None, {}
-    for candidate in context.config.candidates:
+    candidates = context.config.candidates
+    for i, candidate in enumerate(candidates, start=1):
+        context.clock.label = f"candidate {i}/{len(candidates)} ({_label(candidate)}): "
         trial = context.with_config(context.config.replace(**candidate, candidates=()))
         run_stages(trial)
         fused = _log_probs(trial.fused, sample)
@@ -211,6 +213,7 @@ def _select(context: FusionContext, inputs: str) -> FusionResult:
         context.clock.lap("select")
         if best is None or score < best[0]:
             best = (score, trial, candidate)
+    context.clock.label = ""
     _, chosen, candidate = best
     result = _result(chosen, inputs)
     result.selection, result.selected = scores, _label(candidate)
