@@ -5,7 +5,11 @@ This prints how many times ``torch.fx`` traced a model during one call (the pipe
 architecture once), the median wall time of several calls after a warm-up, and the fused model's
 checksum, so two versions of otfuse can be compared on identical inputs.
 
-    .venv/bin/python benchmarks/data_recipe_pair.py [--repeats 3] [--threads 2]
+    .venv/bin/python benchmarks/data_recipe_pair.py [--repeats 3] [--threads 2] [--before REV]
+
+``--before REV`` also runs this script on otfuse as it was at git revision REV (a temporary
+worktree), so both versions are measured in one run on the same inputs (d1003e2: before the
+pipeline traced each architecture once).
 
 The parents are initialised from seeds 0 and 1 and their BatchNorm statistics set on the sample
 (training them changes the numbers of the alignment, not the work done).
@@ -14,9 +18,13 @@ The parents are initialised from seeds 0 and 1 and their BatchNorm statistics se
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.fx
@@ -55,7 +63,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--before", metavar="REV", help="also measure otfuse at git revision REV")
     args = parser.parse_args()
+    if args.before:
+        run_at_revision(args.before, args.repeats, args.threads)
     torch.set_num_threads(args.threads)
     train = load_dataset("fashion-mnist", "train")
     gen = torch.Generator().manual_seed(0)
@@ -81,6 +92,34 @@ def main() -> None:
     )
     print(f"fused model checksum: {checksum:.6f}")
     sys.stdout.flush()
+
+
+def run_at_revision(rev: str, repeats: int, threads: int) -> None:
+    """Run this script on otfuse at ``rev`` (a temporary git worktree) and print its output."""
+    root = Path(__file__).resolve().parent.parent
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = Path(tmp) / "otfuse"
+        subprocess.run(
+            ["git", "-C", str(root), "worktree", "add", "-q", "--detach", str(tree), rev],
+            check=True,
+        )
+        try:
+            env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": str(threads)}
+            command = [
+                sys.executable,
+                __file__,
+                "--repeats",
+                str(repeats),
+                "--threads",
+                str(threads),
+            ]
+            print(f"-- otfuse at {rev} --", flush=True)
+            subprocess.run(command, env=env, cwd=tree, check=True)
+        finally:
+            subprocess.run(
+                ["git", "-C", str(root), "worktree", "remove", "--force", str(tree)], check=True
+            )
+    print("-- otfuse in this tree --", flush=True)
 
 
 if __name__ == "__main__":
