@@ -17,12 +17,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 
 from otfuse.config import FusionConfig
 from otfuse.cost import ground_cost, unit_masses
 from otfuse.discovery import Member, NeuronSpace, SpaceGraph
 from otfuse.errors import ArchitectureMismatchError, TransportError
+from otfuse.heads import HeadPlanner
 from otfuse.plans import is_plain, transport_member
 from otfuse.transport import TransportPlan, solve
 
@@ -118,15 +120,22 @@ def align_state(
     by_param = _members_by_param(graph_b)
     plans: dict[str, TransportPlan] = {}
     need_weights = options.mode == "wts" or options.marginals != "uniform"
-    for space in graph_b.transportable():
+
+    def costs(sp: NeuronSpace) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         by_weights = None
         if need_weights:
-            by_weights = _weight_features(space, state, sizes, state_a, sizes_a, resolved, by_param)
-        fb, fa = by_weights if options.mode == "wts" else (acts_b[space.index], acts_a[space.index])
+            by_weights = _weight_features(sp, state, sizes, state_a, sizes_a, resolved, by_param)
+        fb, fa = by_weights if options.mode == "wts" else (acts_b[sp.index], acts_a[sp.index])
         mass_b, mass_a = by_weights if by_weights is not None else (fb, fa)
         cost = ground_cost(fb, fa, options.cost)
-        mu, nu = unit_masses(mass_b, options.marginals), unit_masses(mass_a, options.marginals)
-        plan = solve(cost, mu, nu, solver=options.solver, reg=options.reg, groups=space.groups)
+        return cost, unit_masses(mass_b, options.marginals), unit_masses(mass_a, options.marginals)
+
+    heads = HeadPlanner(graph_b, graph_a, options, lambda sp: costs(sp)[0])  # attention spaces
+    for space in graph_b.transportable():
+        plan = heads.plan(space)
+        if plan is None:
+            cost, mu, nu = costs(space)
+            plan = solve(cost, mu, nu, solver=options.solver, reg=options.reg, groups=space.groups)
         for member in space.members:
             state[member.param] = transport_member(
                 state[member.param], member, space.index, plan, sizes, options.outgoing

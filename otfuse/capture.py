@@ -1,7 +1,7 @@
 """A model's graph, captured once per architecture, and runs of that graph with hooks at its nodes.
 
-Tracing (``torch.fx`` with shape propagation) and neuron-space discovery depend only on the
-architecture, so :class:`GraphCache` does them once for every architecture in a fusion call and
+Capture (``torch.fx`` with shape propagation, or ``torch.export`` where fx does not suffice: see
+:func:`otfuse.discovery.discover`) and neuron-space discovery depend only on the architecture, so :class:`GraphCache` does them once for every architecture in a fusion call and
 *rebinds* the result to each further model of that architecture: a new ``GraphModule`` over a copy of
 the same graph (node shapes included) whose submodules and parameters are the other model's.
 
@@ -50,13 +50,42 @@ def _is_simple(value: object) -> bool:
 
 
 def rebind(graph: SpaceGraph, model: nn.Module) -> SpaceGraph:
-    """``graph`` (traced from another model of the same architecture) over ``model``'s modules."""
+    """``graph`` (traced from another model of the same architecture) over ``model``'s modules.
+
+    An exported graph names parameters as the ``state_dict`` does and holds helpers of its own
+    (constants, a guard module): those come from the original graph module, the parameters and
+    buffers from ``model``."""
     copied = torch.fx.Graph()
     values: dict[torch.fx.Node, torch.fx.Node] = {}
     out = copied.graph_copy(graph.graph_module.graph, values)
     copied.output(out)
-    gm = torch.fx.GraphModule(model, copied, class_name=type(model).__name__)
-    return SpaceGraph(graph.spaces, gm, set(graph.param_names))
+    root = model if graph.capture == "fx" else _exported_root(graph.graph_module, model)
+    gm = torch.fx.GraphModule(root, copied, class_name=type(model).__name__)
+    return SpaceGraph(graph.spaces, gm, set(graph.param_names), graph.capture)
+
+
+def _exported_root(original: torch.fx.GraphModule, model: nn.Module) -> dict[str, Any]:
+    """Every attribute the exported graph reads: ``model``'s tensors, else the original's."""
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    tensors.update(model.named_buffers(remove_duplicate=False))
+    root: dict[str, Any] = {}
+    for node in original.graph.nodes:
+        if node.op == "get_attr":
+            root[node.target] = tensors.get(node.target)
+            if root[node.target] is None:
+                root[node.target] = _attr(original, node.target)
+        elif node.op == "call_module":
+            try:
+                root[node.target] = model.get_submodule(node.target)
+            except AttributeError:  # the exported graph's own helpers
+                root[node.target] = original.get_submodule(node.target)
+    return root
+
+
+def _attr(module: nn.Module, target: str) -> Any:
+    for part in target.split("."):
+        module = getattr(module, part)
+    return module
 
 
 class GraphCache:

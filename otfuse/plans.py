@@ -47,10 +47,11 @@ def transport_member(
     transported have the anchor's size). Returns a tensor whose axis has the anchor's size for
     ``space``.
     """
-    matrix = plan.split if member.role == "consumer" and outgoing == "sum" else plan.corrected
     perm = plan.permutation
     if member.groups > 1:
-        return _transport_grouped(tensor, member, plan.shape, matrix)
+        return _transport_grouped(tensor, member, plan.shape, _matrix(plan, member, outgoing))
+    # a permutation is gathered; the dense plan is only built for plans that are not one
+    matrix = None if perm is not None else _matrix(plan, member, outgoing)
     layout = member.layout
     if is_plain(layout, space):
         return _contract_axis(tensor, member.axis, perm, matrix)
@@ -70,16 +71,20 @@ def transport_member(
     return x.reshape(*lead, -1).movedim(-1, member.axis)
 
 
+def _matrix(plan: TransportPlan, member: Member, outgoing: Outgoing) -> np.ndarray:
+    return plan.split if member.role == "consumer" and outgoing == "sum" else plan.corrected
+
+
 def is_plain(layout, space: int) -> bool:
     return layout.outer == 1 and layout.segments == (Segment(space),)
 
 
 def _contract_axis(
-    x: torch.Tensor, axis: int, perm: np.ndarray | None, matrix: np.ndarray
+    x: torch.Tensor, axis: int, perm: np.ndarray | None, matrix: np.ndarray | None
 ) -> torch.Tensor:
     """Contract axis ``axis`` (length n_b) of ``x`` with ``matrix`` (n_b, n_a), or gather ``perm``."""
     if perm is not None:
-        return x.index_select(axis, torch.as_tensor(perm))
+        return x.index_select(axis, torch.as_tensor(perm, device=x.device))
     t = torch.as_tensor(matrix, dtype=x.dtype)
     return torch.tensordot(x, t, dims=([axis], [0])).movedim(-1, axis)
 

@@ -83,7 +83,9 @@ def sample_inputs(data: object, n: int, seed: int) -> torch.Tensor:
 
 
 def check_inputs(inputs: torch.Tensor) -> torch.Tensor:
-    """Floating-point, finite inputs."""
+    """Floating-point, finite inputs, or token ids (int64 / int32) as they are."""
+    if inputs.dtype in (torch.int64, torch.int32):
+        return inputs
     if not inputs.is_floating_point():
         raise DataError(
             f"data has dtype {str(inputs.dtype).replace('torch.', '')}; the models take "

@@ -101,7 +101,7 @@ def test_stages_run_in_the_order_the_config_lists_and_each_changes_the_model():
     assert max_state_diff(plain, reset) > 1e-3
     assert not torch.allclose(plain.features[1].running_var, reset.features[1].running_var)
     assert all(STAGES[name].needs_data for name in ("bn_reset", "repair", "refit"))
-    assert STAGES["refit"].reads == ("seed",)
+    assert "seed" in STAGES["refit"].reads
 
 
 def test_the_seed_reaches_the_refit_rows(monkeypatch):

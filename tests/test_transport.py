@@ -4,8 +4,11 @@ import numpy as np
 import ot
 import pytest
 import torch
+from models import build, example
 
 import otfuse
+from otfuse import transport
+from otfuse.cost import ground_cost
 from otfuse.errors import TransportError
 from otfuse.transport import solve
 
@@ -59,3 +62,113 @@ def test_untraceable_model_through_fuse_is_a_clear_error():
 
     with pytest.raises(otfuse.OtfuseError, match="cannot trace Branchy"):
         otfuse.fuse([Branchy(), Branchy()], example_input=torch.zeros(2, 4))
+
+
+# -- the assignment solver and permutation plans ---------------------------------------------------
+def _scipy_permutation(cost):
+    from scipy.optimize import linear_sum_assignment
+
+    rows, cols = linear_sum_assignment(cost)
+    perm = np.empty(len(cost), dtype=np.int64)
+    perm[cols] = rows
+    return perm
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 64, 301])
+def test_assignment_is_scipys_optimum(n):
+    cost = np.random.default_rng(n).random((n, n))
+    perm = transport.assignment(cost)
+    assert perm.dtype == np.int64 and sorted(perm) == list(range(n))
+    np.testing.assert_array_equal(perm, _scipy_permutation(cost))  # a unique optimum
+
+
+@pytest.mark.parametrize(
+    "cost",
+    [
+        np.zeros((40, 40)),
+        np.random.default_rng(0).integers(0, 3, (120, 120)).astype(float),
+        np.repeat(np.random.default_rng(1).random((30, 60)), 2, axis=0),  # duplicated units
+        np.random.default_rng(2).uniform(0, 1e-10, (80, 80)),
+    ],
+    ids=["zeros", "integers", "duplicates", "tiny"],
+)
+def test_assignment_with_ties_is_optimal(cost):
+    perm = transport.assignment(cost)
+    best = _scipy_permutation(cost)
+    n = len(cost)
+    assert sorted(perm) == list(range(n))
+    assert cost[perm, np.arange(n)].sum() == pytest.approx(
+        cost[best, np.arange(n)].sum(), rel=1e-12
+    )
+
+
+def test_assignment_without_lap_uses_scipy(monkeypatch):
+    cost = np.random.default_rng(3).random((50, 50))
+    monkeypatch.setattr(transport, "_lapjv", None)
+    np.testing.assert_array_equal(transport.assignment(cost), _scipy_permutation(cost))
+
+
+def test_assignment_of_a_cost_with_nan_is_an_error():
+    cost = np.random.default_rng(4).random((10, 10))
+    cost[3, 4] = np.nan
+    with pytest.raises(ValueError):
+        transport.assignment(cost)
+
+
+def test_permutation_plan_builds_its_matrix_on_demand():
+    cost, mu, nu = random_problem(9, 9, seed=5)
+    plan = solve(cost, mu, nu, solver="assignment")
+    perm = plan.permutation
+    value = plan.value  # from the permutation, before any matrix exists
+    dense = np.zeros((9, 9))
+    dense[perm, np.arange(9)] = 1 / 9
+    np.testing.assert_array_equal(plan.matrix, dense)
+    assert plan.shape == (9, 9) and value == pytest.approx((dense * cost).sum(), rel=1e-14)
+    np.testing.assert_allclose(plan.corrected, dense * 9)
+    np.testing.assert_allclose(plan.split, dense * 9)
+    assert value == pytest.approx(ot.emd2(mu, nu, cost))
+
+
+def test_grouped_assignment_is_a_permutation_within_groups():
+    cost, mu, nu = random_problem(12, 12, seed=6)
+    plan = solve(cost, mu, nu, solver="assignment", groups=3)
+    perm = plan.permutation
+    assert sorted(perm) == list(range(12))
+    assert all(perm[j] // 4 == j // 4 for j in range(12))
+    assert plan.matrix.sum() == pytest.approx(1.0)
+    assert (plan.matrix[:4, 4:] == 0).all()
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean", "cosine", "correlation"])
+def test_ground_cost_is_the_plain_expression_bit_for_bit(metric):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(300, 50, generator=g), torch.randn(257, 50, generator=g)
+    x[:4] = y[:4]  # zero distances
+    if metric in ("cosine", "correlation"):
+        xc, yc = x, y
+        if metric == "correlation":
+            xc, yc = x - x.mean(1, keepdim=True), y - y.mean(1, keepdim=True)
+        xn = xc / xc.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        yn = yc / yc.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        expected = (1.0 - xn @ yn.T).clamp_min(0.0)
+    else:
+        expected = ((x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2.0 * (x @ y.T)).clamp_min(
+            0
+        )
+        expected = expected.sqrt() if metric == "euclidean" else expected
+    cost = ground_cost(x, y, metric)
+    assert cost.dtype == np.float64
+    np.testing.assert_array_equal(cost, expected.double().numpy())
+
+
+@pytest.mark.parametrize("name", ["vgg", "resnet", "depthwise"])
+def test_fusion_is_the_same_with_either_assignment_backend(name, monkeypatch):
+    models, x = [build(name, seed=s) for s in range(3)], example(name)
+    fast = otfuse.fuse(models, "paper-wts", example_input=x)
+    monkeypatch.setattr(transport, "_lapjv", None)  # SciPy's solver
+    slow = otfuse.fuse(models, "paper-wts", example_input=x)
+    for key, value in fast.model.state_dict().items():
+        assert torch.equal(value, slow.model.state_dict()[key]), key
+    for plans_fast, plans_slow in zip(fast.plans, slow.plans):
+        for space, plan in plans_fast.items():
+            np.testing.assert_array_equal(plan.permutation, plans_slow[space].permutation)

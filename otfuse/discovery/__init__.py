@@ -1,4 +1,10 @@
-"""Neuron-space discovery from a ``torch.fx`` trace (no hand-written spec per architecture)."""
+"""Neuron-space discovery from the model's graph (no hand-written spec per architecture).
+
+Two captures: ``torch.fx`` symbolic tracing with the rules of :mod:`otfuse.discovery.rules` (first,
+as before: every model it describes keeps its spaces and results), then, when fx cannot trace the
+model or meets an op it does not describe (heads, attention, packed projections), ``torch.export``
+with the ATen rules of :mod:`otfuse.discovery.aten`.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,15 @@ import torch
 import torch.fx
 from torch import nn
 
-from otfuse.discovery.layout import Layout, Member, NeuronSpace, Segment, SpaceGraph
+from otfuse.discovery.export import discover_exported
+from otfuse.discovery.layout import (
+    HeadStructure,
+    Layout,
+    Member,
+    NeuronSpace,
+    Segment,
+    SpaceGraph,
+)
 from otfuse.discovery.registry import (
     REGISTRY,
     RuleRegistry,
@@ -19,10 +33,11 @@ from otfuse.discovery.registry import (
 )
 from otfuse.discovery.rules import Rule, info_of, join, open_space, tracked_input, where
 from otfuse.discovery.walker import Feature, Info, ParamRef, SpaceBuilder, trace
-from otfuse.errors import UnsupportedOpError
+from otfuse.errors import OtfuseError, UnsupportedOpError
 
 __all__ = [
     "Feature",
+    "HeadStructure",
     "Info",
     "Layout",
     "Member",
@@ -33,6 +48,7 @@ __all__ = [
     "SpaceBuilder",
     "SpaceGraph",
     "discover",
+    "discover_exported",
     "join",
     "linear_rule",
     "module_calls",
@@ -57,21 +73,40 @@ def module_calls(gm: torch.fx.GraphModule) -> dict[str, int]:
 def discover(model: nn.Module, example_input: torch.Tensor | tuple) -> SpaceGraph:
     """Find the neuron spaces of ``model`` by tracing it on ``example_input``.
 
-    Modules and functions with a rule registered by :func:`register_rule` are kept whole by the
-    trace and described by their rule.
+    ``torch.fx`` first: modules and functions with a rule registered by :func:`register_rule` are
+    kept whole by the trace and described by their rule. When fx cannot trace the model, or its
+    rules do not describe an op, the model is captured with ``torch.export`` instead (ATen ops,
+    attention heads; registered rules do not apply there) and ``graph.capture`` says so.
 
     Args:
-        model: any ``torch.fx``-traceable module (registered blocks need not be traceable inside).
-        example_input: a tensor (or tuple of tensors) the model accepts, e.g. shape (2, 3, 32, 32).
+        model: a module that ``torch.fx`` or ``torch.export`` (non-strict) can capture.
+        example_input: a tensor (or tuple of tensors) the model accepts, e.g. shape (2, 3, 32, 32)
+            or token ids (2, 16); the exported graph is specialised to its shapes but the batch.
 
     Returns:
         The :class:`SpaceGraph`: every space with its size and member parameter axes, in visiting
         order. Spaces reaching the model's output are fixed.
 
     Raises:
-        UnsupportedOpError: an op with tracked units and no rule, naming the op and the node.
+        UnsupportedOpError: an op with tracked units and no rule, naming the op and the node (when
+            both captures fail, the fx capture's reason, then torch.export's).
         OtfuseError: the model cannot be traced or does not accept ``example_input``.
     """
+    try:
+        return discover_traced(model, example_input)
+    except OtfuseError as fx_error:
+        if str(fx_error).startswith("example input does not fit"):
+            raise
+        try:
+            return discover_exported(model, example_input)
+        except OtfuseError as export_error:
+            unsupported = UnsupportedOpError in (type(fx_error), type(export_error))
+            error = UnsupportedOpError if unsupported else OtfuseError
+            raise error(f"{fx_error}; with torch.export: {export_error}") from None
+
+
+def discover_traced(model: nn.Module, example_input: torch.Tensor | tuple) -> SpaceGraph:
+    """Neuron spaces from the ``torch.fx`` trace alone (see :func:`discover`)."""
     gm = trace(
         model,
         example_input,

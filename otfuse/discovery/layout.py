@@ -90,6 +90,37 @@ class Member:
         return replace(self, layout=self.layout.remap(mapping))
 
 
+@dataclass(frozen=True)
+class HeadStructure:
+    """The units of an attention space are ``count`` heads of ``size / count`` dims (unit h*d + i).
+
+    A plan for such a space moves whole heads and permutes dims within each head; spaces of one
+    attention layer share the plan over heads (``group``). With grouped-query attention a space may
+    hold every head of the group ``repeat`` times (query heads of one KV head; the output
+    projection's input blocks of those query heads): its plan is the plan of space ``dims_of``
+    (the KV head's keys or values) with every head repeated, so it is never solved on its own.
+
+    Attributes:
+        count: number of heads of this space.
+        group: index of the first space of the attention group (all share the plan over heads).
+        repeat: heads of this space per head of the group.
+        dims_of: index of the space whose within-head plans this one uses (its own index if none).
+        fixed_dims: dims within a head never move (rotary embeddings, a slice of the head).
+        fixed_heads: heads never move (e.g. a per-head bias that is not a parameter).
+    """
+
+    count: int
+    group: int
+    repeat: int = 1
+    dims_of: int = -1
+    fixed_dims: bool = False
+    fixed_heads: bool = False
+
+    def signature(self) -> tuple:
+        """Everything but the number of heads (a width)."""
+        return (self.group, self.repeat, self.dims_of, self.fixed_dims, self.fixed_heads)
+
+
 @dataclass
 class NeuronSpace:
     """A set of axes indexing the same hidden units.
@@ -105,6 +136,7 @@ class NeuronSpace:
         nodes: traced nodes whose feature axis holds exactly this space: (node name, activation kind,
             feature axis). Kind ``pre`` marks outputs of layers and residual sums, ``post`` of
             nonlinearities, ``norm`` of normalisation layers.
+        heads: the head structure of an attention space (:class:`HeadStructure`), else None.
     """
 
     index: int
@@ -114,6 +146,7 @@ class NeuronSpace:
     groups: int = 1
     members: list[Member] = field(default_factory=list)
     nodes: list[tuple[str, ActivationKind, int]] = field(default_factory=list)
+    heads: HeadStructure | None = None
 
     def producers(self) -> list[Member]:
         return [m for m in self.members if m.role == "producer"]
@@ -121,7 +154,8 @@ class NeuronSpace:
     def signature(self) -> tuple:
         """Everything but the size: two models of one family have equal signatures."""
         members = tuple((m.param, m.axis, m.role, m.groups, m.layout) for m in self.members)
-        return (self.name, self.fixed, self.groups, members)
+        heads = self.heads.signature() if self.heads is not None else None
+        return (self.name, self.fixed, self.groups, members, heads)
 
 
 @dataclass
@@ -130,13 +164,16 @@ class SpaceGraph:
 
     Attributes:
         spaces: all spaces in visiting order, fixed ones included.
-        graph_module: the ``torch.fx`` trace (shares parameters with the model).
+        graph_module: the traced graph (shares parameters with the model): a ``torch.fx`` trace, or
+            the ATen graph of ``torch.export`` (``capture == "export"``).
         param_names: names of every parameter and buffer seen by the trace.
+        capture: how the graph was captured: ``"fx"`` or ``"export"``.
     """
 
     spaces: list[NeuronSpace]
     graph_module: torch.fx.GraphModule
     param_names: set[str] = field(default_factory=set)
+    capture: str = "fx"
 
     @property
     def sizes(self) -> dict[int, int]:
@@ -164,6 +201,12 @@ class SpaceGraph:
             flags = "fixed" if s.fixed else f"{s.size} units"
             if s.groups > 1:
                 flags += f", {s.groups} groups"
+            if s.heads is not None:
+                flags += f", {s.heads.count} heads"
+                if s.heads.repeat > 1:
+                    flags += f" (x{s.heads.repeat} of [{s.heads.dims_of}])"
+                if s.heads.fixed_dims:
+                    flags += ", dims fixed"
             members = ", ".join(_member_text(m, s.index, names) for m in s.members)
             lines.append(f"  [{s.index}] {s.name}: {flags}; {members or 'no parameters'}")
         return "\n".join(lines)

@@ -12,14 +12,23 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from otfuse.discovery.layout import ActivationKind, Layout, Member, NeuronSpace, Role, SpaceGraph
+from otfuse.discovery.layout import (
+    ActivationKind,
+    HeadStructure,
+    Layout,
+    Member,
+    NeuronSpace,
+    Role,
+    Segment,
+    SpaceGraph,
+)
 from otfuse.errors import OtfuseError, UnsupportedOpError
 from otfuse.modes import evaluating
 
@@ -43,7 +52,13 @@ Info = Feature | ParamRef | None
 
 
 class SpaceBuilder:
-    """Union-find over spaces plus the members and activation nodes found so far."""
+    """Union-find over spaces plus the members and activation nodes found so far.
+
+    Two further facts serve graphs with attention (:mod:`otfuse.discovery.aten`): a space may be
+    *refined* into consecutive parts (a packed qkv projection split into q, k and v: every layout
+    holding the space then holds its parts side by side), and a space may have *heads* (its units are
+    H heads of d dims) linked to the heads of other spaces (:meth:`link_heads`).
+    """
 
     def __init__(self, gm: torch.fx.GraphModule) -> None:
         self.gm = gm
@@ -58,9 +73,16 @@ class SpaceBuilder:
         self.tags: list[tuple[int, str, ActivationKind, int]] = []
         self.info: dict[torch.fx.Node, Info] = {}
         self.params_seen: set[str] = set()
+        self.refined: dict[int, tuple[int, ...]] = {}  # space root -> the parts it was split into
+        self.head_facts: list[tuple[int, int]] = []  # (space, number of heads)
+        self.head_links: list[tuple[int, int, int, int]] = []  # (a, ra, b, rb): see link_heads
+        self.dims_fixed: set[int] = set()
+        self.heads_fixed: set[int] = set()
+        self.aliases: dict[str, tuple[str, ...]] = {}  # parameter -> its other state_dict names
 
     # -- spaces ---------------------------------------------------------------------------------
     def new_space(self, size: int, name: str, fixed: bool = False) -> int:
+        """A new space of ``size`` units; returns its index."""
         self.parent.append(len(self.parent))
         self.size.append(int(size))
         self.name.append(name)
@@ -82,13 +104,87 @@ class SpaceBuilder:
             raise UnsupportedOpError(
                 f"{where}: joins units of different sizes ({self.size[ra]} and {self.size[rb]})"
             )
+        parts_a, parts_b = self.refined.get(ra), self.refined.get(rb)
+        if parts_a is not None or parts_b is not None:
+            sizes = [self.size[self.find(p)] for p in (parts_a or parts_b)]
+            parts_a = parts_a or self.refine(ra, sizes, where)
+            parts_b = parts_b or self.refine(rb, sizes, where)
+            if [self.size[self.find(p)] for p in parts_b] != sizes:
+                raise UnsupportedOpError(f"{where}: joins units that are split differently")
         keep, drop = min(ra, rb), max(ra, rb)
         self.parent[drop] = keep
         self.fixed[keep] = self.fixed[keep] or self.fixed[drop]
         self.groups[keep] = math.lcm(self.groups[keep], self.groups[drop])
+        if parts_a is not None:
+            self.refined.pop(drop, None)
+            self.refined[keep] = parts_a
+            for x, y in zip(parts_a, parts_b):
+                self.union(x, y, where)
+
+    def refine(self, space: int, sizes: Iterable[int], where: str) -> tuple[int, ...]:
+        """Split the units of ``space`` into consecutive parts of ``sizes`` (each a new space).
+
+        Every layout holding ``space`` holds the parts side by side instead (:meth:`expand`). Splitting
+        a space again the same way returns the same parts.
+        """
+        root, sizes = self.find(space), [int(n) for n in sizes]
+        known = self.refined.get(root)
+        if known is not None:
+            if [self.size[self.find(p)] for p in known] != sizes:
+                raise UnsupportedOpError(
+                    f"{where}: splits units that are already split differently"
+                )
+            return known
+        if sum(sizes) != self.size[root]:
+            raise UnsupportedOpError(f"{where}: splits {self.size[root]} units into {sizes}")
+        parts = tuple(
+            self.new_space(n, f"{self.name[root]}[{i}]", self.fixed[root])
+            for i, n in enumerate(sizes)
+        )
+        self.refined[root] = parts
+        return parts
+
+    def expand(self, layout: Layout) -> Layout:
+        """``layout`` with every refined space replaced by its parts."""
+        if not any(self.find(s.space) in self.refined for s in layout.segments):
+            return layout
+        segments: list[Segment] = []
+        for seg in layout.segments:
+            parts = self.refined.get(self.find(seg.space))
+            if parts is None:
+                segments.append(seg)
+            else:
+                inner = Layout(tuple(Segment(p, seg.inner) for p in parts))
+                segments.extend(self.expand(inner).segments)
+        return Layout(tuple(segments), layout.outer)
+
+    # -- heads (attention) ----------------------------------------------------------------------
+    def set_heads(self, space: int, heads: int) -> None:
+        """The units of ``space`` are ``heads`` heads of equal size (unit h*d + i)."""
+        self.head_facts.append((space, int(heads)))
+
+    def link_heads(self, a: int, ra: int, b: int, rb: int, *, dims: bool, where: str) -> None:
+        """Head ``h`` of a tensor is head ``h // ra`` of space ``a`` and head ``h // rb`` of ``b``,
+        so both move together; with ``dims`` their dims within a head move together too (q and k;
+        v and the output projection's input). Equal repeats with ``dims`` make ``a`` and ``b`` one
+        space; otherwise the space with more heads follows the other (grouped-query attention)."""
+        if ra == rb and dims:
+            self.union(a, b, where)
+            return
+        if dims and max(ra, rb) % min(ra, rb):
+            raise UnsupportedOpError(f"{where}: heads repeated {ra} and {rb} times do not nest")
+        self.head_links.append((a, ra, b, rb) if dims else (a, 0, b, 0))
+
+    def fix_dims(self, space: int) -> None:
+        """Dims within each head of ``space`` stay in place (e.g. rotary embeddings)."""
+        self.dims_fixed.add(space)
+
+    def fix_heads(self, space: int) -> None:
+        """The heads of ``space`` stay in place."""
+        self.heads_fixed.add(space)
 
     def fix(self, layout: Layout) -> None:
-        for s in layout.spaces():
+        for s in self.expand(layout).spaces():
             self.fixed[self.find(s)] = True
 
     def constrain_groups(self, layout: Layout, groups: int, where: str) -> None:
@@ -102,6 +198,7 @@ class SpaceBuilder:
 
     def merge_layouts(self, a: Layout, b: Layout, where: str) -> None:
         """Declare that layouts ``a`` and ``b`` index the same units (an elementwise op joins them)."""
+        a, b = self.expand(a), self.expand(b)
         same_shape = len(a.segments) == len(b.segments) and a.outer == b.outer
         if not same_shape or any(x.inner != y.inner for x, y in zip(a.segments, b.segments)):
             raise UnsupportedOpError(
@@ -141,8 +238,10 @@ class SpaceBuilder:
             self.tags.append((layout.segments[0].space, node.name, kind, feature.axis))
 
     # -- result ---------------------------------------------------------------------------------
-    def build(self) -> SpaceGraph:
-        roots = sorted({self.find(m_space) for m in self.members for m_space in m.layout.spaces()})
+    def build(self, capture: str = "fx") -> SpaceGraph:
+        members = [replace(m, layout=self.expand(m.layout)) for m in self.members]
+        members += [replace(m, param=a) for m in members for a in self.aliases.get(m.param, ())]
+        roots = sorted({self.find(m_space) for m in members for m_space in m.layout.spaces()})
         canonical = {root: i for i, root in enumerate(roots)}
         mapping = {
             s: canonical[self.find(s)] for s in range(len(self.parent)) if self.find(s) in canonical
@@ -159,15 +258,69 @@ class SpaceBuilder:
             spaces.append(
                 NeuronSpace(index, name, self.size[root], self.fixed[root], self.groups[root])
             )
-        for member in self.members:
+        for member in members:
             remapped = member.remap(mapping)
             for s in remapped.layout.spaces():
                 if remapped not in spaces[s].members:
                     spaces[s].members.append(remapped)
         for raw, node_name, kind, axis in self.tags:
-            if raw in mapping:
+            if raw in mapping and self.find(raw) not in self.refined:
                 spaces[mapping[raw]].nodes.append((node_name, kind, axis))
-        return SpaceGraph(spaces, self.gm, set(self.params_seen))
+        for index, heads in self._head_structures(canonical).items():
+            spaces[index].heads = heads
+        params = set(self.params_seen) | {
+            a for p in self.params_seen for a in self.aliases.get(p, ())
+        }
+        return SpaceGraph(spaces, self.gm, params, capture)
+
+    def _head_structures(self, canonical: dict[int, int]) -> dict[int, HeadStructure]:
+        """The :class:`HeadStructure` of every space with heads, by space index."""
+        count: dict[int, int] = {}
+        for space, heads in self.head_facts:
+            root = self.find(space)
+            if root in canonical and root not in self.refined:
+                if count.setdefault(root, heads) != heads:
+                    raise UnsupportedOpError(
+                        f"space of {self.name[root]}: split into {heads} and {count[root]} heads"
+                    )
+        group = {r: r for r in count}
+
+        def top(r: int) -> int:
+            while group[r] != r:
+                r = group[r]
+            return r
+
+        owner: dict[int, int] = {}
+        for a, ra, b, rb in self.head_links:
+            a, b = self.find(a), self.find(b)
+            if a not in count or b not in count:
+                continue
+            ga, gb = top(a), top(b)
+            group[max(ga, gb)] = min(ga, gb)
+            if ra != rb:  # dims shared, the space with more heads follows the other
+                dependent, base = (a, b) if ra < rb else (b, a)
+                owner[dependent] = base
+        fixed_dims = {self.find(s) for s in self.dims_fixed}
+        fixed_dims |= {owner[d] for d in owner if d in fixed_dims}
+        fixed_heads = {top(self.find(s)) for s in self.heads_fixed if self.find(s) in count}
+        out = {}
+        for r, heads in count.items():
+            members = [x for x in count if top(x) == top(r)]
+            base = min(count[x] for x in members)
+            if heads % base:
+                raise UnsupportedOpError(
+                    f"space of {self.name[r]}: {heads} heads in groups of {base}"
+                )
+            o = owner.get(r, r)
+            out[canonical[r]] = HeadStructure(
+                count=heads,
+                group=min(canonical[x] for x in members),
+                repeat=heads // base,
+                dims_of=canonical[o],
+                fixed_dims=o in fixed_dims,
+                fixed_heads=top(r) in fixed_heads,
+            )
+        return out
 
 
 class LeafTracer(torch.fx.Tracer):

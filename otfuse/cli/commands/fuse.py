@@ -15,6 +15,7 @@ import torch
 
 import otfuse
 from otfuse.checkpoints import FORMATS, LoadedModel, architecture_record, save_model
+from otfuse.cli import hf as hf_dirs
 from otfuse.cli import models, options
 from otfuse.cli.common import Report, Stopwatch, UsageError, add_output, command, format_shape
 from otfuse.cli.report import fuse_text
@@ -27,7 +28,10 @@ from otfuse.training import evaluate
 
 def add(commands) -> None:
     p = command(commands, "fuse", run, "fuse two or more checkpoints into one model")
-    p.add_argument("checkpoints", nargs="*", metavar="CKPT", help="two or more checkpoints")
+    p.add_argument(
+        "checkpoints", nargs="*", metavar="CKPT",
+        help="two or more checkpoints, or Hugging Face model directories (see otfuse.cli.hf)",
+    )  # fmt: skip
     models.add_arch(p, per_checkpoint=True)
     add_output(p, "the fused checkpoint (and OUT.json with the config and results)")
     p.add_argument("--format", choices=FORMATS, default=None, help="default: from OUT's suffix")
@@ -43,10 +47,13 @@ def add(commands) -> None:
         "--config", default=None, metavar="FILE.yaml", help="fusion options; flags override"
     )
     p.add_argument("--print-config", action="store_true", help="print the resolved options, exit")
+    hf_dirs.add_options(p)
     options.add_fusion_options(p)
 
 
 def run(args: argparse.Namespace) -> Report:
+    if hf_dirs.wanted(args):  # Hugging Face model directories: otfuse.cli.hf
+        return hf_dirs.run(args)
     watch = Stopwatch()
     data = DataSource.from_args(args, split_role="fuse")
     config, given = options.resolve_config(args, data is not None)

@@ -1,0 +1,229 @@
+"""Capture a model with ``torch.export`` and find its neuron spaces on the ATen graph.
+
+``torch.export.export(model, args, strict=False)`` runs the model's Python once on fake tensors and
+records every ATen op, so it captures what ``torch.fx`` symbolic tracing cannot: Hugging Face models,
+lengths read from the input's shape, ``nn.MultiheadAttention``. ``ep.module()`` is a ``GraphModule``
+whose ``get_attr`` nodes are named as the model's ``state_dict`` (and share its tensors). The batch
+axis is exported as dynamic when the model allows it, so the graph also runs on other batch sizes;
+every other shape is specialised to the example input.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stderr
+from io import StringIO
+
+import torch
+import torch.fx
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from otfuse.discovery.aten import (
+    TRACKED,
+    ParamView,
+    aten,
+    aten_rule,
+    info_of,
+    module_call,
+    opaque,
+    unsupported_with,
+)
+from otfuse.discovery.layout import Layout, SpaceGraph
+from otfuse.discovery.walker import Feature, SpaceBuilder, shape_of
+from otfuse.errors import OtfuseError, UnsupportedOpError
+from otfuse.modes import evaluating
+
+
+def export_graph(model: nn.Module, example_input: torch.Tensor | tuple) -> torch.fx.GraphModule:
+    """The ATen graph of ``model`` on ``example_input`` (eval mode), every node's shape annotated."""
+    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+    name = type(model).__name__
+    with evaluating([model]), _quiet():
+        try:
+            program = _export(model, inputs)
+        except Exception as exc:  # noqa: BLE001 - any capture failure is reported the same way
+            raise OtfuseError(
+                f"cannot capture {name} with torch.export ({_first_line(exc)})"
+            ) from None
+        gm = program.module()
+        try:
+            with torch.no_grad():
+                ShapeProp(gm).propagate(*inputs)
+        except Exception as exc:  # noqa: BLE001
+            raise OtfuseError(f"example input does not fit {name}: {_first_line(exc)}") from None
+    return gm
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """No warnings, log lines or printed graphs from torch.export's tracing (a failure is reported
+    in one line)."""
+    loggers = [logging.getLogger(n) for n in ("torch.fx.experimental.symbolic_shapes", "torch")]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings(), redirect_stderr(StringIO()):
+        warnings.simplefilter("ignore")
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
+
+
+def _export(model: nn.Module, inputs: tuple):
+    dynamic = tuple(
+        {0: torch.export.Dim.AUTO} if isinstance(x, torch.Tensor) and x.dim() > 0 else None
+        for x in inputs
+    )
+    try:
+        return torch.export.export(model, inputs, strict=False, dynamic_shapes=dynamic)
+    except Exception:  # noqa: BLE001 - a model that needs a static batch
+        return torch.export.export(model, inputs, strict=False)
+
+
+def modularize(gm: torch.fx.GraphModule, model: nn.Module) -> torch.fx.GraphModule:
+    """Calls of the model's ``nn.Linear``, ``nn.Conv1d/2d`` and ``nn.LayerNorm`` become
+    ``call_module`` nodes again (same name, same shape annotation), so the stages that work layer
+    by layer (repair, refit) find them as in an fx trace. ``gm`` is changed in place and returned."""
+    modules = dict(model.named_modules())
+    for node in list(gm.graph.nodes):
+        path = _module_of(node, modules)
+        if path is None:
+            continue
+        with gm.graph.inserting_before(node):
+            call = gm.graph.call_module(path, (node.args[0],))
+        call.meta = dict(node.meta)
+        node.replace_all_uses_with(call)
+        name = node.name
+        gm.graph.erase_node(node)
+        call.name = name
+        if gm.get_submodule(path) is not modules[path]:
+            gm.add_submodule(path, modules[path])
+    gm.recompile()
+    return gm
+
+
+def _module_of(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str | None:
+    """The module whose call ``node`` is exactly, or None."""
+    packet = getattr(node.target, "overloadpacket", None)
+    if node.op != "call_function" or packet not in (aten.linear, aten.conv1d, aten.conv2d):
+        if packet is not aten.layer_norm:
+            return None
+    names = [
+        a.target if isinstance(a, torch.fx.Node) and a.op == "get_attr" else a for a in node.args
+    ]
+    params = names[2:4] if packet is aten.layer_norm else names[1:3]
+    if not params or not isinstance(params[0], str) or not params[0].endswith(".weight"):
+        return None
+    path = params[0].rsplit(".", 1)[0]
+    module = modules.get(path)
+    bias = params[1] if len(params) > 1 else None
+    expected_bias = f"{path}.bias" if getattr(module, "bias", None) is not None else None
+    if module is None or bias != expected_bias:
+        return None
+    if packet is aten.linear:
+        return path if type(module) is nn.Linear else None
+    if packet is aten.layer_norm:
+        same = (
+            list(module.normalized_shape) == list(node.args[1])
+            if hasattr(module, "normalized_shape")
+            else False
+        )
+        eps = node.args[4] if len(node.args) > 4 else 1e-5
+        return path if type(module) is nn.LayerNorm and same and eps == module.eps else None
+    conv = nn.Conv1d if packet is aten.conv1d else nn.Conv2d
+    if (
+        type(module) is not conv
+        or module.padding_mode != "zeros"
+        or isinstance(module.padding, str)
+    ):
+        return None
+    settings = [tuple(a) if isinstance(a, (list, tuple)) else a for a in node.args[3:7]]
+    wanted = [module.stride, module.padding, module.dilation, module.groups]
+    defaults = [(1,) * len(module.stride), (0,) * len(module.stride), (1,) * len(module.stride), 1]
+    settings += defaults[len(settings) :]
+    return path if [tuple(x) if isinstance(x, list) else x for x in settings] == wanted else None
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def aliases(model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """For every ``state_dict`` name, the other names of the same tensor (tied weights)."""
+    names: dict[int, list[str]] = defaultdict(list)
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        names[id(tensor)].append(key)
+    return {k: tuple(n for n in group if n != k) for group in names.values() for k in group}
+
+
+def discover_exported(model: nn.Module, example_input: torch.Tensor | tuple) -> SpaceGraph:
+    """The neuron spaces of ``model`` from its ``torch.export`` graph (see :func:`export_graph`).
+
+    Raises:
+        UnsupportedOpError: an op with tracked units and no rule, naming the op, node and module.
+        OtfuseError: the model cannot be exported or does not accept ``example_input``.
+    """
+    gm = modularize(export_graph(model, example_input), model)
+    b = SpaceBuilder(gm)
+    b.aliases = aliases(model)
+    b.weights = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    order = {k: i for i, k in enumerate(b.aliases)}
+    b.canonical = {k: min((k, *others), key=order.get) for k, others in b.aliases.items()}
+    for node in gm.graph.nodes:
+        b.info[node] = _visit(b, node, b.canonical)
+    graph = b.build(capture="export")
+    used = opaque(b)
+    for space in graph.transportable():
+        for member in space.members:
+            if member.param in used:
+                raise UnsupportedOpError(
+                    f"{used[member.param]} is not supported on parameter '{member.param}', whose "
+                    f"units are aligned"
+                )
+    return graph
+
+
+def _visit(b: SpaceBuilder, node: torch.fx.Node, first: dict[str, str]) -> object:
+    if node.op == "placeholder":
+        return None
+    if node.op == "get_attr":
+        target, shape = str(node.target), shape_of(node)
+        if target not in b.aliases or shape is None:
+            return None  # a constant or a buffer outside the state dict: never transported
+        b.params_seen.add(first[target])  # a tied weight by its first name in the state dict
+        return ParamView(first[target], tuple(range(len(shape))))
+    if node.op == "output":
+        for value in _flatten(node.args):
+            _fix(b, info_of(b, value))
+        return None
+    if node.op == "call_module":
+        return module_call(b, node)
+    rule = aten_rule(node)
+    return rule(b, node) if rule is not None else unsupported_with(b, node)
+
+
+def _fix(b: SpaceBuilder, info: object) -> None:
+    """Units that reach the model's output are fixed."""
+    if isinstance(info, Feature):
+        b.fix(info.layout)
+    elif isinstance(info, TRACKED):
+        for part in getattr(info, "parts", (info,)):
+            if isinstance(part, Feature):
+                b.fix(part.layout)
+            else:
+                b.fix(Layout.of(part.space))
+
+
+def _flatten(args: object) -> list:
+    if isinstance(args, (list, tuple)):
+        return [x for a in args for x in _flatten(a)]
+    if isinstance(args, dict):
+        return [x for a in args.values() for x in _flatten(a)]
+    return [args]

@@ -1,0 +1,145 @@
+"""Transformers written by hand: captured with torch.export, heads as structure, residual stream as
+one space. A planted permutation of the stream, MLP units, heads and dims within heads is recovered
+exactly; aligning an independent model keeps its function; fusing a model with itself returns it."""
+
+import pytest
+import torch
+from transformer_models import (
+    MHAModel,
+    TinyGPT,
+    TinyLlama,
+    align_on,
+    max_diff,
+    plant,
+    randomize_norms,
+)
+
+import otfuse
+from otfuse.discovery import discover_traced
+from otfuse.errors import UnsupportedOpError
+
+torch.set_num_threads(2)
+
+TOKENS = torch.randint(0, 11, (3, 6), generator=torch.Generator().manual_seed(0))
+MODELS = {
+    "gpt": (lambda: TinyGPT(), TOKENS),
+    "gpt-explicit": (lambda: TinyGPT(explicit=True), TOKENS),
+    "llama": (lambda: TinyLlama(), TOKENS),
+    "mha": (lambda: MHAModel(), torch.randn(3, 6, 5, generator=torch.Generator().manual_seed(0))),
+}
+
+
+def make(name: str, seed: int = 0):
+    torch.manual_seed(seed)
+    return randomize_norms(MODELS[name][0]())
+
+
+@pytest.fixture(scope="module")
+def captured():
+    """Each model once, with its neuron spaces (one export per architecture)."""
+    out = {}
+    for name, (_, x) in MODELS.items():
+        model = make(name)
+        out[name] = (model, x, otfuse.spaces(model, x))
+    return out
+
+
+def by_name(graph, name):
+    return next(s for s in graph.spaces if s.name == name)
+
+
+def test_gpt_needs_export_and_finds_stream_heads_and_tied_head(captured):
+    model, x, graph = captured["gpt"]
+    with pytest.raises(UnsupportedOpError):
+        discover_traced(model, x)  # fx traces it, but its rules cannot slice wpe or split heads
+    assert graph.capture == "export"
+    stream = by_name(graph, "wte")
+    params = {(m.param, m.axis) for m in stream.members}
+    assert {("wte.weight", 1), ("head.weight", 1), ("wpe", 2), ("ln_f.weight", 0)} <= params
+    assert {("blocks.1.attn.qkv.weight", 1), ("blocks.1.out.weight", 0)} <= params
+    qk, v = by_name(graph, "blocks.0.attn.qkv[0]"), by_name(graph, "blocks.0.attn.qkv[2]")
+    assert qk.heads.count == v.heads.count == 4 and qk.heads.group == v.heads.group == qk.index
+    packed = next(m for m in qk.members if m.param == "blocks.0.attn.qkv.weight")
+    assert [seg.space for seg in packed.layout.segments] == [qk.index, qk.index, v.index]
+    assert "blocks.0.attn.proj.weight" in {m.param for m in v.members}
+    vocab = [s for s in graph.spaces if s.fixed]
+    assert len(vocab) == 1 and {m.param for m in vocab[0].members} == {"wte.weight", "head.weight"}
+
+
+def test_fx_stays_first_where_it_suffices():
+    from models import build, example
+
+    assert otfuse.spaces(build("resmlp"), example("resmlp")).capture == "fx"
+
+
+def test_rotary_and_grouped_query_structure(captured):
+    _, _, graph = captured["llama"]
+    q, k = by_name(graph, "blocks.0.q"), by_name(graph, "blocks.0.k")
+    v, out = by_name(graph, "blocks.0.v"), by_name(graph, "blocks.0.v:heads")
+    assert (k.heads.count, q.heads.count, q.heads.repeat) == (2, 4, 2)
+    assert q.heads.dims_of == k.index and out.heads.dims_of == v.index
+    assert q.heads.fixed_dims and k.heads.fixed_dims and not v.heads.fixed_dims
+    assert {m.param for m in out.members} == {"blocks.0.o.weight"}
+    assert "blocks.0.norm1.weight" in {m.param for m in by_name(graph, "embed").members}
+
+
+def test_packed_in_proj_of_multihead_attention(captured):
+    _, _, graph = captured["mha"]
+    qk, v = by_name(graph, "attn[0]"), by_name(graph, "attn[2]")
+    assert qk.heads.count == 4 and v.heads.group == qk.index
+    assert "attn.out_proj.weight" in {m.param for m in v.members}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_planted_permutation_is_recovered_exactly(captured, name):
+    model, x, graph = captured[name]
+    planted = plant(model, graph, seed=1)
+    assert max_diff(planted, model) > 0.1
+    torch.testing.assert_close(planted(x), model(x), atol=1e-5, rtol=1e-5)
+    assert max_diff(align_on(graph, planted, model), model) < 1e-6
+
+
+def test_align_recovers_a_planted_gpt_through_the_front_door(captured):
+    model, x, graph = captured["gpt"]
+    aligned = otfuse.align(plant(model, graph, seed=3), model, example_input=x)
+    assert max_diff(aligned, model) < 1e-6
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_alignment_of_an_independent_model_keeps_its_function(captured, name):
+    model, x, graph = captured[name]
+    other = make(name, seed=7)
+    aligned = align_on(graph, other, model)
+    assert max_diff(aligned, other) > 0.1  # something moved
+    torch.testing.assert_close(aligned(x), other(x), atol=1e-4, rtol=1e-4)
+
+
+def test_fusing_a_gpt_with_itself_returns_it(captured):
+    model, x, _ = captured["gpt"]
+    result = otfuse.fuse([model, model], "paper-wts", example_input=x)
+    assert max_diff(result.model, model) < 1e-6
+    assert result.spaces.capture == "export"
+
+
+def test_activation_alignment_runs_the_exported_graph_on_other_batch_sizes(captured):
+    model, x, graph = captured["gpt"]
+    planted = plant(model, graph, seed=2)
+    data = torch.randint(0, 11, (40, 6), generator=torch.Generator().manual_seed(1))
+    aligned = otfuse.align(planted, model, data=data, mode="acts", example_input=x)
+    assert max_diff(aligned, model) < 1e-6
+
+
+def test_a_per_head_parameter_is_refused_with_the_op_named():
+    class PerHeadScale(TinyGPT):
+        def __init__(self):
+            super().__init__(layers=1)
+            self.scale = torch.nn.Parameter(torch.ones(4, 1, 1))
+
+        def forward(self, idx):
+            x = self.wte(idx)
+            B, T, C = x.shape
+            q = self.blocks[0].attn.qkv(x)[..., :C].view(B, T, 4, C // 4).transpose(1, 2)
+            return self.head((q * self.scale).transpose(1, 2).reshape(B, T, C))
+
+    with pytest.raises(UnsupportedOpError, match="(indexing selects|scale)"):
+        otfuse.spaces(PerHeadScale().eval(), TOKENS)

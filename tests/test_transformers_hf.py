@@ -1,0 +1,123 @@
+"""Hugging Face models from small configs (no downloads, random weights): captured with torch.export,
+a planted permutation of stream, MLP units, heads and dims is recovered exactly, and aligning an
+independent model keeps its function. Skipped when ``transformers`` is not installed."""
+
+import warnings
+
+import pytest
+import torch
+from transformer_models import align_on, max_diff, plant
+
+import otfuse
+
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+torch.set_num_threads(2)
+
+TOKENS = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0))
+PIXELS = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+
+
+def gpt2():
+    config = transformers.GPT2Config(
+        vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=4, use_cache=False,
+        bos_token_id=0, eos_token_id=0, initializer_range=0.2,
+    )  # fmt: skip
+    return transformers.GPT2LMHeadModel(config)
+
+
+def bert():
+    config = transformers.BertConfig(
+        vocab_size=50, max_position_embeddings=16, num_labels=3, initializer_range=0.2, **SMALL
+    )
+    return transformers.BertForSequenceClassification(config)
+
+
+def vit():
+    config = transformers.ViTConfig(
+        image_size=16, patch_size=4, num_channels=3, num_labels=5, initializer_range=0.2, **SMALL
+    )
+    return transformers.ViTForImageClassification(config)
+
+
+def llama():
+    config = transformers.LlamaConfig(
+        vocab_size=50, max_position_embeddings=16, num_key_value_heads=2, use_cache=False,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0, initializer_range=0.2, **SMALL,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(config)
+
+
+MODELS = {
+    "gpt2": (gpt2, TOKENS),
+    "bert": (bert, TOKENS),
+    "vit": (vit, PIXELS),
+    "llama": (llama, TOKENS),
+}
+
+
+def make(name: str, seed: int = 0):
+    torch.manual_seed(seed)
+    model = MODELS[name][0]().eval()
+    with torch.no_grad():
+        for key, p in model.named_parameters():
+            if "norm" in key.lower() and p.dim() == 1:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def logits(model, x):
+    with torch.no_grad():
+        return model(x).logits
+
+
+@pytest.fixture(scope="module")
+def captured():
+    out = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, (_, x) in MODELS.items():
+            model = make(name)
+            out[name] = (model, x, otfuse.spaces(model, x))
+    return out
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_heads_and_stream_are_found(captured, name):
+    _, _, graph = captured[name]
+    assert graph.capture == "export"
+    with_heads = [s for s in graph.transportable() if s.heads is not None]
+    assert len({s.heads.group for s in with_heads}) == 2  # one attention group per layer
+    stream = graph.transportable()[0]
+    assert sum(1 for m in stream.members if m.role == "norm") >= 4  # LayerNorm / RMSNorm weights
+    if name == "llama":
+        assert any(s.heads.repeat == 2 and s.heads.fixed_dims for s in with_heads)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_planted_permutation_is_recovered_exactly(captured, name):
+    model, x, graph = captured[name]
+    planted = plant(model, graph, seed=1)
+    assert max_diff(planted, model) > 0.1
+    torch.testing.assert_close(logits(planted, x), logits(model, x), atol=1e-4, rtol=1e-4)
+    assert max_diff(align_on(graph, planted, model), model) < 1e-6
+
+
+@pytest.mark.slow
+def test_align_through_the_front_door():
+    model, x = make("gpt2"), TOKENS
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        planted = plant(model, otfuse.spaces(model, x), seed=2)
+        aligned = otfuse.align(planted, model, example_input=x)
+    assert max_diff(aligned, model) < 1e-6
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_alignment_of_an_independent_model_keeps_its_function(captured, name):
+    model, x, graph = captured[name]
+    other = make(name, seed=7)
+    aligned = align_on(graph, other, model)
+    assert max_diff(aligned, other) > 0.1
+    torch.testing.assert_close(logits(aligned, x), logits(other, x), atol=1e-4, rtol=1e-4)

@@ -1,0 +1,213 @@
+"""Tiny Transformers for the tests (random weights), and a planted permutation that respects heads."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import otfuse
+from otfuse.alignment import align_state
+from otfuse.baselines import build_model
+from otfuse.capture import rebind
+from otfuse.heads import random_plans
+from otfuse.plans import transport_member
+
+
+class PackedAttention(nn.Module):
+    """One qkv Linear split into q, k, v, heads by view + transpose, causal SDPA."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.qkv, self.proj, self.heads = (
+            nn.Linear(width, 3 * width),
+            nn.Linear(width, width),
+            heads,
+        )
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class ExplicitAttention(nn.Module):
+    """Separate q, k, v Linears, q @ k^T with a causal mask buffer, softmax, @ v."""
+
+    def __init__(self, width: int, heads: int, context: int = 16) -> None:
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(width, width) for _ in range(3))
+        self.proj, self.heads = nn.Linear(width, width), heads
+        self.register_buffer(
+            "mask", torch.tril(torch.ones(context, context)).view(1, 1, context, context)
+        )
+
+    def forward(self, x):
+        B, T, C = x.shape
+        d = C // self.heads
+        q, k, v = (f(x).view(B, T, self.heads, d).transpose(1, 2) for f in (self.q, self.k, self.v))
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(d))
+        att = att.masked_fill(self.mask[:, :, :T, :T] == 0, float("-inf"))
+        y = F.softmax(att, dim=-1) @ v
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class Block(nn.Module):
+    def __init__(self, width: int, heads: int, explicit: bool) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        attn = ExplicitAttention if explicit else PackedAttention
+        self.attn = attn(width, heads)
+        self.fc, self.out = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.out(F.gelu(self.fc(self.ln2(x))))
+
+
+class TinyGPT(nn.Module):
+    """nanoGPT-style: token embedding + a learned position table sliced by the input's length,
+    pre-LayerNorm blocks, a final LayerNorm and a head tied to the token embedding."""
+
+    def __init__(
+        self, vocab: int = 11, width: int = 16, heads: int = 4, layers: int = 2,
+        context: int = 16, explicit: bool = False,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.wte = nn.Embedding(vocab, width)
+        self.wpe = nn.Parameter(torch.randn(1, context, width) * 0.1)
+        self.blocks = nn.ModuleList(Block(width, heads, explicit) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab, bias=False)
+        self.head.weight = self.wte.weight
+
+    def forward(self, idx):
+        x = self.wte(idx) + self.wpe[:, : idx.shape[1]]
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, width: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(width)), eps
+
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+
+def rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class LlamaBlock(nn.Module):
+    """RMSNorm, rotary q/k, grouped-query attention (KV heads repeated), SwiGLU MLP."""
+
+    def __init__(self, width: int, heads: int, kv_heads: int, hidden: int) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.d = heads, kv_heads, width // heads
+        self.norm1, self.norm2 = RMSNorm(width), RMSNorm(width)
+        self.q = nn.Linear(width, heads * self.d, bias=False)
+        self.k = nn.Linear(width, kv_heads * self.d, bias=False)
+        self.v = nn.Linear(width, kv_heads * self.d, bias=False)
+        self.o = nn.Linear(heads * self.d, width, bias=False)
+        self.gate, self.up = (
+            nn.Linear(width, hidden, bias=False),
+            nn.Linear(width, hidden, bias=False),
+        )
+        self.down = nn.Linear(hidden, width, bias=False)
+
+    def forward(self, x, cos, sin):
+        B, T, _ = x.shape
+        h = self.norm1(x)
+        q = self.q(h).view(B, T, self.heads, self.d).transpose(1, 2)
+        k = self.k(h).view(B, T, self.kv_heads, self.d).transpose(1, 2)
+        v = self.v(h).view(B, T, self.kv_heads, self.d).transpose(1, 2)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        rep = self.heads // self.kv_heads
+        k = k[:, :, None].expand(B, self.kv_heads, rep, T, self.d).reshape(B, self.heads, T, self.d)
+        v = v[:, :, None].expand(B, self.kv_heads, rep, T, self.d).reshape(B, self.heads, T, self.d)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.o(y.transpose(1, 2).reshape(B, T, -1))
+        h = self.norm2(x)
+        return x + self.down(F.silu(self.gate(h)) * self.up(h))
+
+
+class TinyLlama(nn.Module):
+    def __init__(
+        self, vocab: int = 13, width: int = 16, heads: int = 4, kv_heads: int = 2, layers: int = 2
+    ) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.blocks = nn.ModuleList(LlamaBlock(width, heads, kv_heads, 24) for _ in range(layers))
+        self.norm = RMSNorm(width)
+        self.lm_head = nn.Linear(width, vocab, bias=False)
+        d = width // heads
+        self.register_buffer("inv_freq", 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d)))
+
+    def forward(self, idx):
+        t = torch.arange(idx.shape[1], dtype=torch.float32)
+        freqs = torch.outer(t, self.inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos()[None, None], emb.sin()[None, None]
+        x = self.embed(idx)
+        for block in self.blocks:
+            x = block(x, cos, sin)
+        return self.lm_head(self.norm(x))
+
+
+class MHAModel(nn.Module):
+    """Token Linear, nn.MultiheadAttention (packed in_proj_weight) with a residual, LayerNorm, head."""
+
+    def __init__(self, features: int = 5, width: int = 16, heads: int = 4, classes: int = 3):
+        super().__init__()
+        self.embed = nn.Linear(features, width)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        h = self.embed(x)
+        h = self.norm(h + self.attn(h, h, h, need_weights=False)[0])
+        return self.head(h.mean(dim=1))
+
+
+def randomize_norms(model: nn.Module) -> nn.Module:
+    """Norm weights away from 1 and 0, so a missed member would show."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "ln" in name:
+                p.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def plant(model: nn.Module, graph: otfuse.SpaceGraph, seed: int = 0) -> nn.Module:
+    """A copy of ``model`` with a random head-respecting permutation in every space of ``graph``."""
+    state, sizes = dict(model.state_dict()), graph.sizes
+    for index, plan in random_plans(graph, seed).items():
+        for member in graph.spaces[index].members:
+            state[member.param] = transport_member(state[member.param], member, index, plan, sizes)
+    out = copy.deepcopy(model)
+    out.load_state_dict(state)
+    return out
+
+
+def align_on(graph: otfuse.SpaceGraph, model: nn.Module, anchor: nn.Module, **options) -> nn.Module:
+    """``otfuse.align(model, anchor)`` on an already captured graph (no second capture)."""
+    config = otfuse.FusionConfig().replace(**options)
+    state, _ = align_state(
+        model.state_dict(), rebind(graph, model), anchor.state_dict(), rebind(graph, anchor), config
+    )
+    return build_model(anchor, state)
+
+
+def max_diff(a: nn.Module, b: nn.Module) -> float:
+    sa, sb = a.state_dict(), b.state_dict()
+    return max((sa[k].double() - sb[k].double()).abs().max().item() for k in sa if sa[k].numel())
