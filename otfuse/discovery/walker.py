@@ -17,7 +17,6 @@ from dataclasses import dataclass, replace
 import torch
 import torch.fx
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
 
 from otfuse.discovery.layout import (
     ActivationKind,
@@ -375,11 +374,31 @@ def trace(
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
     try:
         with torch.no_grad(), evaluating([model]):
-            ShapeProp(gm).propagate(*inputs)
+            ShapeRecorder(gm).run(*inputs)
     except Exception as exc:  # noqa: BLE001
         name = type(model).__name__
         raise OtfuseError(f"example input does not fit {name}: {_first_line(exc)}") from None
     return gm
+
+
+@dataclass(frozen=True)
+class TensorShape:
+    """What discovery reads of a traced tensor (``node.meta["tensor_meta"]``)."""
+
+    shape: torch.Size
+    dtype: torch.dtype
+
+
+class ShapeRecorder(torch.fx.Interpreter):
+    """Runs a traced graph once and records the shape and dtype of every tensor-valued node in
+    ``node.meta["tensor_meta"]``: the part of ``torch.fx``'s ShapeProp that discovery uses, without
+    its first-call import of the symbolic-shape machinery (about half a second)."""
+
+    def run_node(self, n: torch.fx.Node):
+        out = super().run_node(n)
+        if isinstance(out, torch.Tensor):
+            n.meta["tensor_meta"] = TensorShape(out.shape, out.dtype)
+        return out
 
 
 def _trace_failure(model: nn.Module, tracer: LeafTracer, exc: Exception) -> str:
