@@ -22,13 +22,13 @@ import torch.fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from otfuse.discovery.aten import (
+from otfuse.discovery.aten import aten_rule
+from otfuse.discovery.aten_shapes import module_call
+from otfuse.discovery.aten_values import (
     TRACKED,
     ParamView,
     aten,
-    aten_rule,
     info_of,
-    module_call,
     opaque,
     unsupported_with,
 )

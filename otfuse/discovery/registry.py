@@ -1,7 +1,7 @@
 """The rule registry: which rule describes each traced op, and how users teach otfuse their own blocks.
 
 One lookup path, :func:`rule_for`: rules registered with :func:`register_rule` first, then the built-in
-tables of :mod:`otfuse.discovery.rules` (``MODULE_RULES``, ``FUNCTION_RULES``). A registered module
+tables of :mod:`otfuse.discovery.builtin` (``MODULE_RULES``, ``FUNCTION_RULES``). A registered module
 class is also a tracing *leaf*: ``torch.fx`` records one ``call_module`` node for it and does not trace
 inside, so its ``forward`` may hold anything (data-dependent control flow, ops otfuse does not know).
 A registered plain Python function, called by its global name, is likewise kept whole.
@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch.fx
 from torch import nn
 
-from otfuse.discovery import rules
+from otfuse.discovery import builtin
 from otfuse.discovery.rules import Rule, describe, join, open_space, require_axis, tracked_input
 from otfuse.discovery.walker import Feature, Info, SpaceBuilder, shape_of
 from otfuse.errors import UnsupportedOpError
@@ -93,7 +93,7 @@ class RuleRegistry:
         return tuple(t for t in self._user if isinstance(t, types.FunctionType))
 
 
-REGISTRY = RuleRegistry(rules.MODULE_RULES, rules.FUNCTION_RULES)
+REGISTRY = RuleRegistry(builtin.MODULE_RULES, builtin.FUNCTION_RULES)
 
 
 def register_rule(target: Target, rule: Rule | None = None) -> Callable:

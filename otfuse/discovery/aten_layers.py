@@ -1,0 +1,262 @@
+"""ATen rules for layers that open spaces, normalisation, elementwise ops and reductions."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from otfuse.discovery.aten_values import (
+    TRACKED,
+    Chunks,
+    Heads,
+    ParamView,
+    arg,
+    aten,
+    by_order,
+    info_of,
+    label,
+    move,
+    open_space,
+    param_axis,
+    tracked_axes,
+    unsupported_with,
+    weight,
+)
+from otfuse.discovery.walker import Feature, SpaceBuilder, shape_of
+from otfuse.errors import UnsupportedOpError
+
+
+# -- layers that open a space ----------------------------------------------------------------------
+def linear(b: SpaceBuilder, node: torch.fx.Node) -> object:
+    """``linear(x, W, b)``: W (out, in) reads the units of x's last axis and writes new ones."""
+    w, bias = weight(b, node, 1, "weight"), weight(b, node, 2, "bias")
+    return _dense(b, node, 0, w, bias, reads=1, writes=0)
+
+
+def addmm(b: SpaceBuilder, node: torch.fx.Node) -> object:
+    """``addmm(bias, x, W)`` = x W + bias with W (in, out), as GPT-2's Conv1D computes."""
+    w, bias = weight(b, node, 2, "mat2"), weight(b, node, 0, "self")
+    return _dense(b, node, 1, w, bias, reads=0, writes=1)
+
+
+def _dense(b, node, x_arg: int, w, bias, *, reads: int, writes: int) -> object:
+    """Argument ``x_arg`` times weight ``w`` (axis ``reads`` of its view: inputs, ``writes``: outputs)."""
+    if w is None or len(w.axes) != 2:
+        return unsupported_with(b, node)
+    x, ndim = info_of(b, node.args[x_arg]), len(shape_of(node))
+    if isinstance(x, Feature):
+        if x.axis != len(shape_of(node.args[x_arg])) - 1:
+            raise UnsupportedOpError(f"{label(node)}: the units are not on the last axis")
+        b.add_member(w.name, param_axis(node, w, reads), x.layout, "consumer")
+    elif isinstance(x, TRACKED):
+        raise UnsupportedOpError(f"{label(node)}: a projection of split heads")
+    producers = [(w, writes), (bias, len(bias.axes) - 1 if bias is not None else 0)]
+    return open_space(b, node, shape_of(node)[-1], ndim - 1, producers)
+
+
+def conv(b: SpaceBuilder, node: torch.fx.Node) -> object:
+    """``conv1d/conv2d(x, W, b, stride, padding, dilation, groups)`` on channels (axis 1)."""
+    w, bias = weight(b, node, 1, "weight"), weight(b, node, 2, "bias")
+    if w is None:
+        return unsupported_with(b, node)
+    return _conv(b, node, w, bias, int(arg(node, 6, "groups", 1)))
+
+
+def _conv(b: SpaceBuilder, node: torch.fx.Node, w: ParamView, bias, groups: int) -> object:
+    x = info_of(b, node.args[0])
+    c_out, c_in = shape_of(node)[1], shape_of(node.args[0])[1]
+    if isinstance(x, TRACKED) and (not isinstance(x, Feature) or x.axis != 1):
+        raise UnsupportedOpError(f"{label(node)}: the units are not on the channel axis")
+    if groups > 1 and groups == c_in and isinstance(x, Feature):  # depthwise: units pass through
+        layout = x.layout.repeated(inner=c_out // c_in)
+        for view in (w, bias):
+            if view is not None:
+                b.add_member(view.name, param_axis(node, view, 0), layout, "norm")
+        return Feature(1, layout)
+    if isinstance(x, Feature):
+        if groups > 1:
+            b.constrain_groups(x.layout, groups, label(node))
+        b.add_member(w.name, param_axis(node, w, 1), x.layout, "consumer", groups=groups)
+    return open_space(b, node, c_out, 1, [(w, 0), (bias, 0)], groups=groups)
+
+
+def embedding(b: SpaceBuilder, node: torch.fx.Node) -> object:
+    """``embedding(W, ids)``: W (vocabulary, dim) writes units on the output's last axis."""
+    w = weight(b, node, 0, "weight")
+    if w is None or isinstance(info_of(b, node.args[1]), TRACKED):
+        return unsupported_with(b, node)
+    return open_space(b, node, shape_of(node)[-1], len(shape_of(node)) - 1, [(w, 1)])
+
+
+# -- normalisation ---------------------------------------------------------------------------------
+def layer_norm(b: SpaceBuilder, node: torch.fx.Node) -> object:
+    """``layer_norm(x, shape, W, b)`` / ``rms_norm(x, shape, W)``: per-unit parameters join x's units."""
+    params = [weight(b, node, 2, "weight")]
+    if node.target.overloadpacket is aten.layer_norm:
+        params.append(weight(b, node, 3, "bias"))
+    return _norm(b, node, len(node.args[1]), params)
+
+
+def _norm(b: SpaceBuilder, node: torch.fx.Node, normalized: int, params: list) -> object:
+    x = info_of(b, node.args[0])
+    ndim = len(shape_of(node))
+    first = ndim - normalized
+    if isinstance(x, Feature) and x.axis >= first:
+        for view in params:
+            if view is not None:
+                b.add_member(view.name, param_axis(node, view, x.axis - first), x.layout, "norm")
+        b.tag(node, x, "norm")
+    elif isinstance(x, (Heads, Chunks)) and max(tracked_axes(x)) >= first:
+        raise UnsupportedOpError(f"{label(node)}: normalises over the dims of heads")
+    return x
+
+
+def batch_norm(b: SpaceBuilder, node: torch.fx.Node) -> object:
+    """``batch_norm`` / ``_native_batch_norm_legit_no_training``: weight, bias and statistics on axis 1."""
+    x = info_of(b, node.args[0])
+    if isinstance(x, TRACKED) and (not isinstance(x, Feature) or x.axis != 1):
+        raise UnsupportedOpError(f"{label(node)}: the units are not on the channel axis")
+    if isinstance(x, Feature):
+        for i in range(1, 5):
+            view = weight(b, node, i, "")
+            if view is not None:
+                b.add_member(view.name, param_axis(node, view, 0), x.layout, "norm")
+        b.tag(node, x, "norm")
+    if node.target.overloadpacket is aten.batch_norm:
+        return x
+    return (x, None, None)
+
+
+def group_norm(b: SpaceBuilder, node: torch.fx.Node) -> object:
+    """``group_norm(x, groups, W, b)``: units stay within their group."""
+    x = info_of(b, node.args[0])
+    if isinstance(x, TRACKED) and (not isinstance(x, Feature) or x.axis != 1):
+        raise UnsupportedOpError(f"{label(node)}: the units are not on the channel axis")
+    if isinstance(x, Feature):
+        groups, channels = int(node.args[1]), shape_of(node)[1]
+        if 1 < groups < channels:
+            b.constrain_groups(x.layout, groups, label(node))
+        for i in (2, 3):
+            view = weight(b, node, i, "")
+            if view is not None:
+                b.add_member(view.name, param_axis(node, view, 0), x.layout, "norm")
+        b.tag(node, x, "norm")
+    return x
+
+
+# -- elementwise -----------------------------------------------------------------------------------
+def unary(b: SpaceBuilder, node: torch.fx.Node) -> object:
+    """Ops that keep every axis (dropout, casts, copies, softmax along any axis, neg, exp ...)."""
+    x = info_of(b, node.args[0]) if node.args else None
+    return x if isinstance(x, (*TRACKED, ParamView)) else None
+
+
+def pooling(b: SpaceBuilder, node: torch.fx.Node) -> object:
+    """Pooling over the positions of (B, C, ...): the channels (axis 1) keep their units."""
+    x = info_of(b, node.args[0])
+    if isinstance(x, TRACKED) and (not isinstance(x, Feature) or x.axis != 1):
+        raise UnsupportedOpError(f"{label(node)}: pools over the axis of the units")
+    return x if isinstance(x, Feature) else None
+
+
+def nonlinearity(b: SpaceBuilder, node: torch.fx.Node) -> object:
+    x = unary(b, node)
+    b.tag(node, x, "post")
+    return x
+
+
+def elementwise(b: SpaceBuilder, node: torch.fx.Node) -> object:
+    """``a + b``, ``a * b``, ``where(c, a, b)`` ...: broadcast operands index the same units.
+
+    A parameter broadcast along the units joins their space (``norm``); a tensor that is neither
+    (a constant, a mask) but varies along the units fixes them: the space, or for heads the dims
+    (rotary ``cos``/``sin``) or the heads.
+    """
+    out_shape = shape_of(node)
+    if out_shape is None:
+        return None
+    ndim = len(out_shape)
+    operands = []
+    for a in [*node.args, *node.kwargs.values()]:
+        if isinstance(a, torch.fx.Node) and shape_of(a) is not None:
+            shift = ndim - len(shape_of(a))
+            where = {i: i + shift for i in range(len(shape_of(a)))}
+            operands.append((move(info_of(b, a), where, ndim), (1,) * shift + shape_of(a)))
+    tracked = [info for info, _ in operands if isinstance(info, TRACKED)]
+    if not tracked:
+        views = [info for info, _ in operands if isinstance(info, ParamView)]
+        return views[0] if len(views) == 1 else None
+    out = tracked[0]
+    for other in tracked[1:]:
+        unify(b, node, out, other)
+    for info, shape in operands:
+        if isinstance(info, ParamView):
+            join_param(b, node, info, shape, out)
+        elif info is None:
+            constant(b, node, shape, out)
+    if node.target.overloadpacket is aten.add and isinstance(out, Feature):
+        b.tag(node, out, "pre")
+    return out
+
+
+def unify(b: SpaceBuilder, node: torch.fx.Node, x: object, y: object) -> None:
+    """Two operands of an elementwise op index the same units."""
+    if isinstance(x, Feature) and isinstance(y, Feature) and x.axis == y.axis:
+        b.merge_layouts(x.layout, y.layout, label(node))
+    elif (
+        isinstance(x, Heads)
+        and isinstance(y, Heads)
+        and (x.head_axis, x.dim_axis, x.outer) == (y.head_axis, y.dim_axis, y.outer)
+        and x.heads * x.repeat == y.heads * y.repeat
+    ):
+        b.link_heads(x.space, x.repeat, y.space, y.repeat, dims=True, where=label(node))
+    elif isinstance(x, Chunks) and isinstance(y, Chunks) and x.axis == y.axis:
+        for p, q in zip(x.parts, y.parts):
+            unify(b, node, p, q)
+    else:
+        raise UnsupportedOpError(f"{label(node)}: combines units laid out differently")
+
+
+def join_param(
+    b: SpaceBuilder, node: torch.fx.Node, view: ParamView, shape: tuple, out: object
+) -> None:
+    if isinstance(out, Feature):
+        if shape[out.axis] != 1:
+            b.add_member(view.name, param_axis(node, view, out.axis), out.layout, "norm")
+    elif any(shape[a] != 1 for a in tracked_axes(out)):
+        raise UnsupportedOpError(
+            f"{label(node)}: parameter '{view.name}' varies along heads or their dims"
+        )
+
+
+def constant(b: SpaceBuilder, node: torch.fx.Node, shape: tuple, out: object) -> None:
+    if isinstance(out, Feature):
+        if shape[out.axis] != 1:
+            b.fix(out.layout)
+    elif isinstance(out, Heads):
+        if out.dim_axis is not None and shape[out.dim_axis] != 1:
+            b.fix_dims(out.space)
+        if shape[out.head_axis] != 1:
+            b.fix_heads(out.space)
+    elif isinstance(out, Chunks):
+        for part in out.parts:
+            constant(b, node, shape, part)
+
+
+# -- reductions ------------------------------------------------------------------------------------
+def reduction(b: SpaceBuilder, node: torch.fx.Node) -> object:
+    """``mean/sum/amax(x, dims, keepdim)``: over the units it is permutation-invariant (None)."""
+    x = info_of(b, node.args[0])
+    if not isinstance(x, TRACKED):
+        return None
+    ndim = len(shape_of(node.args[0]))
+    dims = arg(node, 1, "dim")
+    dims = range(ndim) if dims is None else (dims if isinstance(dims, (list, tuple)) else [dims])
+    dims = {d % ndim for d in dims}
+    keep = bool(arg(node, 2, "keepdim", False))
+    if isinstance(x, Feature) and x.axis in dims:
+        return None
+    if dims & tracked_axes(x):
+        raise UnsupportedOpError(f"{label(node)}: reduces over heads or their dims")
+    order = [i for i in range(ndim) if keep or i not in dims]
+    return by_order(x, order, node, "reduction")
