@@ -34,6 +34,7 @@ from otfuse.transport import SolverName
 Mode = Literal["wts", "acts"]
 Outgoing = Literal["average", "sum"]
 StageName = Literal["bn_reset", "repair", "refit"]
+Targets = Literal["average", "ensemble"]
 RecipeName = Literal["paper-wts", "paper-acts", "data", "data-free", "custom"]
 
 ALIGNMENT_FIELDS = ("mode", "solver", "cost", "marginals", "reg", "activations", "outgoing")
@@ -79,6 +80,11 @@ class FusionConfig:
     )
     # -- after averaging --
     stages: tuple[StageName, ...] = _option(tuple, "stages after averaging, in order (need data)")
+    targets: Targets = _option(
+        "average",
+        "refit's target for class scores: the parents' average logits, or the log of their "
+        "prediction ensemble (ensemble)",
+    )
     synthesize: int = _option(
         0, "without data: synthesise this many inputs from the models (0: off)"
     )

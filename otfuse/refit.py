@@ -21,6 +21,22 @@ followed only by a BatchNorm (eval mode, an affine map per unit) is fitted to th
 *normalised* outputs through that map, and a shift that the layer cannot hold (no bias) goes to
 the BatchNorm's bias. The architecture never changes.
 
+Where the model ends in class scores (its output, of shape (N, C), is a Linear layer's), the target
+of that layer can follow the parents' *prediction ensemble* instead of their average logits
+(``targets="ensemble"``): the log of the weighted average of their probabilities, shifted per row
+to the mean of the average logits,
+
+.. math::
+
+    Z = \log \sum_k w_k \operatorname{softmax}(Z_k) + c\,\mathbf{1}^\top, \qquad
+    c = \operatorname{mean}_j \Big(\sum_k w_k Z_k - \log \sum_k w_k \operatorname{softmax}(Z_k)\Big)_j,
+
+whose softmax is exactly the ensemble's (a shift per row changes no probability) and which is the
+logit average itself where the parents agree. A parent that never saw a class gives it very low
+logits; the average of logits passes them on and erases what another parent knows about that class,
+while the average of probabilities keeps it. REPAIR never touches the class scores (their units
+are fixed), so this is the one target that changes.
+
 The idea of merging linear layers by regression on their inputs' statistics is RegMean (Jin et al.,
 "Dataless Knowledge Fusion by Merging Weights of Language Models", 2023); here it follows the
 alignment and is fitted sequentially on the fused model's own inputs.
@@ -28,9 +44,11 @@ alignment and is fitted sequentially on the fused model's own inputs.
 
 from __future__ import annotations
 
+import math
 import numbers
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.fx
@@ -304,34 +322,116 @@ def solve_layer_held_out(
     return (*(fitting + scoring).solve(w0, intercept=intercept, ridge=ridge), ridge)
 
 
-def _record_targets(
-    gm: torch.fx.GraphModule,
-    points,
-    inputs: torch.Tensor,
-    weight: float,
-    rows,
-    sums,
-    samples,
-    choose,
-) -> None:
-    """Run an aligned parent and add ``weight`` times its chosen rows at every target node to
-    ``sums``. The first parent's run picks each point's seeded rows (``choose(count)``) and the input
-    sample each row comes from (``samples``; rows are sample-major: the batch dimension comes first
-    in every layer's output); later runs reuse them."""
+def class_scores(gm: torch.fx.GraphModule, points: Sequence[FitPoint]) -> FitPoint | None:
+    """The fit point whose target is the model's output when that output is class scores: a
+    single tensor of shape (N, C), C >= 2, from a Linear layer (or the BatchNorm after it); else
+    None."""
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    value = output.args[0]
+    if not isinstance(value, torch.fx.Node):
+        return None
+    shape = getattr(value.meta.get("tensor_meta"), "shape", None)
     modules = dict(gm.named_modules())
-    count = max(1, len(inputs))
+    for point in points:
+        if point.target == value.name and isinstance(modules[point.module], nn.Linear):
+            return point if shape is not None and len(shape) == 2 and shape[1] >= 2 else None
+    return None
 
-    def hook(node: torch.fx.Node, out: torch.Tensor) -> None:
-        point = points[node.name]
-        every = output_rows(modules[point.module], out.detach())
-        if point.node not in rows:
-            rows[point.node] = choose(len(every))
-            samples[point.node] = rows[point.node] // max(1, len(every) // count)
-        scaled = weight * every[rows[point.node]]  # in the model's own precision
-        previous = sums.get(point.node)
-        sums[point.node] = scaled if previous is None else previous + scaled
 
-    run_with_hooks(gm, inputs, after=dict.fromkeys(points, hook))
+def ensemble_target(log_mixture: torch.Tensor, average: torch.Tensor) -> torch.Tensor:
+    """The ensemble's target logits (rows, C): ``log_mixture`` (the log of the weighted average of
+    the parents' probabilities) shifted per row to the mean of ``average`` (their weighted average
+    logits), in ``average``'s dtype (see the module's docstring)."""
+    shift = average.double().mean(-1, keepdim=True) - log_mixture.mean(-1, keepdim=True)
+    return (log_mixture + shift).to(average.dtype)
+
+
+@dataclass
+class LayerTargets:
+    """What refit fits each layer to, per fit point (keyed by the layer's node name).
+
+    Attributes:
+        rows: the seeded rows (samples x positions) of the point's target node, sorted (rows,).
+        samples: the input sample each of those rows comes from (rows,).
+        values: the target rows (rows, units): the weighted average of the aligned parents' rows, or
+            at the class scores with ``targets="ensemble"`` :func:`ensemble_target`.
+    """
+
+    rows: dict[str, torch.Tensor] = field(default_factory=dict)
+    samples: dict[str, torch.Tensor] = field(default_factory=dict)
+    values: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def layer_targets(
+    gm: torch.fx.GraphModule,
+    parents: Sequence[SpaceGraph],
+    weights: Sequence[float],
+    inputs: torch.Tensor,
+    *,
+    max_rows: int = 32768,
+    seed: int = 0,
+    targets: Literal["average", "ensemble"] = "average",
+) -> LayerTargets:
+    """Run every aligned parent on ``inputs`` and collect the targets of the fit points of ``gm``
+    (the fused model's graph): at most ``max_rows`` rows per point, drawn with ``seed`` on the first
+    parent's run. Rows are sample-major: the batch dimension comes first in every layer's output.
+    ``targets="ensemble"``: the class scores' target follows the prediction ensemble. The parents
+    run in eval mode, without gradients."""
+    points = fit_points(gm)
+    generator = torch.Generator().manual_seed(seed)
+    scores = class_scores(gm, points) if targets == "ensemble" else None
+    collector = _Collector(
+        {p.target: p for p in points},
+        lambda count: _row_choice(count, max_rows, generator),
+        max(1, len(inputs)),
+        scores.node if scores else None,
+    )
+    with torch.no_grad(), evaluating([p.graph_module for p in parents]):
+        for parent, weight in zip(parents, weights, strict=True):
+            collector.run(parent, weight, inputs)
+    return collector.finish()
+
+
+@dataclass
+class _Collector:
+    """Adds up the parents' rows at every target node, one parent's run at a time, and at the
+    ``scores`` node (None: no ensemble target) the log of their weighted probabilities."""
+
+    points: dict[str, FitPoint]  # by target node
+    choose: Callable[[int], torch.Tensor]
+    count: int  # input samples
+    scores: str | None
+    out: LayerTargets = field(default_factory=LayerTargets)
+    log_mixture: torch.Tensor | None = None  # float64
+
+    def run(self, parent: SpaceGraph, weight: float, inputs: torch.Tensor) -> None:
+        modules = dict(parent.graph_module.named_modules())
+
+        def hook(node: torch.fx.Node, value: torch.Tensor) -> None:
+            point = self.points[node.name]
+            self.add(point, output_rows(modules[point.module], value.detach()), weight)
+
+        run_with_hooks(parent.graph_module, inputs, after=dict.fromkeys(self.points, hook))
+
+    def add(self, point: FitPoint, every: torch.Tensor, weight: float) -> None:
+        """Add ``weight`` times a parent's chosen rows of ``every`` (all rows of the target)."""
+        rows, values = self.out.rows, self.out.values
+        if point.node not in rows:  # the first parent's run picks the rows
+            rows[point.node] = self.choose(len(every))
+            self.out.samples[point.node] = rows[point.node] // max(1, len(every) // self.count)
+        chosen = every[rows[point.node]]
+        scaled = weight * chosen  # in the model's own precision
+        values[point.node] = scaled if point.node not in values else values[point.node] + scaled
+        if point.node == self.scores and weight > 0:
+            log_p = math.log(weight) + torch.log_softmax(chosen.double(), dim=-1)
+            mixture = self.log_mixture
+            self.log_mixture = log_p if mixture is None else torch.logaddexp(mixture, log_p)
+
+    def finish(self) -> LayerTargets:
+        if self.log_mixture is not None:
+            values = self.out.values
+            values[self.scores] = ensemble_target(self.log_mixture, values[self.scores])
+        return self.out
 
 
 def _refit_layer(modules, point: FitPoint, x: torch.Tensor, target, rows, ridge, samples) -> None:
@@ -378,6 +478,7 @@ def refit_layers(
     ridge: float | Sequence[float] = RIDGES,
     max_rows: int = 32768,
     seed: int = 0,
+    targets: Literal["average", "ensemble"] = "average",
 ) -> None:
     """Refit every fittable layer of the fused model to the weighted average of the aligned
     ``parents``' outputs on ``inputs`` (N, ...), in graph order (see the module's docstring).
@@ -385,27 +486,25 @@ def refit_layers(
     ``fused`` and ``parents`` are traced graphs (:class:`otfuse.capture.GraphCache`); the parents
     are aligned to the fused model's widths and unit order. At most ``max_rows`` rows (samples x
     positions) per layer, drawn with ``seed``, enter each regression. ``ridge``: one relative ridge
-    for every layer, or candidates to choose from per layer by held-out error. Modifies the fused
-    model's parameters in place.
+    for every layer, or candidates to choose from per layer by held-out error. ``targets="ensemble"``:
+    where the model ends in class scores (:func:`class_scores`), their target is the log of the
+    parents' weighted prediction ensemble (:func:`ensemble_target`); elsewhere, and for models
+    without class scores, the average. Modifies the fused model's parameters in place.
     """
     gm = fused.graph_module
     points = fit_points(gm)
     if not points:
         return
-    generator = torch.Generator().manual_seed(seed)
-    choose = lambda count: _row_choice(count, max_rows, generator)  # noqa: E731
-    rows: dict[str, torch.Tensor] = {}
-    sums: dict[str, torch.Tensor] = {}
-    samples: dict[str, torch.Tensor] = {}
-    by_target = {p.target: p for p in points}
     with torch.no_grad(), evaluating([gm, *(p.graph_module for p in parents)]):
-        for parent, w in zip(parents, weights, strict=True):
-            _record_targets(parent.graph_module, by_target, inputs, w, rows, sums, samples, choose)
-        modules = dict(gm.named_modules())
-        by_node = {p.node: p for p in points}
+        goal = layer_targets(
+            gm, parents, weights, inputs, max_rows=max_rows, seed=seed, targets=targets
+        )
+        modules, by_node = dict(gm.named_modules()), {p.node: p for p in points}
 
         def refit(node: torch.fx.Node, args: tuple) -> None:
-            p = by_node[node.name]
-            _refit_layer(modules, p, args[0], sums[p.node], rows[p.node], ridge, samples[p.node])
+            p, rows, samples = by_node[node.name], goal.rows, goal.samples
+            _refit_layer(
+                modules, p, args[0], goal.values[p.node], rows[p.node], ridge, samples[p.node]
+            )
 
         run_with_hooks(gm, inputs, before=dict.fromkeys(by_node, refit))

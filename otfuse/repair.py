@@ -15,7 +15,9 @@ BatchNorm statistics no longer describe the fused model. Two remedies, on a samp
 
   and fold :math:`a` and the shift into that layer's own weight and bias (scale only where the layer
   has no bias). Layers are corrected in graph order, each on the statistics that the corrections
-  before it produce. The architecture never changes.
+  before it produce. The architecture never changes. The model's output units (class scores) are
+  fixed, so they are never corrected: what they should follow, the average logits or the
+  prediction ensemble, is refit's ``targets`` (:mod:`otfuse.refit`).
 
 REPAIR: Jordan et al., "REPAIR: REnormalizing Permuted Activations for Interpolation Repair" (2022).
 """

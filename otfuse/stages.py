@@ -12,7 +12,8 @@ A fusion runs, in order::
 * ``average``: the weighted average of the aligned states, a model of the anchor's class.
 * ``bn_reset``, ``repair``, ``refit``: on the sample, recompute BatchNorm statistics, match every
   unit's mean and spread to the aligned parents' (REPAIR), re-solve every Linear/Conv layer by
-  least squares (:mod:`otfuse.repair`, :mod:`otfuse.refit`).
+  least squares (:mod:`otfuse.repair`, :mod:`otfuse.refit`); with ``targets="ensemble"`` refit
+  fits the class scores to the log of the parents' prediction ensemble.
 
 Each stage declares the config fields it reads (``reads``) and whether it needs data; the registry
 ``STAGES`` maps names to them, so the config lists stages by name.
@@ -151,7 +152,7 @@ def repair(context: FusionContext) -> None:
     )
 
 
-@stage("refit", reads=("seed",), needs_data=True)
+@stage("refit", reads=("seed", "targets"), needs_data=True)
 def refit(context: FusionContext) -> None:
     """Re-solve every Linear/Conv layer to the aligned parents' average outputs (least squares)."""
     refit_layers(
@@ -160,6 +161,7 @@ def refit(context: FusionContext) -> None:
         context.weights,
         context.sample,
         seed=context.config.seed,
+        targets=context.config.targets,
     )
     context.fused.eval()
 

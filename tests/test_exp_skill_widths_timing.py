@@ -10,7 +10,8 @@ from otfuse.data import load_dataset
 from otfuse.errors import DataError, OtfuseError
 from otfuse.experiments import run_experiment
 from otfuse.experiments.pruning import kept_count, kept_units, magnitude_prune
-from otfuse.experiments.skill_transfer import BASELINES, OT_METHODS
+from otfuse.experiments.skill_transfer import BASELINES, CHECKED, OT_METHODS
+from otfuse.experiments.splits import class_counts, dirichlet_split
 from otfuse.experiments.timing import SOLVERS
 from otfuse.experiments.widths import COMPRESSION_METHODS, FUSION_METHODS
 
@@ -65,23 +66,26 @@ def in_range(accuracy):
 
 def test_skill_transfer_writes_its_outputs_and_sweeps_every_method(skill):
     results, out = skill
-    check_outputs(results, out, ["sweep_mlpnet.png"])
-    result = results["models"]["mlpnet"]
+    check_outputs(results, out, ["sweep_4.png", "dirichlet.png"])
+    assert list(results["pairs"]) == ["4"]  # quick: one special class
+    pair = results["pairs"]["4"]
     assert results["weights_a"] == [0.0, 0.5, 1.0]
-    assert set(result["sweep"]) == {*OT_METHODS, *BASELINES}
-    for entries in result["sweep"].values():
+    assert set(pair["sweep"]) == {*OT_METHODS, *BASELINES}
+    for entries in pair["sweep"].values():
         assert [e["w_a"] for e in entries] == [0.0, 0.5, 1.0]
         assert all(in_range(e["accuracy"]) and in_range(e["special_accuracy"]) for e in entries)
-    assert set(result["parents"]) == {"parent A", "parent B", "prediction ensemble (0.5/0.5)"}
+    assert set(pair["parents"]) == {"parent A", "parent B"}
     # B never saw the special class; A saw all of it
-    assert result["parents"]["parent B"]["special_accuracy"] == 0.0
-    assert result["parents"]["parent A"]["special_accuracy"] > 50.0
+    assert pair["parents"]["parent B"]["special_accuracy"] == 0.0
+    assert pair["parents"]["parent A"]["special_accuracy"] > 50.0
+    report = (out / "report.md").read_text()
+    assert "## Targets" in report and "Dirichlet(0.1)" in report
 
 
 def test_skill_transfer_weight_one_on_a_gives_back_a(skill):
-    result = skill[0]["models"]["mlpnet"]
-    parent_a = result["parents"]["parent A"]
-    for label, entries in result["sweep"].items():
+    pair = skill[0]["pairs"]["4"]
+    parent_a = pair["parents"]["parent A"]
+    for label, entries in pair["sweep"].items():
         at_one = entries[-1]
         assert at_one["accuracy"] == pytest.approx(parent_a["accuracy"], abs=0.01), label
         assert at_one["special_accuracy"] == pytest.approx(
@@ -91,12 +95,52 @@ def test_skill_transfer_weight_one_on_a_gives_back_a(skill):
 
 def test_skill_transfer_weight_zero_on_a_gives_back_b_reordered(skill):
     """Without repair, w_A = 0 is B with its units permuted onto A's: the same function."""
-    result = skill[0]["models"]["mlpnet"]
-    parent_b = result["parents"]["parent B"]
-    for label in ("OT paper-wts", "OT data-free", "vanilla average"):
-        assert result["sweep"][label][0]["accuracy"] == pytest.approx(
+    pair = skill[0]["pairs"]["4"]
+    parent_b = pair["parents"]["parent B"]
+    for label in ("OT paper-wts", "vanilla average", "logit average", "prediction ensemble"):
+        assert pair["sweep"][label][0]["accuracy"] == pytest.approx(
             parent_b["accuracy"], abs=0.01
         ), label
+
+
+def test_skill_transfer_fuses_four_parents_of_a_dirichlet_split(skill):
+    results = skill[0]
+    dirichlet = results["dirichlet"]
+    assert sum(dirichlet["examples"]) == results["train_examples"]
+    assert [sum(c) for c in dirichlet["class_counts"]] == dirichlet["examples"]
+    assert len(dirichlet["parents"]) == 4
+    for weighting, weights in dirichlet["weights"].items():
+        assert sum(weights) == pytest.approx(1.0)
+        assert set(dirichlet["fused"][weighting]) == {*OT_METHODS, *BASELINES}
+        assert all(in_range(m["accuracy"]) for m in dirichlet["fused"][weighting].values())
+
+
+def test_skill_transfer_checks_the_issues_targets_from_its_numbers(skill):
+    results = skill[0]
+    targets = results["targets"]
+    assert len(targets) == 4 * len(results["pairs"]) + len(results["dirichlet"]["fused"])
+    pair = results["pairs"]["4"]["sweep"]
+    gaps = [
+        f["accuracy"] - b["accuracy"] for f, b in zip(pair[CHECKED], pair["prediction ensemble"])
+    ]
+    assert targets[1]["value"] == pytest.approx(min(gaps))
+    assert all(t["met"] == (t["value"] >= t["threshold"]) for t in targets)
+
+
+def test_dirichlet_split_is_a_seeded_skewed_partition():
+    labels = torch.arange(10).repeat_interleave(100)
+    parts = dirichlet_split(labels, 4, 0.1, seed=3)
+    assert torch.equal(torch.cat(parts).sort().values, torch.arange(1000))
+    assert all(torch.equal(p, q) for p, q in zip(parts, dirichlet_split(labels, 4, 0.1, seed=3)))
+    assert all(torch.equal(p, p.sort().values) and len(p) >= 10 for p in parts)
+    counts = torch.tensor(class_counts(labels, parts, 10))  # (parents, classes)
+    assert (counts.max(0).values >= 60).float().mean() >= 0.8  # most classes mostly in one parent
+    even = torch.tensor(class_counts(labels, dirichlet_split(labels, 4, 1000.0, seed=3), 10))
+    assert (even - 25).abs().max() <= 10  # a large concentration splits every class evenly
+    with pytest.raises(OtfuseError):
+        dirichlet_split(labels, 1, 0.1, seed=0)
+    with pytest.raises(OtfuseError):
+        dirichlet_split(labels[:20], 4, 0.1, seed=0)
 
 
 # --------------------------------------------------------------------------------------------------

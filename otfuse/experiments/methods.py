@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import otfuse
+from otfuse.validation import normalise_weights
 
 
 @dataclass(frozen=True)
@@ -85,13 +86,41 @@ METHODS = [
         uses_data=True,
         batchnorm_only=True,
     ),
-    Method("+ REPAIR (wts)", {"recipe": "paper-wts", "stages": ("bn_reset", "repair")}, uses_data=True),
-    Method("+ REPAIR (acts)", {"recipe": "paper-acts", "stages": ("bn_reset", "repair")}, uses_data=True),
-    Method("+ refit (wts)", {"recipe": "paper-wts", "stages": ("bn_reset", "repair", "refit")}, uses_data=True),
-    Method("+ refit (acts)", {"recipe": "paper-acts", "stages": ("bn_reset", "repair", "refit")}, uses_data=True),
+    Method(
+        "+ REPAIR (wts)", {"recipe": "paper-wts", "stages": ("bn_reset", "repair")}, uses_data=True
+    ),
+    Method(
+        "+ REPAIR (acts)",
+        {"recipe": "paper-acts", "stages": ("bn_reset", "repair")},
+        uses_data=True,
+    ),
+    Method(
+        "+ refit (wts)",
+        {"recipe": "paper-wts", "stages": ("bn_reset", "repair", "refit")},
+        uses_data=True,
+    ),
+    Method(
+        "+ refit (acts)",
+        {"recipe": "paper-acts", "stages": ("bn_reset", "repair", "refit")},
+        uses_data=True,
+    ),
     Method("recipe: data-free", {"recipe": "data-free"}),
     Method("recipe: data", {"recipe": "data"}, uses_data=True),
 ]
+
+
+class LogitAverage(nn.Module):
+    """The weighted average of the members' logits, :math:`\sum_k w_k z_k` (K times the cost): its
+    softmax is the normalised weighted geometric mean of their probabilities, what refit with
+    ``targets="average"`` fits at the class scores."""
+
+    def __init__(self, models: Sequence[nn.Module], weights: Sequence[float] | None = None) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(models)
+        self.weights = normalise_weights(weights, len(models))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sum(w * m(x) for w, m in zip(self.weights, self.members))
 
 
 def baselines(parents: Sequence[nn.Module]) -> dict[str, nn.Module]:

@@ -1,27 +1,38 @@
-"""``skill-transfer``: fuse two models trained on different data (Singh & Jaggi 2020, section 5.2).
+"""``skill-transfer``: fuse models trained on different data (Singh & Jaggi 2020, section 5.2).
 
-Model A sees every training example of one special class plus 10% of the other classes; model B sees
-the remaining 90% of the other classes and none of the special class; they start from different
-initialisations. One-shot fusion with weight :math:`w_A` on A and :math:`1 - w_A` on B (A is the
-anchor),
+**Two parents per special class** (:data:`SPECIAL_CLASSES`: coat and shirt). Model A sees every
+training example of the special class plus 10% of the other classes; model B sees the remaining 90%
+of the other classes and none of the special class; they start from different initialisations.
+Every method is built with weight :math:`w_A` on A and :math:`1 - w_A` on B (A is the anchor),
 
 .. math::
 
     \\theta(w_A) = w_A \\, \\theta_A + (1 - w_A) \\operatorname{align}(\\theta_B \\to \\theta_A),
 
-is swept over :math:`w_A \\in \\{0, 0.1, \\dots, 1\\}` for OT fusion (recipes ``data-free``,
-``data`` and the paper's ``paper-wts``) and for vanilla averaging (no alignment) and the prediction
-ensemble at the same weights. Each model is scored on the whole test set and on the special class's
-test examples. At :math:`w_A = 1` OT fusion gives back A exactly (B has weight 0); at
-:math:`w_A = 0` it gives B with its units reordered, hence B's accuracy (for hard plans).
+swept over :math:`w_A \\in \\{0, 0.1, \\dots, 1\\}`:
 
-Writes ``report.md``, ``results.json`` and one plot per architecture (``sweep_<arch>.png``).
+* the prediction ensemble :math:`\\sum_k w_k \\operatorname{softmax}(z_k)` and the logit average
+  :math:`\\sum_k w_k z_k` (both K times the cost of one model), vanilla averaging (no alignment);
+* OT fusion by the paper's ``paper-wts``, and by the recipes ``data`` (an unlabeled sample of
+  :data:`NUM_SAMPLES` training images) and ``data-free`` (no data), each with refit's class-score
+  targets ``average`` (the logit average) and ``ensemble`` (the log of the prediction ensemble,
+  :mod:`otfuse.refit`).
+
+Each model is scored on the whole test set and on the special class's test images (its recall).
+
+**Four parents of a Dirichlet split** (:func:`otfuse.experiments.splits.dirichlet_split`,
+concentration :data:`DIRICHLET_ALPHA`): each mostly sees a few classes. The same methods fuse them
+with equal weights and with weights proportional to the examples each saw.
+
+The targets of issue 13 are checked from the numbers (:func:`check_targets`). Writes ``report.md``,
+``results.json``, ``sweep_<class>.png`` per special class and ``dirichlet.png``.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -31,85 +42,70 @@ from tqdm.auto import tqdm
 import otfuse
 from otfuse.data import Dataset, load_dataset, sample_inputs, split_special_class
 from otfuse.experiments.common import QUICK_TRAIN_EXAMPLES, ParentSpec, parent_specs, train_parent
-from otfuse.experiments.methods import run_options
-from otfuse.experiments.plots import (
-    Panel,
-    Series,
-    describe,
-    grid,
-    line_plot,
-    percent,
-    write_json,
-    write_markdown,
-)
-from otfuse.training import evaluate
+from otfuse.experiments.methods import LogitAverage, run_options
+from otfuse.experiments.plots import Panel, Series, describe, grid, line_plot, percent
+from otfuse.experiments.report import Target, bar_chart, write_report, write_results
+from otfuse.experiments.splits import class_counts, dirichlet_split
+from otfuse.training import predict_logits
 
-SPECIAL_CLASS = 4  # Fashion-MNIST "coat"
+SPECIAL_CLASSES = (4, 6)  # Fashion-MNIST "coat", "shirt"
+QUICK_SPECIAL_CLASSES = (4,)  # --quick: one pair, to stay under a minute
 FRAC_OTHERS_A = 0.1  # share of the other classes' examples that model A sees
 NUM_SAMPLES = 400  # unlabeled training inputs for the data recipe
 FULL_WEIGHTS = tuple(round(0.1 * i, 1) for i in range(11))
 QUICK_WEIGHTS = (0.0, 0.5, 1.0)
 QUICK_EPOCHS = 5
+DIRICHLET_PARENTS = 4
+DIRICHLET_ALPHA = 0.1
 
-# label -> options of otfuse.fuse; "data" is given the unlabeled sample
+# label -> options of otfuse.fuse; recipe "data" is given the unlabeled sample
 OT_METHODS = {
-    "OT data-free": {"recipe": "data-free"},
-    "OT data": {"recipe": "data"},
+    "OT data, targets ensemble": {"recipe": "data", "targets": "ensemble"},
+    "OT data, targets average": {"recipe": "data", "targets": "average"},
+    "OT data-free, targets ensemble": {"recipe": "data-free", "targets": "ensemble"},
+    "OT data-free, targets average": {"recipe": "data-free", "targets": "average"},
     "OT paper-wts": {"recipe": "paper-wts"},
 }
-BASELINES = ("vanilla average", "prediction ensemble")
+BASELINES = ("prediction ensemble", "logit average", "vanilla average")
+CHECKED = "OT data, targets ensemble"  # the method the issue's targets are checked on
 
 
-@dataclass(frozen=True)
-class Score:
-    accuracy: float  # percent, whole test set
-    special_accuracy: float  # percent, test examples of the special class
-    seconds: float  # training (parents; 0 when cached) or fusion time
-
-
-def score(model: nn.Module, test: Dataset, special_test: Dataset, seconds: float) -> Score:
-    return Score(evaluate(model, test).accuracy, evaluate(model, special_test).accuracy, seconds)
-
-
-def fused_model(
-    label: str, parents: list[nn.Module], w_a: float, sample: torch.Tensor, quick: bool = False
+def build(
+    label: str,
+    parents: Sequence[nn.Module],
+    weights: Sequence[float],
+    sample: torch.Tensor,
+    quick: bool = False,
 ) -> tuple[nn.Module, float]:
-    """The model of method ``label`` at weight ``w_a`` on A, and the seconds it took to build."""
-    weights = [w_a, 1.0 - w_a]
+    """The model of method ``label`` with ``weights`` (parent 0 is the anchor), and the seconds it
+    took to build."""
     start = time.perf_counter()
-    if label == "vanilla average":
-        model = otfuse.vanilla_average(parents, weights)
-    elif label == "prediction ensemble":
+    if label == "prediction ensemble":
         model = otfuse.ensemble(parents, weights)
+    elif label == "logit average":
+        model = LogitAverage(parents, weights)
+    elif label == "vanilla average":
+        model = otfuse.vanilla_average(parents, weights)
     else:
         options = run_options(OT_METHODS[label], quick)
         data = sample if options["recipe"] == "data" else None
         model = otfuse.fuse(
-            parents, weights=weights, anchor=0, data=data, example_input=sample[:2], **options
+            parents, weights=list(weights), anchor=0, data=data, example_input=sample[:2], **options
         ).model
     return model, time.perf_counter() - start
 
 
-def sweep(
-    parents: list[nn.Module],
-    weights_a: tuple[float, ...],
-    sample: torch.Tensor,
-    test: Dataset,
-    special_test: Dataset,
-    *,
-    progress: bool = True,
-    desc: str = "sweep",
-    quick: bool = False,
-) -> dict[str, list[dict]]:
-    """Method label -> one entry per weight:
-    ``{"w_a", "accuracy", "special_accuracy", "seconds"}``."""
-    labels = [*OT_METHODS, *BASELINES]
-    series: dict[str, list[dict]] = {label: [] for label in labels}
-    jobs = [(w, label) for w in weights_a for label in labels]
-    for w_a, label in tqdm(jobs, desc=desc, disable=not progress, leave=False):
-        model, seconds = fused_model(label, parents, w_a, sample, quick)
-        series[label].append({"w_a": w_a, **asdict(score(model, test, special_test, seconds))})
-    return series
+def score(model: nn.Module, test: Dataset, special: int | None = None) -> dict[str, float]:
+    """Accuracy (%) on the whole test set and, given a ``special`` class, its recall (%)."""
+    correct = predict_logits(model, test.images).argmax(1) == test.labels
+    out = {"accuracy": 100.0 * correct.float().mean().item()}
+    if special is not None:
+        out["special_accuracy"] = 100.0 * correct[test.labels == special].float().mean().item()
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Two parents: one special class against the rest
 
 
 def split_data(train: Dataset, special: int) -> tuple[Dataset, Dataset]:
@@ -118,46 +114,118 @@ def split_data(train: Dataset, special: int) -> tuple[Dataset, Dataset]:
     return train.subset(idx_a), train.subset(idx_b)
 
 
-def run_arch(
+def sweep(
+    parents: list[nn.Module],
+    weights_a: Sequence[float],
+    sample: torch.Tensor,
+    test: Dataset,
+    special: int,
+    *,
+    progress: bool = True,
+    desc: str = "sweep",
+    quick: bool = False,
+    methods: Sequence[str] = (*BASELINES, *OT_METHODS),
+) -> dict[str, list[dict]]:
+    """Method label (of ``methods``) -> one entry per weight:
+    ``{"w_a", "accuracy", "special_accuracy", "seconds"}``."""
+    labels = list(methods)
+    series: dict[str, list[dict]] = {label: [] for label in labels}
+    jobs = [(w, label) for w in weights_a for label in labels]
+    for w_a, label in tqdm(jobs, desc=desc, disable=not progress, leave=False):
+        model, seconds = build(label, parents, [w_a, 1.0 - w_a], sample, quick)
+        series[label].append({"w_a": w_a, **score(model, test, special), "seconds": seconds})
+    return series
+
+
+def run_pair(
     spec: ParentSpec,
     train: Dataset,
     test: Dataset,
     special: int,
-    weights_a: tuple[float, ...],
+    weights_a: Sequence[float],
     *,
     progress: bool = True,
     quick: bool = False,
+    methods: Sequence[str] = (*BASELINES, *OT_METHODS),
 ) -> dict:
-    """Train (or load) A and B of ``spec``, score them and their ensemble, and sweep the fusions."""
+    """Train (or load) A and B for ``special``, score them, and sweep ``methods``."""
     data_a, data_b = split_data(train, special)
-    special_test = test.subset(torch.nonzero(test.labels == special).flatten())
-    model_a, sec_a = train_parent(spec, data_a, 0, progress=progress, label=f"{spec.arch} A")
-    model_b, sec_b = train_parent(spec, data_b, 1, progress=progress, label=f"{spec.arch} B")
+    name = test.classes[special]
+    model_a, sec_a = train_parent(spec, data_a, 0, progress=progress, label=f"{name} A")
+    model_b, sec_b = train_parent(spec, data_b, 1, progress=progress, label=f"{name} B")
     parents = [model_a, model_b]
     sample = sample_inputs(train, NUM_SAMPLES, seed=0)
-    scores = {
-        "parent A": score(model_a, test, special_test, sec_a),
-        "parent B": score(model_b, test, special_test, sec_b),
-        "prediction ensemble (0.5/0.5)": score(otfuse.ensemble(parents), test, special_test, 0.0),
-    }
     return {
-        "arch": spec.arch,
-        "arch_kwargs": spec.arch_kwargs,
-        "epochs": spec.epochs,
-        "lr": spec.lr,
-        "examples": {"A": len(data_a), "B": len(data_b), "special test": len(special_test)},
-        "parents": {label: asdict(s) for label, s in scores.items()},
+        "special_class": special,
+        "special_class_name": name,
+        "examples": {"A": len(data_a), "B": len(data_b)},
+        "special_test_examples": int((test.labels == special).sum()),
+        "parents": {
+            "parent A": {**score(model_a, test, special), "seconds": sec_a},
+            "parent B": {**score(model_b, test, special), "seconds": sec_b},
+        },
         "sweep": sweep(
             parents,
             weights_a,
             sample,
             test,
-            special_test,
+            special,
             progress=progress,
-            desc=spec.arch,
+            desc=name,
             quick=quick,
+            methods=methods,
         ),
     }
+
+
+# --------------------------------------------------------------------------------------------------
+# Four parents: a Dirichlet split
+
+
+def run_dirichlet(
+    spec: ParentSpec,
+    train: Dataset,
+    test: Dataset,
+    *,
+    progress: bool = True,
+    quick: bool = False,
+    methods: Sequence[str] = (*BASELINES, *OT_METHODS),
+) -> dict:
+    """Train (or load) :data:`DIRICHLET_PARENTS` parents on a Dirichlet split and fuse them with
+    equal weights and with weights proportional to their examples."""
+    parts = dirichlet_split(train.labels, DIRICHLET_PARENTS, DIRICHLET_ALPHA, seed=0)
+    parents, rows = [], {}
+    for k, part in enumerate(parts):
+        model, seconds = train_parent(
+            spec, train.subset(part), k, progress=progress, label=f"Dirichlet parent {k}"
+        )
+        parents.append(model)
+        rows[f"parent {k}"] = {**score(model, test), "seconds": seconds}
+    sizes = [len(p) for p in parts]
+    weightings = {"equal": [1.0 / len(parts)] * len(parts), "by examples": _shares(sizes)}
+    sample = sample_inputs(train, NUM_SAMPLES, seed=0)
+    fused: dict[str, dict[str, dict]] = {}
+    jobs = [(w, label) for w in weightings for label in methods]
+    for weighting, label in tqdm(jobs, desc="Dirichlet", disable=not progress, leave=False):
+        model, seconds = build(label, parents, weightings[weighting], sample, quick)
+        fused.setdefault(weighting, {})[label] = {**score(model, test), "seconds": seconds}
+    return {
+        "alpha": DIRICHLET_ALPHA,
+        "examples": sizes,
+        "class_counts": class_counts(train.labels, parts, train.num_classes),
+        "weights": weightings,
+        "parents": rows,
+        "fused": fused,
+    }
+
+
+def _shares(sizes: Sequence[int]) -> list[float]:
+    total = sum(sizes)
+    return [s / total for s in sizes]
+
+
+# --------------------------------------------------------------------------------------------------
+# The run
 
 
 def parent_spec(arch: str, quick: bool) -> ParentSpec:
@@ -173,66 +241,100 @@ def run(
     out: str | Path = "runs/skill-transfer",
     data_dir: str | Path | None = None,
     progress: bool = True,
-    special: int = SPECIAL_CLASS,
-    archs: tuple[str, ...] = ("mlpnet",),
+    special_classes: Sequence[int] | None = None,
+    arch: str = "mlpnet",
 ) -> dict:
-    """Run the experiment for each architecture in ``archs`` (parents of
-    :data:`~otfuse.experiments.common.STANDARD_PARENTS`, or the quick ones); write ``out/``.
-
-    The default is MLPNet alone, so the full skill-transfer, widths and timing runs fit in about
-    15 minutes here; ``archs=("mlpnet", "vgg11")`` adds VGG11 (about 4 more minutes).
-    """
+    """Run the experiment on parents of ``arch`` (:data:`~otfuse.experiments.common.STANDARD_PARENTS`
+    or the quick ones) for ``special_classes`` (default :data:`SPECIAL_CLASSES`, quick:
+    :data:`QUICK_SPECIAL_CLASSES`); write ``out/``."""
+    if special_classes is None:
+        special_classes = QUICK_SPECIAL_CLASSES if quick else SPECIAL_CLASSES
     start = time.perf_counter()
     train = load_dataset("fashion-mnist", "train", data_dir)
     test = load_dataset("fashion-mnist", "test", data_dir)
     if quick:
         train = train.subset(torch.arange(QUICK_TRAIN_EXAMPLES))
     weights_a = QUICK_WEIGHTS if quick else FULL_WEIGHTS
-    models = {
-        arch: run_arch(
-            parent_spec(arch, quick),
-            train,
-            test,
-            special,
-            weights_a,
-            progress=progress,
-            quick=quick,
-        )
-        for arch in archs
+    spec = parent_spec(arch, quick)
+    pairs = {
+        str(c): run_pair(spec, train, test, c, weights_a, progress=progress, quick=quick)
+        for c in special_classes
     }
+    dirichlet = run_dirichlet(spec, train, test, progress=progress, quick=quick)
     results = {
         "experiment": "skill-transfer",
         "quick": quick,
         "dataset": "fashion-mnist",
+        "arch": arch,
+        "arch_kwargs": spec.arch_kwargs,
+        "epochs": spec.epochs,
+        "lr": spec.lr,
         "train_examples": len(train),
         "test_examples": len(test),
-        "special_class": special,
-        "special_class_name": test.classes[special],
         "frac_others_a": FRAC_OTHERS_A,
+        "num_samples": NUM_SAMPLES,
         "weights_a": list(weights_a),
         "torch_threads": torch.get_num_threads(),
-        "models": models,
-        "seconds": time.perf_counter() - start,
+        "pairs": pairs,
+        "dirichlet": dirichlet,
     }
+    results["targets"] = [t.as_dict() for t in check_targets(results)]
+    results["seconds"] = time.perf_counter() - start
     write_outputs(Path(out), results)
     return results
+
+
+def check_targets(results: Mapping) -> list[Target]:
+    """Issue 13's targets, on :data:`CHECKED`: at every weight, accuracy >= the logit average's and
+    >= the prediction ensemble's less 1 point; the best fused model >= the best ensemble less 1 point
+    with the special class's recall >= 70%; four Dirichlet parents, fused >= best parent + 5."""
+    targets = []
+    for pair in results["pairs"].values():
+        name, sweep_ = pair["special_class_name"], pair["sweep"]
+        fused = sweep_[CHECKED]
+        for baseline, threshold in (("logit average", 0.0), ("prediction ensemble", -1.0)):
+            gaps = [f["accuracy"] - b["accuracy"] for f, b in zip(fused, sweep_[baseline])]
+            worst = min(range(len(gaps)), key=gaps.__getitem__)
+            label = f"{name}: lowest over w_A of fused - {baseline} (at w_A {fused[worst]['w_a']})"
+            targets.append(Target(label, gaps[worst], threshold, " points"))
+        best = max(fused, key=lambda e: e["accuracy"])
+        best_ensemble = max(e["accuracy"] for e in sweep_["prediction ensemble"])
+        targets.append(
+            Target(
+                f"{name}: best fused (w_A {best['w_a']}) - best prediction ensemble",
+                best["accuracy"] - best_ensemble,
+                -1.0,
+                " points",
+            )
+        )
+        label = f"{name}: recall of the special class of that best fused model"
+        targets.append(Target(label, best["special_accuracy"], 70.0, "%"))
+    dirichlet = results.get("dirichlet")
+    if not dirichlet:
+        return targets
+    best_parent = max(p["accuracy"] for p in dirichlet["parents"].values())
+    for weighting, methods in dirichlet["fused"].items():
+        label = f"Dirichlet({dirichlet['alpha']:g}), {weighting} weights: fused - best parent"
+        targets.append(Target(label, methods[CHECKED]["accuracy"] - best_parent, 5.0, " points"))
+    return targets
 
 
 # --------------------------------------------------------------------------------------------------
 # Tables, plots, report
 
 
-def parents_table(result: dict) -> str:
+def parents_table(pair: Mapping) -> str:
     rows = [
         [label, percent(s["accuracy"]), percent(s["special_accuracy"]), f"{s['seconds']:.1f}"]
-        for label, s in result["parents"].items()
+        for label, s in pair["parents"].items()
     ]
-    return grid(["model", "test acc (%)", "special class acc (%)", "train time (s)"], rows)
+    head = ["model", "test acc (%)", f"{pair['special_class_name']} recall (%)", "train time (s)"]
+    return grid(head, rows)
 
 
-def sweep_table(result: dict) -> str:
+def sweep_table(pair: Mapping) -> str:
     """One row per w_A; each cell 'whole test set / special class'."""
-    series = result["sweep"]
+    series = pair["sweep"]
     labels = list(series)
     rows = []
     for i, entry in enumerate(series[labels[0]]):
@@ -244,47 +346,101 @@ def sweep_table(result: dict) -> str:
     return grid(["w_A", *labels], rows)
 
 
-def plot(path: Path, result: dict, special_name: str) -> Path:
+def dirichlet_table(result: Mapping) -> str:
+    """Parents (examples, the classes they saw most), then every method at both weightings."""
+    rows = []
+    for k, (label, s) in enumerate(result["parents"].items()):
+        counts = result["class_counts"][k]
+        top = sorted(range(len(counts)), key=lambda c: -counts[c])[:3]
+        seen = ", ".join(f"{c}: {counts[c]}" for c in top)
+        rows.append([label, f"{result['examples'][k]} ({seen})", percent(s["accuracy"]), "-"])
+    methods = list(next(iter(result["fused"].values())))
+    for label in methods:
+        cells = [percent(result["fused"][w][label]["accuracy"]) for w in result["fused"]]
+        rows.append([label, "-", *cells])
+    weightings = [f"{w} weights: test acc (%)" for w in result["fused"]]
+    return grid(["model", "examples (top classes: count)", *weightings], rows)
+
+
+def plot(path: Path, pair: Mapping, arch: str) -> Path:
+    name = pair["special_class_name"]
     panels = []
-    for key, title in [("accuracy", "whole test set"), ("special_accuracy", f"'{special_name}'")]:
+    for key, title in [("accuracy", "whole test set"), ("special_accuracy", f"'{name}' (recall)")]:
         series = [
             Series(
                 label,
                 [e["w_a"] for e in entries],
                 [e[key] for e in entries],
-                linestyle=":" if label == "prediction ensemble" else "-",
+                linestyle=":" if label in BASELINES else "-",
             )
-            for label, entries in result["sweep"].items()
+            for label, entries in pair["sweep"].items()
         ]
-        refs = {label: result["parents"][label][key] for label in ("parent A", "parent B")}
+        refs = {label: pair["parents"][label][key] for label in ("parent A", "parent B")}
         panels.append(Panel(title, series, "weight of model A (w_A)", "test accuracy (%)", refs))
-    return line_plot(path, panels, title=f"Skill transfer, {result['arch']} on Fashion-MNIST")
+    title = f"Skill transfer, special class '{name}', {arch} on Fashion-MNIST"
+    return line_plot(path, panels, title=title, panel_size=(6.5, 5.0))
+
+
+def plot_dirichlet(path: Path, result: Mapping) -> Path:
+    panels = {
+        f"{weighting} weights": {"test accuracy": {m: s["accuracy"] for m, s in methods.items()}}
+        for weighting, methods in result["fused"].items()
+    }
+    best = max(p["accuracy"] for p in result["parents"].values())
+    return bar_chart(
+        path,
+        panels,
+        xlabel="test accuracy (%) (dashed: best parent)",
+        title=f"{len(result['parents'])} parents of a Dirichlet({result['alpha']:g}) split",
+        references=dict.fromkeys(panels, best),
+        xlim=(0, 100),
+    )
 
 
 def write_outputs(out: Path, results: dict) -> None:
     """Print the tables; write the plots, ``report.md`` and ``results.json``."""
     command = "otfuse experiment skill-transfer" + (" --quick" if results["quick"] else "")
-    name = results["special_class_name"]
+    arch = describe(results["arch"], results["arch_kwargs"])
     sections = [
         f"Regenerate with `{command}`. Fashion-MNIST, {results['train_examples']} training images; "
-        f"special class {results['special_class']} ('{name}'). Model A: every '{name}' image plus "
-        f"{results['frac_others_a']:.0%} of the others; model B: the rest, no '{name}'. Different "
-        "seeds (initialisations). A is the anchor; OT recipes `data-free`, `data` (unlabeled "
-        f"sample of {NUM_SAMPLES} training images) and `paper-wts`. Cells are accuracy on the "
-        f"whole test set / on the {name} test images (%). torch threads: "
-        f"{results['torch_threads']}; total {results['seconds']:.0f} s.",
+        f"{arch}, {results['epochs']} epochs, lr {results['lr']}. Model A: every image of the "
+        f"special class plus {results['frac_others_a']:.0%} of the others; model B: the rest, none "
+        "of the special class; different seeds. A is the anchor. Prediction ensemble and logit "
+        "average cost two models. OT recipes `data` (unlabeled sample of "
+        f"{results['num_samples']} training images) and `data-free`, each with refit's class-score "
+        "targets `average` (the logit average) and `ensemble` (the log of the prediction "
+        "ensemble), and the paper's `paper-wts`. Cells are accuracy on the whole test set / recall "
+        f"of the special class (%). torch threads: {results['torch_threads']}; total "
+        f"{results['seconds']:.0f} s.",
     ]
-    for arch, result in results["models"].items():
-        png = plot(out / f"sweep_{arch}.png", result, name)
-        header = (
-            f"## {describe(arch, result['arch_kwargs'])}, {result['epochs']} epochs, lr "
-            f"{result['lr']}\n\n"
-            f"Training images: A {result['examples']['A']}, B {result['examples']['B']}."
+    for key, pair in results["pairs"].items():
+        png = plot(out / f"sweep_{key}.png", pair, results["arch"])
+        text = (
+            f"## Special class {key} ('{pair['special_class_name']}')\n\n"
+            f"Training images: A {pair['examples']['A']}, B {pair['examples']['B']}.\n\n"
+            f"{parents_table(pair)}\n\n{sweep_table(pair)}\n\n![accuracy against w_A]({png.name})"
         )
-        text = f"{header}\n\n{parents_table(result)}\n\n{sweep_table(result)}"
-        print(f"\nskill-transfer, {arch}\n\n{parents_table(result)}\n\n{sweep_table(result)}")
-        sections.append(f"{text}\n\n![accuracy against w_A]({png.name})")
-    write_markdown(
+        print(
+            f"\nskill-transfer, special class {key}\n\n{parents_table(pair)}\n\n{sweep_table(pair)}"
+        )
+        sections.append(text)
+    dirichlet = results["dirichlet"]
+    png = plot_dirichlet(out / "dirichlet.png", dirichlet)
+    text = (
+        f"## {len(dirichlet['parents'])} parents of a Dirichlet({dirichlet['alpha']:g}) split\n\n"
+        "Each class's training images divided among the parents in Dirichlet proportions "
+        "(seed 0); parent k trained from seed k. Fused with equal weights, and with weights "
+        "proportional to the examples each saw.\n\n"
+        f"{dirichlet_table(dirichlet)}\n\n![accuracy of each method]({png.name})"
+    )
+    print(f"\nskill-transfer, Dirichlet split\n\n{dirichlet_table(dirichlet)}")
+    sections.append(text)
+    lines = [
+        Target(**{k: v for k, v in t.items() if k != "met"}).line() for t in results["targets"]
+    ]
+    print("\n" + "\n".join(lines))
+    sections.append(f"## Targets (issue 13, on '{CHECKED}')\n\n" + "\n".join(lines))
+    write_report(
         out / "report.md", "Skill transfer: fusing models trained on different data", sections
     )
-    write_json(out / "results.json", results)
+    write_results(out / "results.json", results)

@@ -1,0 +1,138 @@
+"""Refit's ensemble-faithful targets (``targets="ensemble"``): at the class scores, the log of the
+parents' weighted prediction ensemble instead of their average logits."""
+
+import argparse
+
+import pytest
+import torch
+from helpers import max_state_diff
+from models import build, example
+from torch import nn
+
+import otfuse
+from otfuse import cli
+from otfuse.capture import GraphCache
+from otfuse.cli import options
+from otfuse.cli.common import UsageError
+from otfuse.config import RECIPES, ConfigError, FusionConfig
+from otfuse.refit import class_scores, ensemble_target, fit_points, layer_targets
+from otfuse.repair import correction_points, reset_batchnorm
+
+REFIT = ("bn_reset", "repair", "refit")
+HEADS = {"mlp": "fc3", "vgg": "classifier", "resnet": "fc", "cat": "fc", "resmlp": "head"}
+
+
+def confident(name, seed):
+    """A fixture classifier whose logits are 30 times larger: confident, and unlike another seed's."""
+    model = build(name, seed=seed)
+    with torch.no_grad():
+        getattr(model, HEADS[name]).weight.mul_(30.0)
+    return model
+
+
+def outputs(model, x):
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+def kl_to_ensemble(model, parents, weights, x):
+    """Mean KL(ensemble || model) on ``x``."""
+    target = torch.log_softmax(outputs(otfuse.ensemble(parents, weights), x), -1)
+    fused = torch.log_softmax(outputs(model, x), -1)
+    return float((target.exp() * (target - fused)).sum(-1).mean())
+
+
+def test_the_target_is_the_log_of_the_weighted_ensemble_at_the_average_logits_mean():
+    torch.manual_seed(0)
+    z1, z2, w = 5 * torch.randn(50, 7), 5 * torch.randn(50, 7), (0.3, 0.7)
+    ensemble = w[0] * z1.softmax(-1) + w[1] * z2.softmax(-1)
+    average = w[0] * z1 + w[1] * z2
+    target = ensemble_target(ensemble.double().log(), average)
+    torch.testing.assert_close(target.softmax(-1), ensemble)  # exactly the ensemble's probabilities
+    torch.testing.assert_close(target.mean(-1), average.mean(-1))  # where the average is
+    assert target.dtype == average.dtype
+    same = ensemble_target(torch.log_softmax(z1.double(), -1), z1)  # one parent: its own logits
+    torch.testing.assert_close(same, z1)
+
+
+@pytest.mark.parametrize("name", ["mlp", "vgg"])
+def test_the_class_scores_target_is_the_ensemble_and_the_others_the_average(name):
+    a, b, x = build(name, seed=0), build(name, seed=1), example(name, n=40)
+    cache, w = GraphCache(x[:2]), (0.25, 0.75)
+    graphs = [cache.graph(m) for m in (a, b)]
+    gm = cache.graph(build(name, seed=2)).graph_module
+    with torch.no_grad():
+        average = layer_targets(gm, graphs, w, x)
+        ensemble = layer_targets(gm, graphs, w, x, targets="ensemble")
+    head = class_scores(gm, fit_points(gm)).node
+    assert head == HEADS[name]
+    want = w[0] * outputs(a, x).softmax(-1) + w[1] * outputs(b, x).softmax(-1)
+    torch.testing.assert_close(ensemble.values[head].softmax(-1), want)
+    torch.testing.assert_close(average.values[head], w[0] * outputs(a, x) + w[1] * outputs(b, x))
+    for node, value in average.values.items():
+        if node != head:
+            assert torch.equal(ensemble.values[node], value)
+            assert torch.equal(ensemble.rows[node], average.rows[node])
+
+
+@pytest.mark.parametrize("name", ["mlp", "vgg", "resnet"])
+def test_refit_to_the_ensemble_follows_the_ensemble_by_a_clear_margin(name):
+    parents, x, w = [confident(name, 0), confident(name, 1)], example(name, n=200), [0.7, 0.3]
+    kl = {}
+    for targets in ("average", "ensemble"):
+        fused = otfuse.fuse(
+            parents, data=x, weights=w, stages=REFIT, targets=targets, example_input=x[:2]
+        ).model
+        kl[targets] = kl_to_ensemble(fused, parents, w, x)
+    assert kl["ensemble"] < 0.5 * kl["average"], kl
+
+
+@pytest.mark.parametrize("name", ["mlp", "vgg", "resnet", "resmlp"])
+def test_fusing_a_model_with_itself_changes_nothing_with_ensemble_targets(name):
+    model, x = build(name), example(name, n=160, seed=21)
+    reset_batchnorm(model, x, batch_size=len(x))
+    result = otfuse.fuse(
+        [model, model], data=x, stages=REFIT, targets="ensemble", example_input=x[:2]
+    )
+    assert max_state_diff(result.model, model) < 1e-3
+
+
+def test_all_the_weight_on_one_parent_gives_it_back():
+    a, b, x = confident("mlp", 0), confident("mlp", 1), example("mlp", n=200)
+    fused = otfuse.fuse([a, b], data=x, weights=[1, 0], stages=REFIT, targets="ensemble").model
+    torch.testing.assert_close(outputs(fused, x), outputs(a, x), atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["mlp", "vgg", "resnet"])
+def test_repair_leaves_the_class_scores_alone(name):
+    """REPAIR never rescales the output units, so only refit's target at them changes."""
+    graph = GraphCache(example(name)).graph(build(name))
+    assert HEADS[name] not in {p.node for p in correction_points(graph)}
+
+
+def test_models_without_class_scores_are_refitted_to_the_average():
+    def net(seed):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 4, 1)).eval()
+
+    x = torch.randn(30, 3, 5, 5)
+    assert class_scores(GraphCache(x[:2]).graph(net(0)).graph_module, []) is None
+    fused = {
+        t: otfuse.fuse([net(0), net(1)], data=x, stages=REFIT, targets=t).model
+        for t in ("average", "ensemble")
+    }
+    assert max_state_diff(fused["average"], fused["ensemble"]) == 0.0
+
+
+def test_the_targets_option_is_validated_and_a_flag():
+    assert FusionConfig().targets == "average"
+    assert FusionConfig(targets="ensemble").replace(num_samples=3).targets == "ensemble"
+    assert RECIPES["data"].targets == RECIPES["data-free"].targets
+    with pytest.raises(ConfigError, match="unknown targets 'logits'; choose one of average, ens"):
+        FusionConfig(targets="logits")
+    parser = cli.build_parser()
+    fuse = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    args = fuse.choices["fuse"].parse_args(["--targets", "ensemble"])
+    assert options.given_options(args) == {"targets": "ensemble"}
+    with pytest.raises(UsageError, match="--targets: 'logits' is not one of average, ensemble"):
+        fuse.choices["fuse"].parse_args(["--targets", "logits"])
