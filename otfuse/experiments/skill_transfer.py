@@ -19,6 +19,9 @@ swept over :math:`w_A \\in \\{0, 0.1, \\dots, 1\\}`:
   :mod:`otfuse.refit`).
 
 Each model is scored on the whole test set and on the special class's test images (its recall).
+The inputs that ``data-free`` synthesises depend on the parents alone, so they are made once per set
+of parents (:func:`synthesized`) and serve every weight and both targets (the same fused models as
+fusing without data; their times leave the synthesis out).
 
 **Four parents of a Dirichlet split** (:func:`otfuse.experiments.splits.dirichlet_split`,
 concentration :data:`DIRICHLET_ALPHA`): each mostly sees a few classes. The same methods fuse them
@@ -40,12 +43,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import otfuse
+from otfuse.config import FusionConfig
 from otfuse.data import Dataset, load_dataset, sample_inputs, split_special_class
 from otfuse.experiments.common import QUICK_TRAIN_EXAMPLES, ParentSpec, parent_specs, train_parent
 from otfuse.experiments.methods import LogitAverage, run_options
 from otfuse.experiments.plots import Panel, Series, describe, grid, line_plot, percent
 from otfuse.experiments.report import Target, bar_chart, write_report, write_results
 from otfuse.experiments.splits import class_counts, dirichlet_split
+from otfuse.synthesis import synthesize_inputs
 from otfuse.training import predict_logits
 
 SPECIAL_CLASSES = (4, 6)  # Fashion-MNIST "coat", "shirt"
@@ -70,15 +75,29 @@ BASELINES = ("prediction ensemble", "logit average", "vanilla average")
 CHECKED = "OT data, targets ensemble"  # the method the issue's targets are checked on
 
 
+def synthesized(parents: Sequence[nn.Module], sample: torch.Tensor, quick: bool) -> torch.Tensor:
+    """The inputs that the ``data-free`` recipe synthesises from ``parents`` (as
+    :func:`otfuse.fuse` does without data). They depend on the parents alone, not on the weights or
+    the targets, so one batch serves every data-free fusion of these parents: given as ``data`` with
+    ``num_samples`` their number, the fusion is the one ``fuse`` makes without data."""
+    options = run_options({"recipe": "data-free"}, quick)
+    config = FusionConfig.from_recipe(options.pop("recipe")).replace(**options)
+    return synthesize_inputs(
+        list(parents), sample[:2], num_samples=config.synthesize, seed=config.seed
+    )
+
+
 def build(
     label: str,
     parents: Sequence[nn.Module],
     weights: Sequence[float],
     sample: torch.Tensor,
     quick: bool = False,
+    synthetic: torch.Tensor | None = None,
 ) -> tuple[nn.Module, float]:
     """The model of method ``label`` with ``weights`` (parent 0 is the anchor), and the seconds it
-    took to build."""
+    took to build (for ``data-free``, without the synthesis when ``synthetic`` inputs from
+    :func:`synthesized` are given)."""
     start = time.perf_counter()
     if label == "prediction ensemble":
         model = otfuse.ensemble(parents, weights)
@@ -88,11 +107,22 @@ def build(
         model = otfuse.vanilla_average(parents, weights)
     else:
         options = run_options(OT_METHODS[label], quick)
-        data = sample if options["recipe"] == "data" else None
+        data = {"data": sample, "data-free": synthetic}.get(options["recipe"])
+        if options["recipe"] == "data-free" and synthetic is not None:
+            options["num_samples"] = len(synthetic)
         model = otfuse.fuse(
             parents, weights=list(weights), anchor=0, data=data, example_input=sample[:2], **options
         ).model
     return model, time.perf_counter() - start
+
+
+def _synthetic(
+    labels: Sequence[str], parents: Sequence[nn.Module], sample: torch.Tensor, quick: bool
+) -> torch.Tensor | None:
+    """:func:`synthesized` inputs when a method of ``labels`` is a data-free fusion, else None."""
+    if any(OT_METHODS.get(label, {}).get("recipe") == "data-free" for label in labels):
+        return synthesized(parents, sample, quick)
+    return None
 
 
 def score(model: nn.Module, test: Dataset, special: int | None = None) -> dict[str, float]:
@@ -130,9 +160,10 @@ def sweep(
     ``{"w_a", "accuracy", "special_accuracy", "seconds"}``."""
     labels = list(methods)
     series: dict[str, list[dict]] = {label: [] for label in labels}
+    synthetic = _synthetic(labels, parents, sample, quick)
     jobs = [(w, label) for w in weights_a for label in labels]
     for w_a, label in tqdm(jobs, desc=desc, disable=not progress, leave=False):
-        model, seconds = build(label, parents, [w_a, 1.0 - w_a], sample, quick)
+        model, seconds = build(label, parents, [w_a, 1.0 - w_a], sample, quick, synthetic)
         series[label].append({"w_a": w_a, **score(model, test, special), "seconds": seconds})
     return series
 
@@ -205,9 +236,10 @@ def run_dirichlet(
     weightings = {"equal": [1.0 / len(parts)] * len(parts), "by examples": _shares(sizes)}
     sample = sample_inputs(train, NUM_SAMPLES, seed=0)
     fused: dict[str, dict[str, dict]] = {}
+    synthetic = _synthetic(methods, parents, sample, quick)
     jobs = [(w, label) for w in weightings for label in methods]
     for weighting, label in tqdm(jobs, desc="Dirichlet", disable=not progress, leave=False):
-        model, seconds = build(label, parents, weightings[weighting], sample, quick)
+        model, seconds = build(label, parents, weightings[weighting], sample, quick, synthetic)
         fused.setdefault(weighting, {})[label] = {**score(model, test), "seconds": seconds}
     return {
         "alpha": DIRICHLET_ALPHA,
@@ -410,7 +442,8 @@ def write_outputs(out: Path, results: dict) -> None:
         f"{results['num_samples']} training images) and `data-free`, each with refit's class-score "
         "targets `average` (the logit average) and `ensemble` (the log of the prediction "
         "ensemble), and the paper's `paper-wts`. Cells are accuracy on the whole test set / recall "
-        f"of the special class (%). torch threads: {results['torch_threads']}; total "
+        "of the special class (%). `data-free` synthesises its inputs once per set of parents, for "
+        f"every weight and both targets. torch threads: {results['torch_threads']}; total "
         f"{results['seconds']:.0f} s.",
     ]
     for key, pair in results["pairs"].items():
