@@ -58,7 +58,7 @@ def skill(args: argparse.Namespace, methods: tuple[str, ...], train, test) -> di
         dirichlet = st.run_dirichlet(spec, train, test, progress=False, methods=methods)
         print(f"\nDirichlet({st.DIRICHLET_ALPHA}) parents:", end=" ")
         print(", ".join(f"{p['accuracy']:.2f}" for p in dirichlet["parents"].values()))
-        print("| method | " + " | ".join(f"{w} weights" for w in dirichlet["fused"]) + " |")
+        print("| method | " + " | ".join(dirichlet["fused"]) + " |")
         print("|---|" + "---|" * len(dirichlet["fused"]))
         for label in methods:
             cells = [f"{m[label]['accuracy']:.2f}" for m in dirichlet["fused"].values()]

@@ -233,7 +233,10 @@ def run_dirichlet(
         parents.append(model)
         rows[f"parent {k}"] = {**score(model, test), "seconds": seconds}
     sizes = [len(p) for p in parts]
-    weightings = {"equal": [1.0 / len(parts)] * len(parts), "by examples": _shares(sizes)}
+    weightings = {
+        "equal weights": [1.0 / len(parts)] * len(parts),
+        "weights by examples": _shares(sizes),
+    }
     sample = sample_inputs(train, NUM_SAMPLES, seed=0)
     fused: dict[str, dict[str, dict]] = {}
     synthetic = _synthetic(methods, parents, sample, quick)
@@ -346,7 +349,7 @@ def check_targets(results: Mapping) -> list[Target]:
         return targets
     best_parent = max(p["accuracy"] for p in dirichlet["parents"].values())
     for weighting, methods in dirichlet["fused"].items():
-        label = f"Dirichlet({dirichlet['alpha']:g}), {weighting} weights: fused - best parent"
+        label = f"Dirichlet({dirichlet['alpha']:g}), {weighting}: fused - best parent"
         targets.append(Target(label, methods[CHECKED]["accuracy"] - best_parent, 5.0, " points"))
     return targets
 
@@ -390,7 +393,7 @@ def dirichlet_table(result: Mapping) -> str:
     for label in methods:
         cells = [percent(result["fused"][w][label]["accuracy"]) for w in result["fused"]]
         rows.append([label, "-", *cells])
-    weightings = [f"{w} weights: test acc (%)" for w in result["fused"]]
+    weightings = [f"{w}: test acc (%)" for w in result["fused"]]
     return grid(["model", "examples (top classes: count)", *weightings], rows)
 
 
@@ -415,7 +418,7 @@ def plot(path: Path, pair: Mapping, arch: str) -> Path:
 
 def plot_dirichlet(path: Path, result: Mapping) -> Path:
     panels = {
-        f"{weighting} weights": {"test accuracy": {m: s["accuracy"] for m, s in methods.items()}}
+        weighting: {"test accuracy": {m: s["accuracy"] for m, s in methods.items()}}
         for weighting, methods in result["fused"].items()
     }
     best = max(p["accuracy"] for p in result["parents"].values())
