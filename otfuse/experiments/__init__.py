@@ -20,6 +20,8 @@ _MODULES = {
     "skill-transfer": "otfuse.experiments.skill_transfer",
     "widths": "otfuse.experiments.widths",
     "timing": "otfuse.experiments.timing",
+    "federated": "otfuse.experiments.federated",
+    "transformers": "otfuse.experiments.transformers",
 }
 
 
