@@ -21,6 +21,16 @@ ResNets worse here, 80.0% against 84.3%); TV, the mean squared difference of nei
 only for image batches (N, C, H, W). No data is read: the batch stands in for an unlabeled sample when none
 is given. This is the idea of DeepInversion (Yin et al., "Dreaming to Distill", CVPR 2020), without
 its teacher-student term.
+
+Causal language models (token ids (N, T) in, next-token logits (N, T, V) out, position t blind to
+later tokens) need no optimisation: sequences are *sampled* from the parents' prediction ensemble,
+one token at a time from a random first token,
+
+.. math::
+
+    x_{t+1} \sim \frac{1}{K} \sum_k \operatorname{softmax}\big(f_k(x_{1..t})_t\big),
+
+text that the parents themselves consider likely (:func:`sample_sequences`).
 """
 
 from __future__ import annotations
@@ -57,9 +67,30 @@ def class_count(model: nn.Module, example_input: torch.Tensor) -> int:
     return int(out.shape[1]) if shaped else 0
 
 
+def is_causal_lm(model: nn.Module, example_input: object) -> bool:
+    """True when ``model`` maps token ids (N, T) to next-token logits (N, T, V), V >= 2, and the
+    logits at positions before the last do not change when the last token does (causal)."""
+    x = example_input
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.long or x.ndim != 2 or x.shape[1] < 2:
+        return False
+    changed = x.clone()
+    changed[:, -1] = (x[:, -1] + 1) % max(int(x.max()) + 1, 2)
+    try:
+        with evaluating([model]), torch.no_grad():
+            out, other = model(x), model(changed)
+    except Exception:  # noqa: BLE001 - any failure means: not a language model on this input
+        return False
+    if not (isinstance(out, torch.Tensor) and out.shape[:2] == x.shape and out.ndim == 3):
+        return False
+    return out.shape[2] >= 2 and torch.allclose(out[:, :-1], other[:, :-1], atol=1e-5, rtol=1e-4)
+
+
 def can_synthesize(models: Sequence[nn.Module], example_input: object) -> bool:
-    """True when inputs can be synthesised for ``models``: one floating-point input tensor, and
-    BatchNorm running statistics in every model or class scores from every model."""
+    """True when inputs can be synthesised for ``models``: causal language models on token ids,
+    or one floating-point input tensor and BatchNorm running statistics in every model or class
+    scores from every model."""
+    if all(is_causal_lm(m, example_input) for m in models):
+        return True
     if not isinstance(example_input, torch.Tensor) or not example_input.is_floating_point():
         return False
     with_stats = all(tracked_batchnorms(m) for m in models)
@@ -108,15 +139,20 @@ def synthesize_inputs(
     """
     if not can_synthesize(models, example_input):
         raise OtfuseError(
-            "input synthesis needs models that take one floating-point tensor and have BatchNorm "
-            "running statistics or output class scores (N, C)"
+            "input synthesis needs causal language models, or models that take one floating-point "
+            "tensor and have BatchNorm running statistics or output class scores (N, C)"
+        )
+    if all(is_causal_lm(m, example_input) for m in models):
+        return sample_sequences(
+            models, example_input.shape[1], num_samples=num_samples, seed=seed, progress=progress
         )
     use_stats = all(tracked_batchnorms(m) for m in models)
     classes = 0 if use_stats else class_count(models[0], example_input)
     generator = torch.Generator().manual_seed(seed)
     shape = (num_samples, *example_input.shape[1:])
-    x = torch.randn(shape, generator=generator, dtype=example_input.dtype).requires_grad_(True)
-    labels = torch.arange(num_samples) % classes if classes else None
+    x = torch.randn(shape, generator=generator, dtype=example_input.dtype)
+    x = x.to(example_input.device).requires_grad_(True)  # drawn on the CPU: the same on any device
+    labels = torch.arange(num_samples, device=x.device) % classes if classes else None
     optimizer = torch.optim.Adam([x], lr=lr)
     seen: list[tuple[_BatchNorm, torch.Tensor]] = []
     hooks = [
@@ -140,3 +176,26 @@ def synthesize_inputs(
         for hook in hooks:
             hook.remove()
     return x.detach()
+
+
+@torch.no_grad()
+def sample_sequences(
+    models: Sequence[nn.Module],
+    length: int,
+    *,
+    num_samples: int = 256,
+    seed: int = 0,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Token ids (num_samples, length) sampled from the prediction ensemble of causal language
+    models: the first token uniform over the vocabulary, each next one from the average of the
+    models' next-token probabilities on the tokens so far (temperature 1). Eval mode; the models
+    are not modified."""
+    generator = torch.Generator().manual_seed(seed)
+    with evaluating(models):
+        vocab = models[0](torch.zeros(1, 1, dtype=torch.long)).shape[-1]
+        x = torch.randint(0, vocab, (num_samples, 1), generator=generator)
+        for _ in tqdm(range(length - 1), desc="sample", disable=not progress, leave=False):
+            probs = sum(torch.softmax(m(x)[:, -1].double(), dim=-1) for m in models) / len(models)
+            x = torch.cat([x, torch.multinomial(probs, 1, generator=generator)], dim=1)
+    return x

@@ -53,6 +53,7 @@ __all__ = [
 ]
 
 SCHEDULES = ("cosine", "step", "constant")
+OPTIMIZERS = ("sgd", "adamw")
 DIVERGENCE_FACTOR = 1000.0  # a step's loss this many times the first one's (at least 1): diverged
 FINAL_LOSS_FACTOR = 10.0  # the last epoch's mean loss this many times the first step's: diverged
 
@@ -73,6 +74,7 @@ class TrainConfig:
     momentum: float = 0.9  # SGD momentum
     weight_decay: float = 5e-4  # L2 penalty, applied to every parameter
     schedule: str = "cosine"  # "cosine" (to 0), "step" (x0.1 at 50% and 75%) or "constant"
+    optimizer: str = "sgd"  # "sgd" (with momentum) or "adamw" (betas 0.9, 0.95; decoupled decay)
     seed: int = 0  # seeds the weights' RNG use, the shuffling and dropout
     num_threads: int | None = None  # torch CPU threads while training; None leaves torch's setting
 
@@ -86,6 +88,10 @@ class TrainConfig:
         if self.schedule not in SCHEDULES:
             raise TrainConfigError(
                 f"unknown schedule '{self.schedule}': choose one of {', '.join(SCHEDULES)}"
+            )
+        if self.optimizer not in OPTIMIZERS:
+            raise TrainConfigError(
+                f"unknown optimizer '{self.optimizer}': choose one of {', '.join(OPTIMIZERS)}"
             )
         if self.num_threads is not None and self.num_threads < 1:
             raise TrainConfigError(f"num_threads must be at least 1, got {self.num_threads}")
@@ -121,7 +127,7 @@ class TrainHistory:
 
 @dataclass(frozen=True)
 class Evaluation:
-    accuracy: float  # percent of examples whose arg-max logit is the label, 0-100
+    accuracy: float  # percent of predictions (examples, or positions) whose arg-max is the label
     loss: float  # mean cross-entropy
 
 
@@ -158,13 +164,13 @@ def train(
 ) -> TrainHistory:
     """Train ``model`` in place on ``dataset`` and return the per-epoch statistics.
 
-    ``dataset.images`` (N, C, H, W) are fed as they are; ``model`` must map them to logits (B, K).
-    With ``eval_dataset``, the model is evaluated on it after every epoch.
+    ``dataset.images`` (N, C, H, W) are fed as they are; ``model`` must map them to logits (B, K),
+    or, for sequences (labels (B, T), e.g. :func:`otfuse.text.windows`), to logits (B, T, K): the
+    loss and accuracy are then per position. With ``eval_dataset``, the model is evaluated on it
+    after every epoch.
     """
     seed_everything(config.seed)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
-    )
+    optimizer = _optimizer(model, config)
     loader = dataset.loader(config.batch_size, shuffle=True, seed=config.seed)
     total_steps = config.epochs * len(loader)
     history = TrainHistory()
@@ -196,6 +202,24 @@ def train(
             f"(lr={config.lr:g})"
         )
     return history
+
+
+def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(
+            model.parameters(), lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay
+        )
+    return torch.optim.SGD(
+        model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+    )
+
+
+def flat_targets(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (B, K) and labels (B,), or per-position logits (B, ..., K) and labels (B, ...)
+    flattened to (B * ..., K) and (B * ...,): one row per prediction."""
+    if logits.dim() == labels.dim() + 1 and labels.dim() > 1:
+        return logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+    return logits, labels
 
 
 def _epoch_line(stats: EpochStats, epochs: int) -> str:
@@ -259,7 +283,7 @@ def _train_epoch(
         for group in optimizer.param_groups:
             group["lr"] = lr
         images, labels = images.to(device), labels.to(device)
-        logits = model(images)
+        logits, labels = flat_targets(model(images), labels)
         loss = F.cross_entropy(logits, labels)
         watch.step(loss.item(), epoch, i + 1)
         optimizer.zero_grad(set_to_none=True)
@@ -308,9 +332,9 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 1000) -> Eval
     """Accuracy (percent) and mean cross-entropy of ``model`` on ``dataset``, in eval mode."""
     if len(dataset) == 0:
         raise TrainConfigError("cannot evaluate on an empty dataset")
-    logits = predict_logits(model, dataset.images, batch_size)
-    loss = F.cross_entropy(logits, dataset.labels).item()
-    accuracy = 100.0 * (logits.argmax(1) == dataset.labels).float().mean().item()
+    logits, labels = flat_targets(predict_logits(model, dataset.images, batch_size), dataset.labels)
+    loss = F.cross_entropy(logits, labels).item()
+    accuracy = 100.0 * (logits.argmax(1) == labels).float().mean().item()
     return Evaluation(accuracy=accuracy, loss=loss)
 
 

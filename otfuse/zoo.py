@@ -16,6 +16,8 @@ Models:
 - ``vgg11``: CIFAR-style VGG11 (8 convolutions, 5 max-pools, one linear layer), as in the paper.
 - ``resnet18``: CIFAR ResNet-18 (3x3 stem, no max-pool, BasicBlocks [2, 2, 2, 2], average pool).
 - ``convnet``: two convolutions and a linear classifier, small enough for quick tests.
+- ``vit``, ``chargpt``: a small Vision Transformer and a character-level GPT
+  (:mod:`otfuse.zoo_transformers`; captured by ``torch.export``, not ``torch.fx``).
 """
 
 from __future__ import annotations
@@ -377,3 +379,8 @@ def convnet(
     if shape[1] < 4 or shape[2] < 4:
         raise ModelConfigError(f"convnet needs inputs at least 4x4 pixels, got in_shape {in_shape}")
     return ConvNet([_scaled(c, width) for c in (32, 64)], shape, num_classes, batch_norm, bias)
+
+
+# ----------------------------------------------------------------------------------------------
+# Transformers (vit, chargpt) live in their own module; importing it registers them.
+from otfuse import zoo_transformers  # noqa: E402, F401

@@ -14,7 +14,7 @@ import shutil
 import sys
 from pathlib import Path
 
-ORDER = ("two-models", "many-models", "skill-transfer", "widths", "timing")
+ORDER = ("two-models", "many-models", "skill-transfer", "widths", "timing", "transformers")
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
 
