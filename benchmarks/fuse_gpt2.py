@@ -7,9 +7,11 @@ width 768, 12 heads, vocabulary 50257, random weights from seeds 0 and 1, eval m
 tokens of shape (2, ``--seq-len``). Prints the torch thread count, the capture time alone
 (``otfuse.spaces``, the ``torch.export`` capture and discovery), the first (cold) fusion call, the
 median of ``--repeats`` further calls with their split by stage, and the peak RSS of the process.
-Needs ``transformers`` (nothing is downloaded: the models are built from a config).
+Needs ``transformers`` (nothing is downloaded: the models are built from a config). The models
+run on ``--device`` (default ``auto``: CUDA when present, else the CPU), which the output names.
 
     .venv/bin/python benchmarks/fuse_gpt2.py [--seq-len 64] [--repeats 3] [--threads 2] [--json]
+    .venv/bin/python benchmarks/fuse_gpt2.py --device cpu
     .venv/bin/python benchmarks/fuse_gpt2.py --profile fuse.prof   # cProfile of one warm call
 """
 
@@ -31,6 +33,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _common import rss_mib, summary, timed  # noqa: E402
 
 import otfuse  # noqa: E402
+from otfuse.cli.common import parse_device  # noqa: E402
 
 TARGET = 10.0
 
@@ -52,16 +55,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--json", action="store_true", help="print one JSON line")
     parser.add_argument("--profile", metavar="FILE", help="cProfile one warm call into FILE")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto")
     args = parser.parse_args()
+    device = parse_device(args.device)
 
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
     start = time.perf_counter()
-    models = [gpt2_small(seed) for seed in range(2)]
+    models = [gpt2_small(seed).to(device) for seed in range(2)]
     build = time.perf_counter() - start
     params = sum(p.numel() for p in models[0].parameters())
     tokens = torch.randint(0, models[0].config.vocab_size, (2, args.seq_len),
-                           generator=torch.Generator().manual_seed(0))  # fmt: skip
+                           generator=torch.Generator().manual_seed(0)).to(device)  # fmt: skip
 
     start = time.perf_counter()
     graph = otfuse.spaces(models[0], tokens)
@@ -73,6 +78,8 @@ def main() -> None:
         result = otfuse.fuse(models, "paper-wts", example_input=tokens)
         for name, seconds in result.timings.items():
             stages.setdefault(name, []).append(seconds)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     (cold,), cold_peak = timed(run, 1)
     stages.clear()
@@ -83,6 +90,7 @@ def main() -> None:
         "parameters": params,
         "seq_len": args.seq_len,
         "threads": torch.get_num_threads(),
+        "device": str(device),
         "build_seconds": round(build, 3),
         "capture_seconds": round(capture, 3),
         "spaces": len(graph.transportable()),
@@ -106,7 +114,7 @@ def main() -> None:
         print(json.dumps(result))
         return
     print(f"two GPT-2-small-sized models ({params / 1e6:.1f}M parameters each), tokens "
-          f"(2, {args.seq_len}), paper-wts, {result['threads']} torch threads")  # fmt: skip
+          f"(2, {args.seq_len}), paper-wts, {result['threads']} torch threads, on {device}")  # fmt: skip
     print(f"  build both models: {build:.2f} s")
     print(f"  capture (otfuse.spaces, torch.export + discovery): {capture:.2f} s, "
           f"{result['spaces']} spaces")  # fmt: skip

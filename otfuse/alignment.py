@@ -16,6 +16,8 @@ computes exactly what B computes.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -25,10 +27,11 @@ from otfuse.cost import ground_cost, unit_masses
 from otfuse.discovery import Member, NeuronSpace, SpaceGraph
 from otfuse.errors import ArchitectureMismatchError, TransportError
 from otfuse.heads import HeadPlanner
-from otfuse.plans import is_plain, transport_member
-from otfuse.transport import TransportPlan, solve
+from otfuse.plans import is_plain, transport_space
+from otfuse.transport import TransportPlan, solve, solver_pool
 
 StateDict = dict[str, torch.Tensor]
+_ASIDE = 256 * 256  # problems with at least this many costs may be solved on the solver pool
 
 
 # -- features of units for the weight-based cost ------------------------------------------------
@@ -112,39 +115,142 @@ def align_state(
     acts_b: Mapping[int, torch.Tensor] | None = None,
     acts_a: Mapping[int, torch.Tensor] | None = None,
 ) -> tuple[StateDict, dict[str, TransportPlan]]:
-    """Transport ``state_b`` into anchor A's widths and unit order; returns it and the plan per space."""
-    check_compatible(graph_b, graph_a)
-    state = dict(state_b)
-    sizes, sizes_a = graph_b.sizes, graph_a.sizes
-    resolved = {s.index for s in graph_b.spaces if s.fixed}
-    by_param = _members_by_param(graph_b)
-    plans: dict[str, TransportPlan] = {}
-    need_weights = options.mode == "wts" or options.marginals != "uniform"
+    """Transport ``state_b`` into anchor A's widths and unit order; returns it and the plan per space.
 
-    def costs(sp: NeuronSpace) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    Spaces are visited in order; a large space's plan is solved on
+    :func:`~otfuse.transport.solver_pool` while the next spaces' costs are formed, when they do not
+    wait on it (see :class:`_Alignment`).
+    """
+    check_compatible(graph_b, graph_a)
+    run = _Alignment(state_b, graph_b, state_a, graph_a, options, (acts_b, acts_a))
+    heads = HeadPlanner(graph_b, graph_a, options, lambda sp: run.costs(sp)[0])  # attention spaces
+    for space in graph_b.transportable():
+        plan = heads.plan(space)
+        run.visit(space, plan if plan is not None else run.solve(space))
+    state, plans = run.finish()
+    _check_shapes(state, state_a)
+    return state, plans
+
+
+class _Alignment:
+    """Algorithm 1 on one pair (B to anchor A), with the solves of independent spaces in flight
+    together.
+
+    A visited space's plan is *pending* until it is applied to B's tensors. Before a space's cost
+    reads B's tensors, every pending plan that touches one of the space's parameters is applied,
+    together with the earlier pending plans that share a tensor with it, in visiting order. So each
+    cost sees exactly the tensors the one-space-at-a-time order gives it, every tensor receives its
+    plans in visiting order, and the plans and the aligned state are those of that order, bit for
+    bit. A large problem is solved when the next cost is formed: in place when that cost needs its
+    plan (a chain of layers), else on :func:`~otfuse.transport.solver_pool` while the cost is formed
+    (the MLP spaces of a transformer, given the residual stream; every space with ``mode="acts"``).
+    """
+
+    def __init__(
+        self,
+        state_b: StateDict,
+        graph_b: SpaceGraph,
+        state_a: StateDict,
+        graph_a: SpaceGraph,
+        options: FusionConfig,
+        acts: tuple[Mapping[int, torch.Tensor] | None, Mapping[int, torch.Tensor] | None],
+    ) -> None:
+        self.state, self.state_a, self.options, self.acts = dict(state_b), state_a, options, acts
+        self.sizes, self.sizes_a = graph_b.sizes, graph_a.sizes
+        self.resolved = {s.index for s in graph_b.spaces if s.fixed}
+        self.by_param = _members_by_param(graph_b)
+        self.pending: list[tuple[NeuronSpace, _Plan]] = []
+        self.plans: dict[str, TransportPlan] = {}
+        self.order: list[str] = []  # space names in visiting order
+
+    def costs(self, sp: NeuronSpace) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Ground cost (n_b, n_a) of ``sp`` and the masses of B's and A's units."""
+        options = self.options
         by_weights = None
-        if need_weights:
-            by_weights = _weight_features(sp, state, sizes, state_a, sizes_a, resolved, by_param)
+        reads = options.mode == "wts" or options.marginals != "uniform"
+        self._before_cost({m.param for m in sp.members} if reads else set())
+        if reads:
+            by_weights = _weight_features(
+                sp, self.state, self.sizes, self.state_a, self.sizes_a, self.resolved, self.by_param
+            )
+        acts_b, acts_a = self.acts
         fb, fa = by_weights if options.mode == "wts" else (acts_b[sp.index], acts_a[sp.index])
         mass_b, mass_a = by_weights if by_weights is not None else (fb, fa)
         cost = ground_cost(fb, fa, options.cost)
         return cost, unit_masses(mass_b, options.marginals), unit_masses(mass_a, options.marginals)
 
-    heads = HeadPlanner(graph_b, graph_a, options, lambda sp: costs(sp)[0])  # attention spaces
-    for space in graph_b.transportable():
-        plan = heads.plan(space)
-        if plan is None:
-            cost, mu, nu = costs(space)
-            plan = solve(cost, mu, nu, solver=options.solver, reg=options.reg, groups=space.groups)
-        for member in space.members:
-            state[member.param] = transport_member(
-                state[member.param], member, space.index, plan, sizes, options.outgoing
-            )
-        sizes[space.index] = sizes_a[space.index]
-        resolved.add(space.index)
-        plans[space.name] = plan
-    _check_shapes(state, state_a)
-    return state, plans
+    def solve(self, sp: NeuronSpace) -> _Plan:
+        """The plan of ``sp``, or for a large problem its solve, run later (:class:`_Deferred`)."""
+        cost, mu, nu = self.costs(sp)
+        options = self.options
+        job = _Deferred(cost, mu, nu, options.solver, options.reg, sp.groups)
+        return job if cost.size >= _ASIDE else job.run()
+
+    def visit(self, sp: NeuronSpace, plan: _Plan) -> None:
+        self.pending.append((sp, plan))
+        self.resolved.add(sp.index)
+        self.order.append(sp.name)
+
+    def finish(self) -> tuple[StateDict, dict[str, TransportPlan]]:
+        """Apply every pending plan (the solves not started yet: the last in place, the others on
+        the pool meanwhile); returns the aligned state and the plan per space name."""
+        deferred = [i for i, (_, p) in enumerate(self.pending) if isinstance(p, _Deferred)]
+        self._start(set(deferred[:-1]))
+        self._apply([True] * len(self.pending))
+        return self.state, {name: self.plans[name] for name in self.order}
+
+    def _before_cost(self, params: set[str]) -> None:
+        """Before a cost that reads ``params``: apply the pending plans that touch them, and the
+        earlier pending plans that share a tensor with those (latest first, the set of touched
+        tensors grows), in visiting order; start the other solves on the pool."""
+        touched, chosen = set(params), [False] * len(self.pending)
+        for i in range(len(self.pending) - 1, -1, -1):
+            members = {m.param for m in self.pending[i][0].members}
+            if members & touched:
+                chosen[i] = True
+                touched |= members
+        self._start({i for i, now in enumerate(chosen) if not now})
+        self._apply(chosen)
+
+    def _start(self, indices: set[int]) -> None:
+        """Solve the deferred problems at ``indices`` on the pool."""
+        for i in indices:
+            sp, plan = self.pending[i]
+            if isinstance(plan, _Deferred):
+                self.pending[i] = (sp, solver_pool().submit(plan.run))
+
+    def _apply(self, chosen: list[bool]) -> None:
+        kept = []
+        for (sp, plan), now in zip(self.pending, chosen):
+            if not now:
+                kept.append((sp, plan))
+                continue
+            plan = plan.result() if isinstance(plan, Future) else plan
+            plan = plan.run() if isinstance(plan, _Deferred) else plan
+            transport_space(self.state, sp, plan, self.sizes, self.options.outgoing)
+            self.sizes[sp.index] = self.sizes_a[sp.index]
+            self.plans[sp.name] = plan
+        self.pending = kept
+
+
+@dataclass(frozen=True)
+class _Deferred:
+    """An OT problem to solve later: in place, or on the solver pool."""
+
+    cost: np.ndarray
+    mu: np.ndarray
+    nu: np.ndarray
+    solver: str
+    reg: float
+    groups: int
+
+    def run(self) -> TransportPlan:
+        return solve(
+            self.cost, self.mu, self.nu, solver=self.solver, reg=self.reg, groups=self.groups
+        )
+
+
+_Plan = TransportPlan | Future | _Deferred
 
 
 def check_compatible(graph_b: SpaceGraph, graph_a: SpaceGraph) -> None:

@@ -103,7 +103,8 @@ def align_to_consensus(
             for k, (features, w) in enumerate(zip(acts, weights)):
                 x = features[index]
                 if k != anchor:
-                    x = torch.from_numpy(round_plans[k][name].corrected).to(x.dtype).T @ x
+                    plan = torch.from_numpy(round_plans[k][name].corrected)
+                    x = plan.to(x.device, x.dtype).T @ x
                 total = total + w * x
             mean[index] = total
         return mean

@@ -29,7 +29,11 @@ MARGINALS: tuple[str, ...] = ("uniform", "l1", "l2")
 
 
 def ground_cost(x: torch.Tensor, y: torch.Tensor, metric: CostName = "euclidean") -> np.ndarray:
-    """Cost matrix between the rows of ``x`` (n_b, d) and ``y`` (n_a, d); returns (n_b, n_a) float64."""
+    """Cost matrix between the rows of ``x`` (n_b, d) and ``y`` (n_a, d); returns (n_b, n_a) float64.
+
+    It is formed on the features' device (one matrix product) and brought to the CPU, where the
+    solvers run, as the last step.
+    """
     if metric not in COSTS:
         raise OtfuseError(f"unknown cost '{metric}'; choose one of {', '.join(COSTS)}")
     # float32 matrix products are exact enough to rank costs and several times faster than float64
@@ -48,7 +52,7 @@ def ground_cost(x: torch.Tensor, y: torch.Tensor, metric: CostName = "euclidean"
     cost.clamp_min_(0.0)
     if metric == "euclidean":
         cost.sqrt_()
-    return cost.double().numpy()
+    return cost.cpu().double().numpy()
 
 
 def _sq_distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -57,7 +61,7 @@ def _sq_distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     xx, yy = (x * x).sum(1), (y * y).sum(1)
     out = (x @ y.T).mul_(2.0)
     rows = max(1, min(len(out), (1 << 20) // max(1, out.shape[1])))
-    buffer = torch.empty(rows, out.shape[1], dtype=out.dtype)
+    buffer = torch.empty(rows, out.shape[1], dtype=out.dtype, device=out.device)
     for start in range(0, len(out), rows):
         block = out[start : start + rows]
         norms = torch.add(xx[start : start + rows, None], yy[None, :], out=buffer[: len(block)])
@@ -76,6 +80,6 @@ def unit_masses(features: torch.Tensor, kind: MarginalName = "uniform") -> np.nd
     n = features.shape[0]
     if kind == "uniform":
         return np.full(n, 1.0 / n)
-    norms = features.double().norm(p=1 if kind == "l1" else 2, dim=1).numpy()
+    norms = features.double().norm(p=1 if kind == "l1" else 2, dim=1).cpu().numpy()
     norms = np.maximum(norms, 1e-6 * max(norms.max(), 1e-12))
     return norms / norms.sum()

@@ -10,7 +10,8 @@ is one segment) becomes an axis of length n_a:
     M = \\hat T = T\\,\\mathrm{diag}(1/\\nu) \\text{ or, for consumers with ``outgoing="sum"``, }
     \\mathrm{diag}(1/\\mu)\\,T .
 
-A plan that is a scaled permutation is applied as a gather (exact, fast).
+A plan that is a scaled permutation is applied as a gather (exact, fast). Plans are applied on the
+device of the tensor.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from otfuse.discovery import Member, Segment, SpaceGraph
+from otfuse.discovery import Member, NeuronSpace, Segment, SpaceGraph
 from otfuse.transport import TransportPlan
 
 Outgoing = Literal["average", "sum"]
@@ -85,7 +86,7 @@ def _contract_axis(
     """Contract axis ``axis`` (length n_b) of ``x`` with ``matrix`` (n_b, n_a), or gather ``perm``."""
     if perm is not None:
         return x.index_select(axis, torch.as_tensor(perm, device=x.device))
-    t = torch.as_tensor(matrix, dtype=x.dtype)
+    t = torch.as_tensor(matrix, dtype=x.dtype, device=x.device)
     return torch.tensordot(x, t, dims=([axis], [0])).movedim(-1, axis)
 
 
@@ -95,13 +96,41 @@ def _transport_grouped(
     """Input axis of a grouped conv weight (out, in/g, ...): rows of group j use block j of the plan."""
     g = member.groups
     nb, na = shape[0] // g, shape[1] // g
-    t = torch.as_tensor(matrix, dtype=tensor.dtype)
+    t = torch.as_tensor(matrix, dtype=tensor.dtype, device=tensor.device)
     blocks = torch.stack([t[j * nb : (j + 1) * nb, j * na : (j + 1) * na] for j in range(g)])
     x = tensor.movedim(member.axis, -1)
     out_shape = x.shape[:-1]
     x = x.reshape(g, out_shape[0] // g, -1, nb)
     x = torch.einsum("gorb,gba->gora", x, blocks)
     return x.reshape(*out_shape, na).movedim(-1, member.axis)
+
+
+def transport_space(
+    state: StateDict,
+    space: NeuronSpace,
+    plan: TransportPlan,
+    sizes: Mapping[int, int],
+    outgoing: Outgoing = "average",
+) -> None:
+    """Transport every member axis of ``space`` in ``state`` (updated in place) by ``plan``.
+
+    Names of one tensor (tied weights, such as a language model's input embedding and output head)
+    are transported once and keep sharing the result.
+    """
+    done: dict[tuple, torch.Tensor] = {}
+    for member in space.members:
+        tensor = state[member.param]
+        key = (tensor_identity(tensor), member.axis, member.layout, member.role, member.groups)
+        if key not in done:
+            done[key] = transport_member(tensor, member, space.index, plan, sizes, outgoing)
+        state[member.param] = done[key]
+
+
+def tensor_identity(t: torch.Tensor) -> tuple:
+    """What makes two tensors the same values: memory, shape, strides, dtype and device (tensors
+    without memory, on the ``meta`` device, only by object)."""
+    address = t.data_ptr() or id(t)
+    return (address, t.shape, t.stride(), t.dtype, t.device)
 
 
 def apply_plans(
@@ -117,9 +146,6 @@ def apply_plans(
     for space in graph_b.transportable():
         if space.index == skip:
             continue
-        for member in space.members:
-            state[member.param] = transport_member(
-                state[member.param], member, space.index, plans[space.index], sizes, outgoing
-            )
+        transport_space(state, space, plans[space.index], sizes, outgoing)
         sizes[space.index] = sizes_a[space.index]
     return state, sizes

@@ -21,6 +21,8 @@ A permutation plan stores the permutation only; its dense matrix is built on fir
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import numpy as np
@@ -105,6 +107,20 @@ class TransportPlan:
         if self._matrix is None:
             return (len(self.permutation), len(self.permutation))
         return self._matrix.shape
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def solver_pool() -> ThreadPoolExecutor:
+    """Threads that solve large OT problems while the caller forms the next costs (the solvers run
+    in compiled code without Python's lock): one per core but the caller's, at least one, at most
+    four; made on first use."""
+    global _POOL
+    if _POOL is None:
+        workers = max(1, min(4, (os.cpu_count() or 1) - 1))
+        _POOL = ThreadPoolExecutor(workers, thread_name_prefix="otfuse-solve")
+    return _POOL
 
 
 def solve(

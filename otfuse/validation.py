@@ -19,7 +19,7 @@ _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 def check_models(models: Sequence[nn.Module]) -> list[nn.Module]:
-    """At least two ``nn.Module`` with finite floating-point parameters and buffers."""
+    """At least two ``nn.Module`` on one device with finite floating-point parameters and buffers."""
     if isinstance(models, nn.Module) or not isinstance(models, Iterable):
         raise OtfuseError("models must be a list of nn.Module")
     models = list(models)
@@ -28,10 +28,31 @@ def check_models(models: Sequence[nn.Module]) -> list[nn.Module]:
     for i, model in enumerate(models):
         if not isinstance(model, nn.Module):
             raise OtfuseError(f"model {i} is a {type(model).__name__}, not an nn.Module")
+    devices = [model_device(m) for m in models]
+    if any(d != devices[0] for d in devices):
+        where = ", ".join(f"model {i} on {d}" for i, d in enumerate(devices))
+        raise OtfuseError(f"the models are on different devices ({where}); move them to one")
+    for i, model in enumerate(models):
         name = first_non_finite(model.state_dict())
         if name is not None:
             raise OtfuseError(f"model {i} has NaN or Inf values in '{name}'")
     return models
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model`` runs: the device of its first parameter or buffer (the CPU without any)."""
+    for tensor in model.state_dict().values():
+        return tensor.device
+    return torch.device("cpu")  # a model without tensors runs anywhere; inputs stay where they are
+
+
+def to_device(x: torch.Tensor | tuple | None, device: torch.device) -> torch.Tensor | tuple | None:
+    """``x`` (a tensor, a tuple of them, or None) on ``device``; other values as they are."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, tuple):
+        return tuple(to_device(v, device) for v in x)
+    return x
 
 
 def first_non_finite(state: dict[str, torch.Tensor]) -> str | None:

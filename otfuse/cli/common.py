@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from otfuse.errors import OtfuseError
 from otfuse.jsonsafe import jsonable  # noqa: F401 - re-exported for the commands
 
@@ -71,6 +73,58 @@ def command(commands, name: str, handler: Callable, help: str) -> ArgumentParser
     )
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     return p
+
+
+DEVICES = "cpu, cuda, cuda:N, mps or auto"
+
+
+def add_device(p: ArgumentParser) -> None:
+    """``--device``: where the models, the data and the fusion run (a run option, not a recipe)."""
+    p.add_argument(
+        "--device", default="cpu", metavar="DEVICE",
+        help=f"where to run: {DEVICES} (auto: cuda if present, else mps, else cpu; default cpu)",
+    )  # fmt: skip
+
+
+def parse_device(text: str) -> torch.device:
+    """The device ``text`` names, checked to be present here; a one-line :class:`UsageError` if not.
+
+    ``auto`` is the first of cuda, mps and cpu that is present.
+    """
+    text = text.strip().lower()
+    if text == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if _mps_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise UsageError(f"--device {text}: not a device; use {DEVICES}") from None
+    problem = _unavailable(device)
+    if problem is not None:
+        raise UsageError(f"--device {text}: {problem}; use --device cpu (or auto)")
+    return device
+
+
+def _unavailable(device: torch.device) -> str | None:
+    """Why ``device`` cannot be used here, or None when it can."""
+    if device.type == "cpu":
+        return None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "CUDA is not available on this machine"
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            return f"this machine has {count} CUDA device(s), numbered 0..{count - 1}"
+        return None
+    if device.type == "mps":
+        return None if _mps_available() else "MPS is not available on this machine"
+    return f"otfuse runs on {DEVICES}, not {device.type}"
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
 
 
 def add_output(p: ArgumentParser, what: str, metavar: str = "OUT", force: bool = True) -> None:

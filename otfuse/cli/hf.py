@@ -20,7 +20,7 @@ from typing import Any
 
 from otfuse import hf
 from otfuse.cli import options
-from otfuse.cli.common import Report, Stopwatch, UsageError, parse_positive_int
+from otfuse.cli.common import Report, Stopwatch, UsageError, parse_device, parse_positive_int
 from otfuse.cli.report import fuse_text
 from otfuse.cli.sources import DataSource
 from otfuse.errors import CheckpointError
@@ -53,6 +53,7 @@ def run(args: argparse.Namespace) -> Report:
     from otfuse.cli.commands.fuse import check_usage
 
     check_usage(args, config, given, data)
+    device = parse_device(args.device)
     if args.output is None:
         raise UsageError("the output is missing: pass -o OUT_DIR")
     out = hf.check_output_dir(args.output, args.force)
@@ -61,6 +62,8 @@ def run(args: argparse.Namespace) -> Report:
     with watch("load"):
         parents = [hf.load_pretrained(d) for d in args.checkpoints]
         hf.check_same_architecture(parents)
+        for parent in parents:
+            parent.model.to(device)
     anchor = parents[config.anchor].model
     kind = hf.input_kind(anchor)
     with watch("data"):

@@ -33,13 +33,14 @@ from otfuse.discovery.aten_values import (
     unsupported_with,
 )
 from otfuse.discovery.layout import Layout, SpaceGraph
-from otfuse.discovery.walker import Feature, SpaceBuilder, shape_of
+from otfuse.discovery.walker import Feature, SpaceBuilder, TensorShape, shape_of
 from otfuse.errors import OtfuseError, UnsupportedOpError
 from otfuse.modes import evaluating
 
 
 def export_graph(model: nn.Module, example_input: torch.Tensor | tuple) -> torch.fx.GraphModule:
-    """The ATen graph of ``model`` on ``example_input`` (eval mode), every node's shape annotated."""
+    """The ATen graph of ``model`` on ``example_input`` (eval mode), every node's shape annotated
+    (from the export's own fake values; by a run of the graph when they do not suffice)."""
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
     name = type(model).__name__
     with evaluating([model]), _quiet():
@@ -50,12 +51,39 @@ def export_graph(model: nn.Module, example_input: torch.Tensor | tuple) -> torch
                 f"cannot capture {name} with torch.export ({_first_line(exc)})"
             ) from None
         gm = program.module()
+        if _shapes_from_export(gm):
+            return gm
         try:
             with torch.no_grad():
                 ShapeProp(gm).propagate(*inputs)
         except Exception as exc:  # noqa: BLE001
             raise OtfuseError(f"example input does not fit {name}: {_first_line(exc)}") from None
     return gm
+
+
+def _shapes_from_export(gm: torch.fx.GraphModule) -> bool:
+    """Annotate every tensor-valued node with its shape on the example input, read from the fake
+    values ``torch.export`` recorded (``node.meta["val"]``; a symbolic size by its hint, the
+    example's size), so the model need not run again. False (nothing annotated) when a node whose
+    value is used has no recorded value or a size without a hint: then the model is run
+    (``ShapeProp``)."""
+    shapes: dict[torch.fx.Node, TensorShape] = {}
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            continue
+        if "val" not in node.meta:
+            if node.users:
+                return False
+            continue
+        val = node.meta["val"]
+        if isinstance(val, torch.Tensor):
+            sizes = [d if isinstance(d, int) else d.node.hint for d in val.shape]
+            if any(not isinstance(d, int) for d in sizes):
+                return False
+            shapes[node] = TensorShape(torch.Size(sizes), val.dtype)
+    for node, shape in shapes.items():
+        node.meta["tensor_meta"] = shape
+    return True
 
 
 @contextmanager

@@ -16,7 +16,7 @@ from otfuse.config import FusionConfig
 from otfuse.data import load_dataset
 from otfuse.training import evaluate
 
-from .util import call, call_ok, mlp, save, succeeded
+from .util import call, call_ok, mlp, one_line_error, save, succeeded
 
 
 def test_fusing_a_permuted_copy_gives_back_the_same_weights(work, results):
@@ -152,3 +152,14 @@ def test_safetensors_outputs_load_without_otfuse(work, results):
     succeeded(results["fuse permuted"])
     tensors = safetensors.torch.load_file(str(work / "junk.safetensors"))
     assert set(tensors) == set(mlp(0).state_dict())
+
+
+def test_device_runs_the_fusion_there_or_fails_in_one_line(work, monkeypatch, capsys):
+    args = ["fuse", "a.safetensors", "b.safetensors", "--recipe", "paper-wts", "--quiet"]
+    status, _, err = call(work, monkeypatch, capsys, *args, "--device", "auto", "-o", "dev.pt")
+    assert status == 0, err
+    assert load_state_dict(work / "dev.pt").metadata["config"]["recipe"] == "paper-wts"
+    if not torch.cuda.is_available():
+        status, _, err = call(work, monkeypatch, capsys, *args, "--device", "cuda", "-o", "x.pt")
+        assert status == 2 and not (work / "x.pt").exists()
+        one_line_error(err, "--device cuda", "CUDA is not available")

@@ -17,7 +17,16 @@ import otfuse
 from otfuse.checkpoints import FORMATS, LoadedModel, architecture_record, save_model
 from otfuse.cli import hf as hf_dirs
 from otfuse.cli import models, options
-from otfuse.cli.common import Report, Stopwatch, UsageError, add_output, command, format_shape
+from otfuse.cli.common import (
+    Report,
+    Stopwatch,
+    UsageError,
+    add_device,
+    add_output,
+    command,
+    format_shape,
+    parse_device,
+)
 from otfuse.cli.report import fuse_text
 from otfuse.cli.sources import DataSource, add_data
 from otfuse.config import FusionConfig
@@ -47,6 +56,7 @@ def add(commands) -> None:
         "--config", default=None, metavar="FILE.yaml", help="fusion options; flags override"
     )
     p.add_argument("--print-config", action="store_true", help="print the resolved options, exit")
+    add_device(p)
     hf_dirs.add_options(p)
     options.add_fusion_options(p)
 
@@ -60,6 +70,7 @@ def run(args: argparse.Namespace) -> Report:
     if args.print_config:
         return Report(options.config_yaml(config, given), {"config": config.to_dict()})
     check_usage(args, config, given, data)
+    device = parse_device(args.device)
     out = models.check_output(args.output, args.force, args.format)
     archs = models.archs_for(args.arch, len(args.checkpoints))
     with watch("data"):
@@ -70,6 +81,8 @@ def run(args: argparse.Namespace) -> Report:
         loaded = models.load_models(args.checkpoints, archs, defaults)
         in_shape = check_inputs(loaded, args.in_shape, data, test_set)
     models.check_same_parameters(loaded)
+    for item in loaded:  # the fusion runs where the models are (otfuse.fuse moves the data there)
+        item.model.to(device)
     with watch("fusion"), models.naming(loaded):
         example = torch.zeros(2, *in_shape) if data is None else None
         result = otfuse.fuse(

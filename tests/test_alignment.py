@@ -1,0 +1,87 @@
+"""Alignment's speed paths compute what the plain paths compute: solves in flight together, tied
+weights transported and averaged once, the fused model built without copying the anchor first."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from models import build, example
+from torch import nn
+from transformer_models import TinyGPT, randomize_norms
+
+import otfuse
+import otfuse.alignment
+from otfuse.baselines import average_states, build_model
+from otfuse.capture import GraphCache
+from otfuse.config import FusionConfig
+
+
+def _align(models, x, **options):
+    cache = GraphCache(x)
+    graphs = [cache.graph(m) for m in models]
+    states = [m.state_dict() for m in models]
+    config = FusionConfig().replace(**options)
+    return otfuse.alignment.align_state(states[1], graphs[1], states[0], graphs[0], config)
+
+
+@pytest.mark.parametrize("name", ["vgg", "resnet", "gpt"])
+@pytest.mark.parametrize("solver", ["auto", "exact"])
+def test_solves_in_flight_give_the_plans_of_one_space_at_a_time(name, solver, monkeypatch):
+    if name == "gpt":
+        models = [randomize_norms(TinyGPT(width=32, heads=4)) for _ in range(2)]
+        x = torch.randint(0, 11, (2, 8))
+    else:
+        models, x = [build(name, seed=s) for s in range(2)], example(name)
+    monkeypatch.setattr(otfuse.alignment, "_ASIDE", 10**12)  # every plan solved in place
+    state_inline, plans_inline = _align(models, x, solver=solver)
+    monkeypatch.setattr(otfuse.alignment, "_ASIDE", 0)  # every plan solved on the pool
+    state_aside, plans_aside = _align(models, x, solver=solver)
+    assert list(plans_aside) == list(plans_inline)  # in visiting order
+    for space, plan in plans_inline.items():
+        np.testing.assert_array_equal(plans_aside[space].matrix, plan.matrix)
+    assert all(torch.equal(state_aside[k], v) for k, v in state_inline.items())
+
+
+def test_tied_weights_are_transported_once_and_stay_tied():
+    torch.manual_seed(0)
+    models = [randomize_norms(TinyGPT()) for _ in range(2)]
+    state, _ = _align(models, torch.randint(0, 11, (2, 8)))
+    assert state["head.weight"] is state["wte.weight"]
+    fused = otfuse.fuse(models, "paper-wts", example_input=torch.randint(0, 11, (2, 8))).model
+    assert fused.head.weight is fused.wte.weight
+
+
+def test_average_states_is_the_weighted_sum_and_shares_tied_entries():
+    torch.manual_seed(0)
+    a, b = torch.randn(5, 3), torch.randn(5, 3)
+    states = [{"w": a, "tied": a, "n": torch.tensor(3)}, {"w": b, "tied": b, "n": torch.tensor(4)}]
+    out = average_states(states, [0.25, 0.75], states[0])
+    assert torch.equal(out["w"], sum(w * s["w"] for w, s in zip([0.25, 0.75], states)))
+    assert out["tied"] is out["w"] and out["n"].item() == 3
+
+
+def test_build_model_copies_or_adopts_the_state_and_keeps_the_template():
+    template = build("vgg")
+    state = {k: v + 1 if v.is_floating_point() else v for k, v in template.state_dict().items()}
+    copied, adopted = build_model(template, state), build_model(template, state, adopt=True)
+    key = next(k for k, v in state.items() if v.is_floating_point())
+    for model in (copied, adopted):
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert copied.state_dict()[key].data_ptr() != state[key].data_ptr()
+    assert adopted.state_dict()[key].data_ptr() == state[key].data_ptr()
+    assert not torch.equal(template.state_dict()[key], state[key])  # the template is untouched
+    with pytest.raises(otfuse.OtfuseError, match="does not fit"):
+        build_model(template, {**state, key: state[key][:1]})
+
+
+def test_build_model_loads_modules_whose_state_is_not_their_parameters():
+    class Scaled(nn.Linear):  # saves a derived tensor under its weight's name
+        def _save_to_state_dict(self, destination, prefix, keep_vars):
+            super()._save_to_state_dict(destination, prefix, keep_vars)
+            destination[prefix + "weight"] = self.weight.detach() * 1
+
+    template = Scaled(3, 2)
+    state = {"weight": torch.ones(2, 3), "bias": torch.zeros(2)}
+    model = build_model(template, state)
+    assert torch.equal(model.weight, torch.ones(2, 3))
