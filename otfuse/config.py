@@ -88,6 +88,7 @@ class FusionConfig:
     synthesize: int = _option(
         0, "without data: synthesise this many inputs from the models (0: off)"
     )
+    synthesis_steps: int = _option(200, "optimisation steps of the synthesised inputs")
     # -- the average --
     weights: tuple[float, ...] | None = _option(None, "weight of each model (default: equal)")
     anchor: int = _option(0, "index of the model whose architecture and unit order the result has")
@@ -221,7 +222,7 @@ def _number(name: str, value: Any) -> float:
 def _check_ranges(c: FusionConfig) -> None:
     if not c.reg > 0:
         raise ConfigError(f"reg must be positive, not {c.reg}")
-    for name in ("num_samples", "max_sweeps"):
+    for name in ("num_samples", "max_sweeps", "synthesis_steps"):
         if getattr(c, name) < 1:
             raise ConfigError(f"{name} must be at least 1, not {getattr(c, name)}")
     if c.synthesize < 0:

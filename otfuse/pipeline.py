@@ -28,7 +28,7 @@ from otfuse.context import Clock, FusionContext, Progress, ProgressCallback
 from otfuse.discovery import SpaceGraph
 from otfuse.errors import DataError
 from otfuse.modes import evaluating
-from otfuse.stages import run_stages
+from otfuse.stages import run_stages, stage_names
 from otfuse.synthesis import can_synthesize, synthesize_inputs
 from otfuse.transport import TransportPlan
 from otfuse.validation import (
@@ -36,8 +36,10 @@ from otfuse.validation import (
     check_fits,
     check_models,
     example_input_for,
+    model_device,
     normalise_weights,
     sample_inputs,
+    to_device,
 )
 
 
@@ -124,6 +126,8 @@ def fuse(
     weights = normalise_weights(config.weights, len(models))
     sample = sample_inputs(data, config.num_samples, config.seed) if data is not None else None
     example = example_input_for(models[config.anchor], example_input, sample)
+    device = model_device(models[config.anchor])  # everything runs where the models are
+    sample, example = to_device(sample, device), to_device(example, device)
     if sample is not None:
         check_fits(sample, example, models[config.anchor])
     cache = GraphCache(example)
@@ -179,6 +183,7 @@ def _without_data(
         models,
         example,
         num_samples=config.synthesize,
+        steps=config.synthesis_steps,
         seed=config.seed,
         progress=clock.progress.bars,
     )
@@ -186,16 +191,29 @@ def _without_data(
     return inputs, config.replace(num_samples=len(inputs))
 
 
+# Synthesised inputs are classified confidently by construction (they are optimised towards
+# classes), so the ensemble's probabilities on them are near one-hot and a KL divergence at
+# temperature 1 measures little but confidence: candidates are compared at this temperature there.
+SYNTHESIZED_TEMPERATURE = 4.0
+
+
 def _select(context: FusionContext, inputs: str) -> FusionResult:
     """Run the stages once per candidate alignment and keep the fused model closest to the
-    parents' prediction ensemble on the unlabeled sample (smallest mean KL divergence):
+    parents' prediction ensemble on the unlabeled sample (smallest mean KL divergence, of the
+    probabilities at temperature :math:`\\tau` = 1 on data and :data:`SYNTHESIZED_TEMPERATURE` on
+    synthesised inputs):
 
     .. math::
 
-        \\mathrm{KL}(\\bar p \\,\\Vert\\, p_{\\text{fused}}), \\qquad \\bar p = \\sum_k w_k\\, p_k .
+        \\mathrm{KL}(\\bar p \\,\\Vert\\, p_{\\text{fused}}), \\qquad \\bar p = \\sum_k w_k\\, p_k,
+        \\quad p = \\operatorname{softmax}(z / \\tau).
+
+    The candidates are compared before ``refit`` (the costly stage, a least-squares solve per
+    layer), which then runs on the chosen one only (:data:`SELECT_BEFORE`).
     """
     sample = context.sample
-    probs = [_log_probs(m, sample) for m in context.models]
+    tau = SYNTHESIZED_TEMPERATURE if inputs == "synthesized" else 1.0
+    probs = [_log_probs(m, sample, tau) for m in context.models]
     if any(p is None for p in probs):  # outputs that are not one logits tensor: no teacher
         run_stages(context)
         return _result(context, inputs)
@@ -206,25 +224,38 @@ def _select(context: FusionContext, inputs: str) -> FusionResult:
     for i, candidate in enumerate(candidates, start=1):
         context.clock.label = f"candidate {i}/{len(candidates)} ({_label(candidate)}): "
         trial = context.with_config(context.config.replace(**candidate, candidates=()))
-        run_stages(trial)
-        fused = _log_probs(trial.fused, sample)
+        names = stage_names(trial)
+        run_stages(trial, names[: _cut(names)])
+        fused = _log_probs(trial.fused, sample, tau)
         score = float((target.exp() * (target - fused)).sum(-1).mean())
         scores[_label(candidate)] = score
         context.clock.lap("select")
         if best is None or score < best[0]:
             best = (score, trial, candidate)
-    context.clock.label = ""
     _, chosen, candidate = best
+    context.clock.label = f"chosen ({_label(candidate)}): "
+    names = stage_names(chosen)
+    run_stages(chosen, names[_cut(names) :])
+    context.clock.label = ""
     result = _result(chosen, inputs)
     result.selection, result.selected = scores, _label(candidate)
     return result
 
 
-def _log_probs(model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """Log-softmax of ``model``'s output in eval mode, or None when it is not a single tensor."""
+SELECT_BEFORE = "refit"  # candidates are compared before this stage (None: after every stage)
+
+
+def _cut(names: Sequence[str]) -> int:
+    """How many of ``names`` run per candidate: those before :data:`SELECT_BEFORE`."""
+    return names.index(SELECT_BEFORE) if SELECT_BEFORE in names else len(names)
+
+
+def _log_probs(model: nn.Module, x: torch.Tensor, tau: float = 1.0) -> torch.Tensor | None:
+    """Log-softmax of ``model``'s output divided by ``tau``, in eval mode, or None when the output
+    is not a single tensor."""
     with torch.no_grad(), evaluating([model]):
         out = model(x)
-    return torch.log_softmax(out, dim=-1) if isinstance(out, torch.Tensor) else None
+    return torch.log_softmax(out / tau, dim=-1) if isinstance(out, torch.Tensor) else None
 
 
 def _label(candidate: Mapping[str, object]) -> str:
@@ -277,6 +308,8 @@ def align(
     anchor, model = check_models([anchor, model])
     sample = sample_inputs(data, config.num_samples, config.seed) if data is not None else None
     example = example_input_for(anchor, example_input, sample)
+    device = model_device(anchor)
+    sample, example = to_device(sample, device), to_device(example, device)
     if sample is not None:
         check_fits(sample, example, anchor)
     if config.mode == "acts" and sample is None:

@@ -73,12 +73,14 @@ class FitPoint:
         module: qualified name of the layer.
         target: node whose output is matched (the layer itself, or the BatchNorm that follows it).
         norm: qualified name of that BatchNorm, or None.
+        features: the layer's inputs per output unit d (in_features, or in_channels x kernel).
     """
 
     node: str
     module: str
     target: str
     norm: str | None
+    features: int = 0
 
 
 def fit_points(gm: torch.fx.GraphModule) -> list[FitPoint]:
@@ -98,7 +100,8 @@ def fit_points(gm: torch.fx.GraphModule) -> list[FitPoint]:
             continue
         norm = _following_batchnorm(node, modules, calls)
         target = next(iter(node.users)).name if norm else node.name
-        points.append(FitPoint(node.name, node.target, target, norm))
+        features = module.weight[0].numel()
+        points.append(FitPoint(node.name, node.target, target, norm, features))
     return points
 
 
@@ -175,6 +178,25 @@ def output_rows(module: nn.Module, y: torch.Tensor) -> torch.Tensor:
 RIDGES: tuple[float, ...] = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
+def product_dtype(rows: torch.Tensor) -> torch.dtype:
+    """The dtype of the per-chunk products X^T X and X^T Z: the rows' own precision, at least
+    float32. The rows are centred about their mean in float64 first and the chunks' products are
+    added up in float64, so float32 products lose little (and take a third of float64's time)."""
+    return torch.promote_types(rows.dtype, torch.float32)
+
+# Rows per regression: at most ROWS_PER_FEATURE times the layer's input features d (and at least
+# MIN_ROWS), within ``max_rows``. None: ``max_rows`` alone.
+ROWS_PER_FEATURE: int | None = 8
+MIN_ROWS = 4096
+
+
+def row_budget(features: int, max_rows: int) -> int:
+    """How many rows enter a layer's regression with ``features`` inputs (see ROWS_PER_FEATURE)."""
+    if ROWS_PER_FEATURE is None:
+        return max_rows
+    return min(max_rows, max(ROWS_PER_FEATURE * features, MIN_ROWS))
+
+
 @dataclass
 class Moments:
     """Sums over regression rows, in float64, taken about a fixed ``shift`` of the rows (their mean
@@ -201,18 +223,21 @@ class Moments:
     ) -> Moments:
         """The moments of rows ``x`` (rows, d) and ``z`` (rows, out), or of those where the boolean
         mask ``rows`` is true, summed chunk by chunk (no float64 copy of all the rows)."""
-        f64 = torch.float64
+        f64, dev, products = torch.float64, x.device, product_dtype(x)
         if shift is None:
-            shift = torch.zeros(x.shape[1], dtype=f64), torch.zeros(z.shape[1], dtype=f64)
+            shift = (
+                torch.zeros(x.shape[1], dtype=f64, device=dev),
+                torch.zeros(z.shape[1], dtype=f64, device=dev),
+            )
         shift_x, shift_z = shift
         moments = cls(
             0,
             shift_x,
             shift_z,
-            torch.zeros(x.shape[1], dtype=f64),
-            torch.zeros(z.shape[1], dtype=f64),
-            torch.zeros(x.shape[1], x.shape[1], dtype=f64),
-            torch.zeros(x.shape[1], z.shape[1], dtype=f64),
+            torch.zeros(x.shape[1], dtype=f64, device=dev),
+            torch.zeros(z.shape[1], dtype=f64, device=dev),
+            torch.zeros(x.shape[1], x.shape[1], dtype=f64, device=dev),
+            torch.zeros(x.shape[1], z.shape[1], dtype=f64, device=dev),
         )
         for start in range(0, len(x), chunk):
             xc, zc = x[start : start + chunk], z[start : start + chunk]
@@ -223,8 +248,9 @@ class Moments:
             moments.count += len(xc)
             moments.sum_x += xc.sum(0)
             moments.sum_z += zc.sum(0)
-            moments.xx += xc.T @ xc
-            moments.xz += xc.T @ zc
+            xp, zp = xc.to(products), zc.to(products)
+            moments.xx += (xp.T @ xp).to(f64)
+            moments.xz += (xp.T @ zp).to(f64)
         return moments
 
     def __add__(self, other: Moments) -> Moments:
@@ -257,10 +283,19 @@ class Moments:
             raise ValueError("a fit without intercept needs moments about zero")
         lam = ridge * gram.diagonal().sum() / gram.shape[0] + 1e-12
         gram.diagonal().add_(lam)
-        weight = torch.linalg.solve(gram, cross + lam * w0.to(torch.float64).T).T
+        weight = _solve_spd(gram, cross + lam * w0.to(torch.float64).T).T
         if not intercept:
             return weight, None
         return weight, (self.shift_z + m_z) - weight @ (self.shift_x + m_x)
+
+
+def _solve_spd(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """``gram^{-1} rhs`` for a symmetric positive definite ``gram`` (d, d) and ``rhs`` (d, out): by
+    Cholesky (half the work of an LU solve), or by LU when rounding left ``gram`` indefinite."""
+    factor, info = torch.linalg.cholesky_ex(gram)
+    if int(info) == 0:
+        return torch.cholesky_solve(rhs, factor)
+    return torch.linalg.solve(gram, rhs)
 
 
 def _shift(x: torch.Tensor, z: torch.Tensor, intercept: bool):
@@ -382,7 +417,7 @@ def layer_targets(
     scores = class_scores(gm, points) if targets == "ensemble" else None
     collector = _Collector(
         {p.target: p for p in points},
-        lambda count: _row_choice(count, max_rows, generator),
+        lambda count, features: _row_choice(count, row_budget(features, max_rows), generator),
         max(1, len(inputs)),
         scores.node if scores else None,
     )
@@ -398,7 +433,7 @@ class _Collector:
     ``scores`` node (None: no ensemble target) the log of their weighted probabilities."""
 
     points: dict[str, FitPoint]  # by target node
-    choose: Callable[[int], torch.Tensor]
+    choose: Callable[[int, int], torch.Tensor]  # (rows, features) -> the rows chosen
     count: int  # input samples
     scores: str | None
     out: LayerTargets = field(default_factory=LayerTargets)
@@ -417,7 +452,7 @@ class _Collector:
         """Add ``weight`` times a parent's chosen rows of ``every`` (all rows of the target)."""
         rows, values = self.out.rows, self.out.values
         if point.node not in rows:  # the first parent's run picks the rows
-            rows[point.node] = self.choose(len(every))
+            rows[point.node] = self.choose(len(every), point.features)
             self.out.samples[point.node] = rows[point.node] // max(1, len(every) // self.count)
         chosen = every[rows[point.node]]
         scaled = weight * chosen  # in the model's own precision

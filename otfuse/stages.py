@@ -21,7 +21,7 @@ Each stage declares the config fields it reads (``reads``) and whether it needs 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from tqdm.auto import tqdm
@@ -135,7 +135,7 @@ def average(context: FusionContext) -> None:
     """Average the aligned states into a model of the anchor's class."""
     reference = context.states[context.anchor]
     state = average_states(context.aligned, context.weights, reference)
-    context.fused = build_model(context.models[context.anchor], state)
+    context.fused = build_model(context.models[context.anchor], state, adopt=True)
 
 
 @stage("bn_reset", needs_data=True)
@@ -166,9 +166,10 @@ def refit(context: FusionContext) -> None:
     context.fused.eval()
 
 
-def run_stages(context: FusionContext) -> FusionContext:
-    """Run every stage of ``context.config`` on ``context``, timing each."""
-    for name in stage_names(context):
+def run_stages(context: FusionContext, names: Sequence[str] | None = None) -> FusionContext:
+    """Run ``names`` (default: every stage of ``context.config``, :func:`stage_names`) on
+    ``context`` in order, timing each."""
+    for name in stage_names(context) if names is None else names:
         STAGES[name].run(context)
         context.clock.lap(name)
     return context

@@ -35,6 +35,19 @@ def test_the_data_recipe_traces_each_architecture_once(count_traces):
     assert len(result.selection) == 3  # three candidates, every stage, still one trace
 
 
+def test_candidates_are_compared_before_refit_which_runs_once_on_the_chosen_one():
+    x = example("vgg", n=32)
+    models = [build("vgg", seed=s) for s in range(2)]
+    stages = []
+    result = otfuse.fuse(models, data=x, progress=lambda s, t: stages.append(s))
+    runs = [s.rsplit(": ", 1)[-1] for s in stages]  # "candidate 1/3 (...): repair" -> "repair"
+    assert runs.count("repair") == 3 and runs.count("refit") == 1
+    assert stages[-1].startswith("chosen (") and stages[-1].endswith(": refit")
+    chosen = dict(kv.split("=") for kv in result.selected.split(", "))
+    alone = otfuse.fuse(models, data=x, **chosen).model  # the chosen candidate, fused on its own
+    assert max_state_diff(result.model, alone) < 1e-6
+
+
 def test_models_of_two_widths_are_two_architectures(count_traces):
     x = example("mlp", n=32)
     result = otfuse.fuse([build("mlp"), build("mlp", seed=1, width=32)], data=x)
