@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import sys
-import time
 
 import pytest
 import torch
@@ -339,7 +338,7 @@ def test_flower_strategy_loop_in_process_fuses_and_improves() -> None:
 # Flower's simulation engine (Ray)
 
 
-@pytest.mark.slow  # Ray's start-up: 30 s on a quiet 2-core machine, 75 s on a loaded one
+# Ray's start-up makes this the slowest test: 30 s on a quiet 2-core machine, 75 s on a loaded one
 def test_simulation_on_the_ray_engine_fuses_and_improves() -> None:
     """3 clients, 2 rounds through ``run_simulation`` on the Ray backend: every round is fused
     (round 1 from different initialisations: far from FedAvg's average) and the global model's
@@ -350,9 +349,7 @@ def test_simulation_on_the_ray_engine_fuses_and_improves() -> None:
         width=0.5, limit=6000, partition="iid", init="different", local_epochs=1, rounds=2,
         recipe="paper-wts", lr=0.05, batch_size=32,
     )  # fmt: skip
-    start = time.perf_counter()
     run = simulate(settings, num_clients=3)
-    assert time.perf_counter() - start < 300
     assert [r.fused for r in run.reports] == [True, True]
     assert [r.server_round for r in run.reports] == [1, 2]
     assert run.reports[0].distance_to_average > 0.1  # fused, not averaged
