@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import max_state_diff
 from models import build, example
 from torch import nn
 
@@ -104,6 +105,25 @@ def test_data_free_recipe_synthesises_when_it_can():
     regressors = [nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 1)) for _ in range(2)]
     plain = otfuse.fuse(regressors, example_input=torch.randn(4, 6))
     assert plain.inputs == "none" and plain.config.refine and plain.config.mode == "wts"
+
+
+def test_synthesis_steps_reach_the_optimisation(monkeypatch):
+    import otfuse.pipeline
+
+    seen = []
+    original = otfuse.pipeline.synthesize_inputs
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["steps"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(otfuse.pipeline, "synthesize_inputs", spy)
+    resnets = [build("resnet", seed=0), build("resnet", seed=1)]
+    x = example("resnet")
+    few = otfuse.fuse(resnets, example_input=x, synthesize=16, synthesis_steps=3)
+    more = otfuse.fuse(resnets, example_input=x, synthesize=16, synthesis_steps=6)
+    assert seen == [3, 6] and few.config.synthesis_steps == 3
+    assert max_state_diff(few.model, more.model) > 0  # other inputs, another fused model
 
 
 def test_a_model_passed_twice_comes_back_as_it_was():
