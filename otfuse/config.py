@@ -89,6 +89,7 @@ class FusionConfig:
         0, "without data: synthesise this many inputs from the models (0: off)"
     )
     synthesis_steps: int = _option(200, "optimisation steps of the synthesised inputs")
+    synthesis_lr: float = _option(0.1, "Adam's step size for the synthesised inputs")
     # -- the average --
     weights: tuple[float, ...] | None = _option(None, "weight of each model (default: equal)")
     anchor: int = _option(0, "index of the model whose architecture and unit order the result has")
@@ -222,6 +223,8 @@ def _number(name: str, value: Any) -> float:
 def _check_ranges(c: FusionConfig) -> None:
     if not c.reg > 0:
         raise ConfigError(f"reg must be positive, not {c.reg}")
+    if not c.synthesis_lr > 0:
+        raise ConfigError(f"synthesis_lr must be positive, not {c.synthesis_lr}")
     for name in ("num_samples", "max_sweeps", "synthesis_steps"):
         if getattr(c, name) < 1:
             raise ConfigError(f"{name} must be at least 1, not {getattr(c, name)}")

@@ -184,6 +184,7 @@ def _without_data(
         example,
         num_samples=config.synthesize,
         steps=config.synthesis_steps,
+        lr=config.synthesis_lr,
         seed=config.seed,
         progress=clock.progress.bars,
     )

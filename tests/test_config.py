@@ -56,6 +56,7 @@ def test_choosing_an_alignment_drops_the_recipes_candidates():
         ({"refine": "yes"}, "refine must be true or false"),
         ({"synthesize": -1}, "synthesize must be a number of inputs"),
         ({"synthesis_steps": 0}, "synthesis_steps must be at least 1"),
+        ({"synthesis_lr": 0}, "synthesis_lr must be positive"),
         ({"weights": (1, -1)}, "weights must be non-negative"),
         ({"anchor": -1}, "anchor must be an index"),
         ({"candidates": ({"stages": ()},)}, "a candidate sets non-alignment option"),

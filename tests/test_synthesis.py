@@ -107,22 +107,22 @@ def test_data_free_recipe_synthesises_when_it_can():
     assert plain.inputs == "none" and plain.config.refine and plain.config.mode == "wts"
 
 
-def test_synthesis_steps_reach_the_optimisation(monkeypatch):
+def test_synthesis_steps_and_step_size_reach_the_optimisation(monkeypatch):
     import otfuse.pipeline
 
     seen = []
     original = otfuse.pipeline.synthesize_inputs
 
     def spy(*args, **kwargs):
-        seen.append(kwargs["steps"])
+        seen.append((kwargs["steps"], kwargs["lr"]))
         return original(*args, **kwargs)
 
     monkeypatch.setattr(otfuse.pipeline, "synthesize_inputs", spy)
     resnets = [build("resnet", seed=0), build("resnet", seed=1)]
     x = example("resnet")
     few = otfuse.fuse(resnets, example_input=x, synthesize=16, synthesis_steps=3)
-    more = otfuse.fuse(resnets, example_input=x, synthesize=16, synthesis_steps=6)
-    assert seen == [3, 6] and few.config.synthesis_steps == 3
+    more = otfuse.fuse(resnets, example_input=x, synthesize=16, synthesis_steps=6, synthesis_lr=0.3)
+    assert seen == [(3, 0.1), (6, 0.3)] and few.config.synthesis_steps == 3
     assert max_state_diff(few.model, more.model) > 0  # other inputs, another fused model
 
 
