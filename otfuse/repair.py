@@ -117,9 +117,13 @@ def _feeds_only_a_norm(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bo
 
 
 def unit_statistics(value: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and standard deviation (n,) of each unit of ``value`` over every other axis."""
-    rows = value.movedim(axis, 0).reshape(value.shape[axis], -1).double()
-    return rows.mean(1), rows.std(1, unbiased=False)
+    """Mean and standard deviation (n,) of each unit of ``value`` over every other axis, in float64
+    (computed in ``value``'s own precision, at least float32, by torch's stable one-pass reduction:
+    no float64 copy of the activations)."""
+    rows = value.movedim(axis, 0).reshape(value.shape[axis], -1)
+    rows = rows.to(torch.promote_types(rows.dtype, torch.float32))
+    var, mean = torch.var_mean(rows, dim=1, correction=0)
+    return mean.double(), var.double().sqrt()
 
 
 def _corrected(point: CorrectionPoint, out: torch.Tensor, target, params) -> torch.Tensor:
