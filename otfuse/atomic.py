@@ -42,7 +42,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(target.parent)
+    fsync_path(target.parent)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
@@ -85,10 +85,11 @@ def _commit(tmp: Path, target: Path) -> None:
         raise _write_error(target, exc) from exc
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename durable where the platform allows it (POSIX); best effort."""
+def fsync_path(path: Path) -> None:
+    """Flush a file or a folder to disk (a folder: its renames) where the platform allows it
+    (POSIX); best effort."""
     try:
-        fd = os.open(directory, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
         return
     try:

@@ -8,32 +8,20 @@ import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
+from otfuse.atomic import fsync_path
 from otfuse.errors import OtfuseError
 from otfuse.hf import (
+    METADATA_FILE,
     _quiet_transformers,
     is_model_dir,
     require_transformers,
 )
 from otfuse.jsonsafe import jsonable
-
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-WEIGHTS_INDEX = "model.safetensors.index.json"
-PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
-METADATA_FILE = "otfuse.json"
-DEFAULT_SEQ_LEN = 32
-InputKind = Literal["tokens", "pixels"]
-_HOW = (
-    "a Hugging Face model directory (config.json and model.safetensors, as save_pretrained writes)"
-)
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                       "F64": torch.float64}  # fmt: skip
-
 
 # --------------------------------------------------------------------------------------------------
 # Writing
@@ -151,18 +139,8 @@ def _replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
 def _sync_dir(folder: Path) -> None:
     """fsync every file of ``folder`` and the folder itself (best effort where not allowed)."""
     for item in [*folder.iterdir(), folder] if folder.is_dir() else [folder]:
-        if item.is_symlink() or (item.is_dir() and item != folder):
-            continue
-        try:
-            fd = os.open(item, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+        if not (item.is_symlink() or (item.is_dir() and item != folder)):
+            fsync_path(item)
 
 
 def _umask() -> int:
