@@ -75,6 +75,7 @@ class TrainConfig:
     weight_decay: float = 5e-4  # L2 penalty, applied to every parameter
     schedule: str = "cosine"  # "cosine" (to 0), "step" (x0.1 at 50% and 75%) or "constant"
     optimizer: str = "sgd"  # "sgd" (with momentum) or "adamw" (betas 0.9, 0.95; decoupled decay)
+    warmup: float = 0.0  # share of the steps over which the lr rises linearly from 0 to the schedule's
     seed: int = 0  # seeds the weights' RNG use, the shuffling and dropout
     num_threads: int | None = None  # torch CPU threads while training; None leaves torch's setting
 
@@ -85,6 +86,8 @@ class TrainConfig:
             )
         if self.lr <= 0 or self.momentum < 0 or self.weight_decay < 0:
             raise TrainConfigError("lr must be positive and momentum, weight_decay not negative")
+        if not 0.0 <= self.warmup < 1.0:
+            raise TrainConfigError(f"warmup must be a share of the steps in [0, 1), got {self.warmup}")
         if self.schedule not in SCHEDULES:
             raise TrainConfigError(
                 f"unknown schedule '{self.schedule}': choose one of {', '.join(SCHEDULES)}"
@@ -145,7 +148,14 @@ def seed_everything(seed: int) -> None:
 
 
 def learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
-    """The learning rate for SGD step ``step`` (0-based) out of ``total_steps``."""
+    """The learning rate for SGD step ``step`` (0-based) out of ``total_steps``: the schedule's,
+    times ``(step + 1) / warmup_steps`` during the first ``config.warmup`` share of the steps."""
+    warmup_steps = config.warmup * total_steps
+    ramp = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    return ramp * _scheduled(config, step, total_steps)
+
+
+def _scheduled(config: TrainConfig, step: int, total_steps: int) -> float:
     progress = step / max(1, total_steps)
     if config.schedule == "cosine":
         return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -127,12 +127,21 @@ def test_learning_rate_schedules() -> None:
     assert learning_rate(TrainConfig(lr=0.1, schedule="constant"), 99, 100) == 0.1
 
 
+def test_warmup_ramps_linearly_then_follows_the_schedule() -> None:
+    warm = TrainConfig(lr=0.1, schedule="constant", warmup=0.1)
+    lrs = [learning_rate(warm, s, 100) for s in (0, 4, 9, 10, 99)]
+    assert lrs == pytest.approx([0.01, 0.05, 0.1, 0.1, 0.1])
+    cosine = TrainConfig(lr=0.1, schedule="cosine", warmup=0.2)
+    assert learning_rate(cosine, 49, 100) == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 0.49)))
+
+
 @pytest.mark.parametrize(
     ("kwargs", "fragment"),
     [
         ({"epochs": 0}, "epochs and batch_size"),
         ({"lr": -1.0}, "lr must be positive"),
         ({"schedule": "linear"}, "unknown schedule 'linear'"),
+        ({"warmup": 1.0}, "warmup must be a share"),
         ({"num_threads": 0}, "num_threads"),
     ],
 )

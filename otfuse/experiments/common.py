@@ -54,6 +54,8 @@ def _key(arch: str, arch_kwargs: dict, data: Dataset, config: TrainConfig) -> st
     settings = asdict(config)
     if settings.get("optimizer") == "sgd":  # the default: keys of parents cached before it existed
         del settings["optimizer"]
+    if not settings.get("warmup"):  # no warmup: keys of parents cached before it existed
+        settings.pop("warmup", None)
     digest.update(json.dumps([arch, arch_kwargs, settings], sort_keys=True, default=str).encode())
     digest.update(data.name.encode())
     digest.update(data.labels.numpy().tobytes())

@@ -72,13 +72,15 @@ class PairSpec:
     sample_size: int  # unlabeled training inputs for fusion
     finetune_share: float = 0.1  # fine-tuning steps, as a share of one parent's
     finetune_lr_share: float = 0.3  # fine-tuning's peak lr, as a share of the parents'
+    finetune_warmup: float = 0.2  # share of the fine-tuning steps with a linear lr warmup
     text: bool = False  # a language model (validation loss per token) or a classifier
 
     def config(self, seed: int) -> TrainConfig:
         return replace(self.train, seed=seed)
 
     def finetune_config(self) -> TrainConfig:
-        return replace(self.train, epochs=1, lr=self.train.lr * self.finetune_lr_share, seed=0)
+        lr = self.train.lr * self.finetune_lr_share
+        return replace(self.train, epochs=1, lr=lr, seed=0, warmup=self.finetune_warmup)
 
 
 _ADAMW = dict(optimizer="adamw", schedule="cosine")
@@ -277,7 +279,8 @@ def describe(result: dict) -> str:
         f"{result['train_examples']:,} {unit} ({steps:,} steps). Evaluated on "
         f"{result['test_examples']:,} {test}. Fusion sample: {result['sample_size']} unlabeled "
         f"training {unit}. Fine-tuning: {tune_steps} steps ({result['finetune_examples']:,} "
-        f"{unit}, lr {f['lr']:g}, {f['schedule']}). Time: training (0 = loaded from cache), "
+        f"{unit}, lr {f['lr']:g}, {f['schedule']}, linear warmup over the first "
+        f"{100 * f.get('warmup', 0.0):.0f}% of the steps). Time: training (0 = loaded from cache), "
         "fusion or fine-tuning."
     )
 
