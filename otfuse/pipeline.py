@@ -179,17 +179,25 @@ def _without_data(
             stages=(), candidates=(),
         )  # fmt: skip
         return None, fallback.replace(**given) if given else fallback
-    inputs = synthesize_inputs(
-        models,
+    inputs = synthesized_inputs(models, example, config, progress=clock.progress.bars)
+    clock.lap("synthesize")
+    return inputs, config.replace(num_samples=len(inputs))
+
+
+def synthesized_inputs(
+    models: Sequence[nn.Module], example: torch.Tensor, config: FusionConfig, *, progress: bool = False
+) -> torch.Tensor:
+    """The inputs that :func:`fuse` synthesises from ``models`` without data under ``config``
+    (``synthesize`` inputs, ``synthesis_steps`` steps at ``synthesis_lr``, drawn with ``seed``)."""
+    return synthesize_inputs(
+        list(models),
         example,
         num_samples=config.synthesize,
         steps=config.synthesis_steps,
         lr=config.synthesis_lr,
         seed=config.seed,
-        progress=clock.progress.bars,
+        progress=progress,
     )
-    clock.lap("synthesize")
-    return inputs, config.replace(num_samples=len(inputs))
 
 
 # Synthesised inputs are classified confidently by construction (they are optimised towards

@@ -102,12 +102,28 @@ def statistics_loss(values: Sequence[tuple[_BatchNorm, torch.Tensor]]) -> torch.
     """Mean over layers of the normalised squared gap between batch and running statistics."""
     total = torch.zeros(())
     for norm, z in values:
-        dims = [0, *range(2, z.ndim)]
-        mean, var = z.mean(dims), z.var(dims, unbiased=False)
         run_mean, run_var = norm.running_mean, norm.running_var
+        mean, var = channel_moments(z, run_mean)
         total = total + (mean - run_mean).pow(2).sum() / run_var.sum().clamp_min(1e-12)
         total = total + (var - run_var).pow(2).sum() / run_var.pow(2).sum().clamp_min(1e-12)
     return total / max(len(values), 1)
+
+
+def channel_moments(z: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and (biased) variance per channel of ``z`` (N, C, ...), each (C,).
+
+    Computed from the sums of :math:`d = z - s` and :math:`d^2` (``shift`` :math:`s` (C,), e.g. the
+    running mean, keeps :math:`E[d^2] - E[d]^2` free of cancellation), summing the trailing
+    (contiguous) dimensions first: about twice as fast as ``Tensor.var`` over (0, 2, 3) on the CPU,
+    forward and backward.
+    """
+    d = z - shift.view(-1, *([1] * (z.ndim - 2)))
+    inner = tuple(range(2, z.ndim))
+    first = (d.sum(inner) if inner else d).sum(0)
+    second = (d.pow(2).sum(inner) if inner else d.pow(2)).sum(0)
+    count = z.numel() // z.shape[1]
+    centre = first / count
+    return shift + centre, second / count - centre.pow(2)
 
 
 def total_variation(x: torch.Tensor) -> torch.Tensor:
@@ -123,9 +139,9 @@ def synthesize_inputs(
     models: Sequence[nn.Module],
     example_input: torch.Tensor,
     *,
-    num_samples: int = 256,
-    steps: int = 200,
-    lr: float = 0.1,
+    num_samples: int = 96,
+    steps: int = 60,
+    lr: float = 0.3,
     smoothness: float = 0.05,
     prior: float = 0.01,
     seed: int = 0,

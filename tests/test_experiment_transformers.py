@@ -152,10 +152,15 @@ def test_candidates_on_synthesized_inputs_are_compared_at_a_temperature(monkeypa
 
     monkeypatch.setattr(pipeline, "_log_probs", spy)
     mlps, x = [build("mlp", seed=0), build("mlp", seed=1)], example("mlp")
-    free = otfuse.fuse(mlps, example_input=x, synthesize=16)
+    candidates = otfuse.FusionConfig.from_recipe("data").candidates  # all three
+    free = otfuse.fuse(mlps, example_input=x, synthesize=16, candidates=candidates)
     assert free.inputs == "synthesized" and len(free.selection) == 3
     assert pipeline.SYNTHESIZED_TEMPERATURE > 1
     assert set(temperatures) == {pipeline.SYNTHESIZED_TEMPERATURE} and len(temperatures) == 5
     temperatures.clear()
     otfuse.fuse(mlps, data=torch.randn(32, *x.shape[1:]), num_samples=32)
     assert set(temperatures) == {1.0}
+    temperatures.clear()
+    default = otfuse.fuse(mlps, example_input=x, synthesize=16)  # the two activation-based ones
+    assert len(default.selection) == 2 and all("mode=acts" in c for c in default.selection)
+    assert set(temperatures) == {pipeline.SYNTHESIZED_TEMPERATURE}

@@ -11,6 +11,7 @@ from otfuse.errors import OtfuseError
 from otfuse.repair import reset_batchnorm
 from otfuse.synthesis import (
     can_synthesize,
+    channel_moments,
     statistics_loss,
     synthesize_inputs,
     tracked_batchnorms,
@@ -121,8 +122,9 @@ def test_synthesis_steps_and_step_size_reach_the_optimisation(monkeypatch):
     resnets = [build("resnet", seed=0), build("resnet", seed=1)]
     x = example("resnet")
     few = otfuse.fuse(resnets, example_input=x, synthesize=16, synthesis_steps=3)
-    more = otfuse.fuse(resnets, example_input=x, synthesize=16, synthesis_steps=6, synthesis_lr=0.3)
-    assert seen == [(3, 0.1), (6, 0.3)] and few.config.synthesis_steps == 3
+    more = otfuse.fuse(resnets, example_input=x, synthesize=16, synthesis_steps=6, synthesis_lr=0.1)
+    default_lr = otfuse.FusionConfig().synthesis_lr
+    assert seen == [(3, default_lr), (6, 0.1)] and few.config.synthesis_steps == 3
     assert max_state_diff(few.model, more.model) > 0  # other inputs, another fused model
 
 
@@ -138,3 +140,15 @@ def test_a_bad_synthesis_count_is_a_clear_error(count):
         otfuse.fuse(
             [build("mlp"), build("mlp", seed=1)], example_input=example("mlp"), synthesize=count
         )
+
+
+@pytest.mark.parametrize("shape", [(64, 5, 7, 6), (64, 5), (32, 5, 9)])
+def test_channel_moments_equal_the_mean_and_variance_per_channel(shape):
+    torch.manual_seed(0)
+    z = (torch.randn(shape) * 3 + 50).requires_grad_(True)  # a large mean: no cancellation
+    dims = [0, *range(2, len(shape))]
+    mean, var = channel_moments(z, torch.full((5,), 49.0))
+    torch.testing.assert_close(mean, z.mean(dims))
+    torch.testing.assert_close(var, z.var(dims, unbiased=False), rtol=1e-4, atol=1e-4)
+    (mean.sum() + var.sum()).backward()  # differentiable, as the synthesis needs
+    assert torch.isfinite(z.grad).all()

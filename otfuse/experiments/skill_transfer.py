@@ -50,7 +50,7 @@ from otfuse.experiments.methods import LogitAverage, run_options
 from otfuse.experiments.plots import Panel, Series, describe, grid, line_plot, percent
 from otfuse.experiments.report import Target, bar_chart, write_report, write_results
 from otfuse.experiments.splits import class_counts, dirichlet_split
-from otfuse.synthesis import synthesize_inputs
+from otfuse.pipeline import synthesized_inputs
 from otfuse.training import predict_logits
 
 SPECIAL_CLASSES = (4, 6)  # Fashion-MNIST "coat", "shirt"
@@ -82,9 +82,7 @@ def synthesized(parents: Sequence[nn.Module], sample: torch.Tensor, quick: bool)
     ``num_samples`` their number, the fusion is the one ``fuse`` makes without data."""
     options = run_options({"recipe": "data-free"}, quick)
     config = FusionConfig.from_recipe(options.pop("recipe")).replace(**options)
-    return synthesize_inputs(
-        list(parents), sample[:2], num_samples=config.synthesize, seed=config.seed
-    )
+    return synthesized_inputs(parents, sample[:2], config)
 
 
 def build(

@@ -60,8 +60,8 @@ from otfuse import zoo
 from otfuse.baselines import vanilla_average
 from otfuse.config import FusionConfig, resolve
 from otfuse.errors import OtfuseError
-from otfuse.pipeline import fuse
-from otfuse.synthesis import can_synthesize, synthesize_inputs
+from otfuse.pipeline import fuse, synthesized_inputs
+from otfuse.synthesis import can_synthesize
 from otfuse.validation import first_non_finite, sample_inputs
 
 __all__ = [
@@ -404,9 +404,7 @@ class OTFusion(MeteredFedAvg):
         if self.server_data is not None:
             inputs = sample_inputs(self.server_data, config.num_samples, config.seed)
         elif config.synthesize and can_synthesize(models, self.example_input):
-            inputs = synthesize_inputs(
-                models, self.example_input, num_samples=config.synthesize, seed=config.seed
-            )
+            inputs = synthesized_inputs(models, self.example_input, config)
         else:
             return None, None
         held = int(len(inputs) * GUARD_SHARE) if self.guard and len(inputs) >= 8 else 0

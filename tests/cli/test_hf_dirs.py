@@ -104,7 +104,7 @@ def test_two_gpt2_directories_fuse_into_one(dirs, tmp_path, monkeypatch, capsys)
     meta = json.loads((out / "otfuse.json").read_text())
     # a causal LM without data: sequences sampled from the parents' ensemble, then the data recipe
     assert meta["config"]["recipe"] == "data-free" and meta["inputs"] == "synthesized"
-    assert meta["config"]["mode"] in ("wts", "acts") and meta["selected"]
+    assert meta["config"]["mode"] == "acts" and meta["selected"]
     assert meta["example_input"] == {"kind": "tokens", "shape": [2, 8]}
     assert [p["path"] for p in meta["parents"]] == ["gpt20", "gpt21"]
     assert report["output"] == str(out) and report["config"] == meta["config"]
