@@ -29,8 +29,7 @@ from otfuse.experiments.two_models import FULL, load_data, train_parents
 from otfuse.training import evaluate
 
 PARENTS = {
-    "vgg11": STANDARD_PARENTS["vgg11"],
-    "resnet18": STANDARD_PARENTS["resnet18"],
+    **STANDARD_PARENTS,  # mlpnet, vgg11, resnet18 (x0.125)
     "resnet18x0.25": replace(
         STANDARD_PARENTS["resnet18"],
         arch_kwargs={**STANDARD_PARENTS["resnet18"].arch_kwargs, "width": 0.25},

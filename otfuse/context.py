@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +24,7 @@ from otfuse.capture import GraphCache
 from otfuse.config import FusionConfig
 from otfuse.discovery import SpaceGraph
 from otfuse.plans import apply_plans
+from otfuse.repair import CorrectionPoint, Statistics, point_statistics, weighted_targets
 from otfuse.transport import TransportPlan
 
 StateDict = dict[str, torch.Tensor]
@@ -86,6 +87,7 @@ class FusionContext:
         sample: unlabeled inputs (N, ...), or None without data.
         clock: timing and progress.
         acts_cache: activations per activation point, one dict per model (shared with candidates).
+        stats_cache: each model's unit statistics at REPAIR's points (shared with candidates).
         graphs, states: each model's neuron spaces and state dict.
         aligned, plans, logs: every model aligned to the anchor, its plan per space name, and the
             refinement logs.
@@ -99,6 +101,7 @@ class FusionContext:
     sample: torch.Tensor | None
     clock: Clock
     acts_cache: dict[str, list[dict[int, torch.Tensor]]] = field(default_factory=dict)
+    stats_cache: dict[tuple, list[Statistics]] = field(default_factory=dict)
     graphs: list[SpaceGraph] = field(init=False)
     states: list[StateDict] = field(init=False)
     aligned: list[StateDict] = field(default_factory=list)
@@ -120,8 +123,9 @@ class FusionContext:
     def with_config(self, config: FusionConfig) -> FusionContext:
         """A fresh context over the same models, graphs, sample and activations."""
         return FusionContext(
-            config, self.models, self.weights, self.cache, self.sample, self.clock, self.acts_cache
-        )
+            config, self.models, self.weights, self.cache, self.sample, self.clock,
+            self.acts_cache, self.stats_cache,
+        )  # fmt: skip
 
     def activations(self) -> list[dict[int, torch.Tensor]] | None:
         """Every model's activations per space at the config's point (collected once), or None
@@ -135,6 +139,33 @@ class FusionContext:
                 for g in self.graphs
             ]
         return self.acts_cache[point]
+
+    def repair_targets(self, points: Sequence[CorrectionPoint]) -> Statistics | None:
+        """REPAIR's targets at ``points`` from each parent's *own* unit statistics, reordered by its
+        plans: with equal widths and permutation plans, aligned unit j of model k is its unit
+        ``permutation[j]``, so its statistics are the parent's, reordered. The parents run once
+        over the sample for every candidate alignment (``stats_cache``, shared with candidates).
+        None when some plan is not a permutation, the widths differ, or a point lies in no space.
+        """
+        space_of = {
+            node: s.name for s in self.graphs[self.anchor].spaces for node, _, _ in s.nodes
+        }
+        sizes = self.graphs[self.anchor].sizes
+        if any(p.node not in space_of for p in points) or any(g.sizes != sizes for g in self.graphs):
+            return None
+        orders: list[dict[str, torch.Tensor | None]] = []
+        for i, plans in enumerate(self.plans):
+            order: dict[str, torch.Tensor | None] = {}
+            for p in points:
+                plan = plans.get(space_of[p.node]) if i != self.anchor else None
+                if plan is not None and plan.permutation is None:
+                    return None
+                order[p.node] = None if plan is None else torch.as_tensor(plan.permutation)
+            orders.append(order)
+        key = tuple((p.node, p.axis) for p in points)
+        if key not in self.stats_cache:
+            self.stats_cache[key] = [point_statistics(g, points, self.sample) for g in self.graphs]
+        return weighted_targets(self.stats_cache[key], self.weights, orders)
 
     def fused_graph(self) -> SpaceGraph:
         return self.cache.graph(self.fused)

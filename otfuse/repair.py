@@ -24,7 +24,7 @@ REPAIR: Jordan et al., "REPAIR: REnormalizing Permuted Activations for Interpola
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -142,35 +142,68 @@ def _corrected(point: CorrectionPoint, out: torch.Tensor, target, params) -> tor
     return out * scale.to(out.dtype).reshape(shape) + shift.to(out.dtype).reshape(shape)
 
 
+Statistics = dict[str, tuple[torch.Tensor, torch.Tensor]]  # node name -> (mean, std), each (n,)
+
+
+def point_statistics(
+    graph: SpaceGraph, points: Sequence[CorrectionPoint], inputs: torch.Tensor
+) -> Statistics:
+    """Each point's unit statistics (:func:`unit_statistics`) in ``graph``'s model on ``inputs``
+    (one run, eval mode, no gradients)."""
+    axes, stats = {p.node: p.axis for p in points}, {}
+
+    def record(node: torch.fx.Node, out: torch.Tensor) -> None:
+        stats[node.name] = unit_statistics(out, axes[node.name])
+
+    with torch.no_grad(), evaluating([graph.graph_module]):
+        run_with_hooks(graph.graph_module, inputs, after=dict.fromkeys(axes, record))
+    return stats
+
+
+def weighted_targets(
+    stats: Sequence[Statistics],
+    weights: Sequence[float],
+    orders: Sequence[Mapping[str, torch.Tensor | None]] | None = None,
+) -> Statistics:
+    """The weighted average :math:`\\sum_k w_k (\\mu_k, \\sigma_k)` of each node's statistics;
+    with ``orders``, model k's units are first reordered by ``orders[k][node]`` (aligned unit j is
+    unit ``order[j]``; None keeps the order)."""
+    targets: Statistics = {}
+    for k, (model_stats, weight) in enumerate(zip(stats, weights, strict=True)):
+        for node, (mean, std) in model_stats.items():
+            order = orders[k].get(node) if orders is not None else None
+            if order is not None:
+                order = order.to(mean.device)
+                mean, std = mean[order], std[order]
+            m, s = targets.get(node, (0.0, 0.0))
+            targets[node] = (m + weight * mean, s + weight * std)
+    return targets
+
+
 def repair_statistics(
     fused: SpaceGraph,
-    parents: Sequence[SpaceGraph],
+    parents: Sequence[SpaceGraph] | None,
     weights: Sequence[float],
     inputs: torch.Tensor,
+    *,
+    targets: Statistics | None = None,
 ) -> None:
     """REPAIR: match the fused units' mean and std to the weighted average of the aligned parents'.
 
     ``fused`` and ``parents`` are traced graphs of the fused model and of the parents aligned to its
-    widths and unit order (:class:`otfuse.capture.GraphCache`). Modifies the fused model's
+    widths and unit order (:class:`otfuse.capture.GraphCache`). ``targets``: the aligned parents'
+    weighted statistics per correction point when the caller has them (then ``parents`` is not
+    run; see :meth:`otfuse.context.FusionContext.repair_targets`). Modifies the fused model's
     parameters in place.
     """
     points = {p.node: p for p in correction_points(fused)}
     if not points:
         return
-    targets = {name: (0.0, 0.0) for name in points}
-
-    def record(weight: float):
-        def hook(node: torch.fx.Node, out: torch.Tensor) -> None:
-            mean, std = unit_statistics(out, points[node.name].axis)
-            m, s = targets[node.name]
-            targets[node.name] = (m + weight * mean, s + weight * std)
-
-        return hook
-
+    if targets is None:
+        stats = [point_statistics(p, list(points.values()), inputs) for p in parents or ()]
+        targets = weighted_targets(stats, weights)
     gm = fused.graph_module
-    with torch.no_grad(), evaluating([gm, *(p.graph_module for p in parents)]):
-        for parent, w in zip(parents, weights, strict=True):
-            run_with_hooks(parent.graph_module, inputs, after=dict.fromkeys(points, record(w)))
+    with torch.no_grad(), evaluating([gm]):
         params = dict(gm.named_parameters())
         correct = lambda n, out: _corrected(points[n.name], out, targets[n.name], params)  # noqa: E731
         run_with_hooks(gm, inputs, after=dict.fromkeys(points, correct))

@@ -32,7 +32,7 @@ from otfuse.consensus import align_to_average, align_to_consensus
 from otfuse.context import FusionContext
 from otfuse.refinement import refine_plans
 from otfuse.refit import refit_layers
-from otfuse.repair import repair_statistics, reset_batchnorm
+from otfuse.repair import correction_points, repair_statistics, reset_batchnorm
 
 ALIGNMENT = ("mode", "solver", "cost", "marginals", "reg", "activations", "seed", "outgoing")
 
@@ -147,9 +147,10 @@ def bn_reset(context: FusionContext) -> None:
 @stage("repair", needs_data=True)
 def repair(context: FusionContext) -> None:
     """Match each fused unit's mean and spread to the aligned parents' average (REPAIR)."""
-    repair_statistics(
-        context.fused_graph(), context.target_graphs(), context.weights, context.sample
-    )
+    fused = context.fused_graph()
+    targets = context.repair_targets(correction_points(fused))
+    parents = context.target_graphs() if targets is None else None
+    repair_statistics(fused, parents, context.weights, context.sample, targets=targets)
 
 
 @stage("refit", reads=("seed", "targets"), needs_data=True)

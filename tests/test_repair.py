@@ -144,3 +144,29 @@ def test_alignment_to_the_consensus_of_activations(name):
         for space, perm in planted.items():
             np.testing.assert_array_equal(same.plans[k][space].permutation, np.argsort(perm))
     torch.testing.assert_close(same.model(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(FIXTURES))
+def test_repair_targets_from_reordered_parent_statistics_equal_the_aligned_parents(
+    name, monkeypatch
+):
+    """With permutation plans REPAIR reads each parent's own statistics, reordered by its plans,
+    and runs the parents once for every candidate; the fused models are those of running the
+    aligned parents."""
+    from otfuse.context import FusionContext
+
+    models, x = [build(name, seed=s) for s in range(3)], sample(name)
+    calls = []
+    original = FusionContext.repair_targets
+
+    def spy(self, points):
+        calls.append(original(self, points))
+        return calls[-1]
+
+    monkeypatch.setattr(FusionContext, "repair_targets", spy)
+    fast = otfuse.fuse(models, "data", data=x, example_input=x[:2], stages=("bn_reset", "repair"))
+    assert any(c is not None for c in calls), "equal widths: permutation plans"
+    monkeypatch.setattr(FusionContext, "repair_targets", lambda self, points: None)
+    slow = otfuse.fuse(models, "data", data=x, example_input=x[:2], stages=("bn_reset", "repair"))
+    assert fast.selected == slow.selected
+    assert max_state_diff(fast.model, slow.model) < 1e-4
