@@ -22,11 +22,13 @@ Each stage declares the config fields it reads (``reads``) and whether it needs 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
-from otfuse.alignment import align_state
+from otfuse.alignment import StateDict, align_state
 from otfuse.baselines import average_states, build_model
 from otfuse.consensus import align_to_average, align_to_consensus
 from otfuse.context import FusionContext
@@ -78,20 +80,28 @@ def align_to_anchor(context: FusionContext) -> None:
     """Align every model to the anchor, one neuron space at a time (greedy, Algorithm 1)."""
     anchor, graphs, states = context.anchor, context.graphs, context.states
     acts = context.activations()
-    aligned, plans = [], []
-    bars = not context.clock.progress.bars
-    for i in tqdm(range(len(states)), desc="align", unit="model", disable=bars, leave=False):
-        if i == anchor:
-            aligned.append(states[i])
-            plans.append({})
-            continue
+
+    def align_one(i: int) -> tuple[StateDict, dict]:
         pair = (acts[i], acts[anchor]) if acts is not None else (None, None)
-        state, space_plans = align_state(
+        return align_state(
             states[i], graphs[i], states[anchor], graphs[anchor], context.config, *pair
         )
-        aligned.append(state)
-        plans.append(space_plans)
-    context.aligned, context.plans = aligned, plans
+
+    others = [i for i in range(len(states)) if i != anchor]
+    bars = not context.clock.progress.bars
+    results = {anchor: (states[anchor], {})}
+    workers = min(MODEL_WORKERS, len(others))
+    with ThreadPoolExecutor(workers) if workers > 1 else nullcontext() as pool:
+        done = pool.map(align_one, others) if pool is not None else map(align_one, others)
+        bar = tqdm(done, total=len(others), desc="align", unit="model", disable=bars, leave=False)
+        results.update(zip(others, bar))
+    context.aligned = [results[i][0] for i in range(len(states))]
+    context.plans = [results[i][1] for i in range(len(states))]
+
+
+# Models are aligned to the anchor independently: two at a time, so that one model's exact
+# assignment (which holds the GIL) overlaps another's cost products (which release it).
+MODEL_WORKERS = 2
 
 
 @stage("refine", reads=("marginals", "solver", "outgoing", "max_sweeps"))
