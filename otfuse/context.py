@@ -145,11 +145,12 @@ class FusionContext:
         plans: with equal widths and permutation plans, aligned unit j of model k is its unit
         ``permutation[j]``, so its statistics are the parent's, reordered. The parents run once
         over the sample for every candidate alignment (``stats_cache``, shared with candidates).
-        None when some plan is not a permutation, the widths differ, or a point lies in no space.
+        None when some plan is not a permutation (or not its space's own), the widths differ, or a
+        point lies in no single space.
         """
-        space_of = {
-            node: s.name for s in self.graphs[self.anchor].spaces for node, _, _ in s.nodes
-        }
+        spaces = self.graphs[self.anchor].spaces
+        space_of = {node: s.name for s in spaces for node, _, _ in s.nodes}
+        fixed = {s.name for s in spaces if s.fixed}
         sizes = self.graphs[self.anchor].sizes
         if any(p.node not in space_of for p in points) or any(g.sizes != sizes for g in self.graphs):
             return None
@@ -157,9 +158,11 @@ class FusionContext:
         for i, plans in enumerate(self.plans):
             order: dict[str, torch.Tensor | None] = {}
             for p in points:
-                plan = plans.get(space_of[p.node]) if i != self.anchor else None
-                if plan is not None and plan.permutation is None:
-                    return None
+                name = space_of[p.node]
+                plan = plans.get(name) if i != self.anchor else None
+                moved = i != self.anchor and name not in fixed
+                if moved and (plan is None or plan.permutation is None):
+                    return None  # a soft plan, or units moved by another space's plan
                 order[p.node] = None if plan is None else torch.as_tensor(plan.permutation)
             orders.append(order)
         key = tuple((p.node, p.axis) for p in points)

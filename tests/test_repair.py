@@ -170,3 +170,26 @@ def test_repair_targets_from_reordered_parent_statistics_equal_the_aligned_paren
     slow = otfuse.fuse(models, "data", data=x, example_input=x[:2], stages=("bn_reset", "repair"))
     assert fast.selected == slow.selected
     assert max_state_diff(fast.model, slow.model) < 1e-4
+
+
+@pytest.mark.parametrize("name", ["TinyGPT", "TinyLlama"])
+def test_reordered_repair_targets_on_transformers(name, monkeypatch):
+    """Heads, rotary dims, residual streams: the reordered statistics give the same fusion."""
+    import transformer_models
+
+    from otfuse.context import FusionContext
+
+    models = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        models.append(transformer_models.randomize_norms(getattr(transformer_models, name)()))
+    x = torch.randint(0, 11, (32, 12), generator=torch.Generator().manual_seed(0))
+    original, used = FusionContext.repair_targets, []
+    monkeypatch.setattr(
+        FusionContext, "repair_targets", lambda self, p: used.append(original(self, p)) or used[-1]
+    )
+    fast = otfuse.fuse(models, "data", data=x, example_input=x[:2], stages=("repair",))
+    assert used and all(u is not None for u in used)
+    monkeypatch.setattr(FusionContext, "repair_targets", lambda self, points: None)
+    slow = otfuse.fuse(models, "data", data=x, example_input=x[:2], stages=("repair",))
+    assert fast.selected == slow.selected and max_state_diff(fast.model, slow.model) < 1e-5
