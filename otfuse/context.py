@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -92,6 +93,10 @@ class FusionContext:
         aligned, plans, logs: every model aligned to the anchor, its plan per space name, and the
             refinement logs.
         fused: the fused model once averaged.
+        sample_output: the fused model's output on the sample (eval mode) when the last stage
+            computed it (``repair``), else None.
+        next_stage: the stage that runs after the current one (set by ``run_stages``).
+        pending_norm_reset: ``bn_reset`` left its work to the ``repair`` that follows it.
     """
 
     config: FusionConfig
@@ -108,6 +113,9 @@ class FusionContext:
     plans: list[dict[str, TransportPlan]] = field(default_factory=list)
     logs: dict = field(default_factory=dict)
     fused: nn.Module | None = None
+    sample_output: Any = None
+    next_stage: str | None = None
+    pending_norm_reset: bool = False
     _targets: list[SpaceGraph] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:

@@ -235,7 +235,7 @@ def _select(context: FusionContext, inputs: str) -> FusionResult:
         trial = context.with_config(context.config.replace(**candidate, candidates=()))
         names = stage_names(trial)
         run_stages(trial, names[: _cut(names)])
-        fused = _log_probs(trial.fused, sample, tau)
+        fused = _log_probs(trial.fused, sample, tau, output=trial.sample_output)
         score = float((target.exp() * (target - fused)).sum(-1).mean())
         scores[_label(candidate)] = score
         context.clock.lap("select")
@@ -259,11 +259,15 @@ def _cut(names: Sequence[str]) -> int:
     return names.index(SELECT_BEFORE) if SELECT_BEFORE in names else len(names)
 
 
-def _log_probs(model: nn.Module, x: torch.Tensor, tau: float = 1.0) -> torch.Tensor | None:
-    """Log-softmax of ``model``'s output divided by ``tau``, in eval mode, or None when the output
-    is not a single tensor."""
-    with torch.no_grad(), evaluating([model]):
-        out = model(x)
+def _log_probs(
+    model: nn.Module, x: torch.Tensor, tau: float = 1.0, *, output: object = None
+) -> torch.Tensor | None:
+    """Log-softmax of ``model``'s output on ``x`` (eval mode; ``output`` when the caller has it as
+    one tensor) divided by ``tau``, or None when the output is not a single tensor."""
+    out = output
+    if not isinstance(out, torch.Tensor):  # a graph's output may be flattened: run the model
+        with torch.no_grad(), evaluating([model]):
+            out = model(x)
     return torch.log_softmax(out / tau, dim=-1) if isinstance(out, torch.Tensor) else None
 
 

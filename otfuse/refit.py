@@ -138,13 +138,9 @@ def layer_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """
     if isinstance(module, nn.Linear):
         return x.reshape(-1, x.shape[-1])
-    padding = (0,) * len(module.kernel_size) if module.padding == "valid" else module.padding
     if isinstance(module, nn.Conv1d):
         x = x.unsqueeze(-1)
-        kernel, dilation = (module.kernel_size[0], 1), (module.dilation[0], 1)
-        padding, stride = (padding[0], 0), (module.stride[0], 1)
-    else:
-        kernel, dilation, stride = module.kernel_size, module.dilation, module.stride
+    kernel, dilation, stride, padding = _conv_geometry(module)
     patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
     return patches.transpose(1, 2).reshape(-1, patches.shape[1])
 
@@ -152,20 +148,53 @@ def layer_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def selected_rows(
     module: nn.Module, x: torch.Tensor, rows: torch.Tensor, *, budget: int = 1 << 25
 ) -> torch.Tensor:
-    """``layer_rows(module, x)[rows]`` (``rows`` sorted), unfolding at most about ``budget``
-    elements at a time, so that large inputs need not be unfolded whole."""
+    """``layer_rows(module, x)[rows]`` without unfolding the whole input: a convolution's chosen
+    patches are gathered directly from the (padded) input, ``(rows, d)``.
+
+    Row ``r`` of a convolution is output position ``l = r mod L`` of sample ``r div L`` (``L``
+    positions per sample); its patch holds ``x_pad[n, c, oh s + kh t, ow s + kw t]`` for every
+    channel ``c`` and kernel offset ``(kh, kw)`` (stride ``s``, dilation ``t``), in
+    :func:`torch.nn.functional.unfold`'s order. ``budget`` bounds the gathered elements per chunk.
+    """
     if isinstance(module, nn.Linear):
         return layer_rows(module, x)[rows]
-    per_sample = layer_rows(module, x[:1]).numel()
-    chunk = max(1, budget // max(per_sample, 1))
-    rows_per_sample = per_sample // module.weight[0].numel()
+    conv1d = isinstance(module, nn.Conv1d)
+    if conv1d:
+        x = x.unsqueeze(-1)
+    kernel, dilation, stride, padding = _conv_geometry(module)
+    x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+    height, width = x.shape[-2], x.shape[-1]
+    out_h = (height - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
+    out_w = (width - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
+    channels, dev = x.shape[1], x.device
+    k_h = torch.arange(kernel[0], device=dev) * dilation[0]
+    k_w = torch.arange(kernel[1], device=dev) * dilation[1]
+    per_row = channels * kernel[0] * kernel[1]
+    chunk = max(1, budget // max(per_row, 1))
+    flat, plane = x.reshape(-1), height * width
+    channel = torch.arange(channels, device=dev)[None, :, None] * plane
     parts = []
-    for start in range(0, len(x), chunk):
-        first, last = start * rows_per_sample, (start + chunk) * rows_per_sample
-        inside = rows[(rows >= first) & (rows < last)] - first
-        if len(inside):
-            parts.append(layer_rows(module, x[start : start + chunk])[inside])
-    return torch.cat(parts)
+    for start in range(0, len(rows), chunk):
+        r = rows[start : start + chunk].to(dev)
+        sample, position = r // (out_h * out_w), r % (out_h * out_w)
+        top, left = (position // out_w) * stride[0], (position % out_w) * stride[1]
+        pixel = (top[:, None, None] + k_h[None, :, None]) * width + (
+            left[:, None, None] + k_w[None, None, :]
+        )  # (rows, kh, kw): offsets in the padded image
+        index = (sample * channels * plane)[:, None, None] + channel + pixel.reshape(len(r), 1, -1)
+        parts.append(flat[index.reshape(len(r), per_row)])
+    return torch.cat(parts) if parts else x.new_zeros(0, per_row)
+
+
+def _conv_geometry(module: nn.Module) -> tuple[tuple[int, int], ...]:
+    """Kernel, dilation, stride and padding of a Conv1d / Conv2d as 2-D pairs (Conv1d's second
+    dimension is a unit one)."""
+    padding = (0,) * len(module.kernel_size) if module.padding == "valid" else module.padding
+    if isinstance(module, nn.Conv1d):
+        return (module.kernel_size[0], 1), (module.dilation[0], 1), (module.stride[0], 1), (
+            padding[0], 0
+        )
+    return module.kernel_size, module.dilation, module.stride, tuple(padding)
 
 
 def output_rows(module: nn.Module, y: torch.Tensor) -> torch.Tensor:

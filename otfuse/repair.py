@@ -24,8 +24,9 @@ REPAIR: Jordan et al., "REPAIR: REnormalizing Permuted Activations for Interpola
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx
@@ -118,12 +119,30 @@ def _feeds_only_a_norm(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bo
 
 def unit_statistics(value: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and standard deviation (n,) of each unit of ``value`` over every other axis, in float64
-    (computed in ``value``'s own precision, at least float32, by torch's stable one-pass reduction:
-    no float64 copy of the activations)."""
-    rows = value.movedim(axis, 0).reshape(value.shape[axis], -1)
-    rows = rows.to(torch.promote_types(rows.dtype, torch.float32))
-    var, mean = torch.var_mean(rows, dim=1, correction=0)
+    (computed in ``value``'s own precision, at least float32: :func:`unit_moments`)."""
+    var, mean = unit_moments(value, axis)
     return mean.double(), var.double().sqrt()
+
+
+def unit_moments(value: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Biased variance and mean (n,) of each unit along ``axis`` of ``value``, over every other
+    axis, in two passes (the mean, then the mean square about it, so no cancellation), each summing
+    the axes after ``axis`` first and those before it next: no copy that moves the unit axis
+    (several times faster than ``var_mean`` of the moved rows on the CPU)."""
+    axis = axis % value.ndim
+    value = value.to(torch.promote_types(value.dtype, torch.float32))
+    inner, outer = tuple(range(axis + 1, value.ndim)), tuple(range(axis))
+
+    def total(t: torch.Tensor) -> torch.Tensor:
+        t = t.sum(inner) if inner else t
+        return t.sum(outer) if outer else t
+
+    count = max(1, value.numel() // max(1, value.shape[axis]))
+    mean = total(value) / count
+    shape = [1] * value.ndim
+    shape[axis] = -1
+    var = total((value - mean.view(shape)).square_()) / count
+    return var, mean
 
 
 def _corrected(point: CorrectionPoint, out: torch.Tensor, target, params) -> torch.Tensor:
@@ -187,23 +206,69 @@ def repair_statistics(
     inputs: torch.Tensor,
     *,
     targets: Statistics | None = None,
-) -> None:
+    reset_norms: bool = False,
+) -> Any:
     """REPAIR: match the fused units' mean and std to the weighted average of the aligned parents'.
 
     ``fused`` and ``parents`` are traced graphs of the fused model and of the parents aligned to its
     widths and unit order (:class:`otfuse.capture.GraphCache`). ``targets``: the aligned parents'
     weighted statistics per correction point when the caller has them (then ``parents`` is not
-    run; see :meth:`otfuse.context.FusionContext.repair_targets`). Modifies the fused model's
-    parameters in place.
+    run; see :meth:`otfuse.context.FusionContext.repair_targets`). ``reset_norms``: in the same
+    run, first set every BatchNorm's running statistics to those of its input on ``inputs``
+    (as :func:`reset_batchnorm` does with the sample as one batch; requires
+    :func:`norms_resettable_in_run`). Modifies the fused
+    model's parameters in place.
+
+    Returns:
+        The repaired model's output on ``inputs`` (eval mode), or None when there is nothing to
+        correct.
     """
     points = {p.node: p for p in correction_points(fused)}
-    if not points:
-        return
-    if targets is None:
+    if not points and not reset_norms:
+        return None
+    if targets is None and points:
         stats = [point_statistics(p, list(points.values()), inputs) for p in parents or ()]
         targets = weighted_targets(stats, weights)
     gm = fused.graph_module
     with torch.no_grad(), evaluating([gm]):
         params = dict(gm.named_parameters())
         correct = lambda n, out: _corrected(points[n.name], out, targets[n.name], params)  # noqa: E731
-        run_with_hooks(gm, inputs, after=dict.fromkeys(points, correct))
+        before = _norm_resets(gm) if reset_norms else {}
+        return run_with_hooks(gm, inputs, before=before, after=dict.fromkeys(points, correct))
+
+
+def _tracked_norms(gm: torch.fx.GraphModule) -> dict[str, _BatchNorm]:
+    return {
+        name: m
+        for name, m in gm.named_modules()
+        if isinstance(m, _BatchNorm) and m.track_running_stats
+    }
+
+
+def norms_resettable_in_run(gm: torch.fx.GraphModule) -> bool:
+    """Whether every BatchNorm with running statistics of ``gm`` is called once, as a module of the
+    graph, so that :func:`repair_statistics` can reset it in its own run (``reset_norms``)."""
+    norms = _tracked_norms(gm)
+    calls = [n.target for n in gm.graph.nodes if n.op == "call_module" and n.target in norms]
+    return sorted(calls) == sorted(norms)
+
+
+def _norm_resets(gm: torch.fx.GraphModule) -> dict[str, Callable]:
+    """Hooks that, before each BatchNorm node runs, set its running mean and variance to its
+    input's over the whole run: per channel (axis 1), the variance unbiased as BatchNorm keeps it.
+    This is :func:`reset_batchnorm` with the sample as one batch."""
+    norms = _tracked_norms(gm)
+
+    def reset(node: torch.fx.Node, args: tuple) -> None:
+        norm, x = norms[node.target], args[0]
+        var, mean = unit_moments(x, 1)
+        count = x.numel() // x.shape[1]
+        var = var * (count / (count - 1)) if count > 1 else var
+        norm.running_mean.copy_(mean.to(norm.running_mean.dtype))
+        norm.running_var.copy_(var.to(norm.running_var.dtype))
+        if norm.num_batches_tracked is not None:
+            norm.num_batches_tracked.fill_(1)
+
+    return {
+        n.name: reset for n in gm.graph.nodes if n.op == "call_module" and n.target in norms
+    }

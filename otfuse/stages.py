@@ -34,7 +34,12 @@ from otfuse.consensus import align_to_average, align_to_consensus
 from otfuse.context import FusionContext
 from otfuse.refinement import refine_plans
 from otfuse.refit import refit_layers
-from otfuse.repair import correction_points, repair_statistics, reset_batchnorm
+from otfuse.repair import (
+    correction_points,
+    norms_resettable_in_run,
+    repair_statistics,
+    reset_batchnorm,
+)
 
 ALIGNMENT = ("mode", "solver", "cost", "marginals", "reg", "activations", "seed", "outgoing")
 
@@ -150,7 +155,15 @@ def average(context: FusionContext) -> None:
 
 @stage("bn_reset", needs_data=True)
 def bn_reset(context: FusionContext) -> None:
-    """Recompute the fused model's BatchNorm statistics on the sample."""
+    """Recompute the fused model's BatchNorm statistics on the sample.
+
+    When ``repair`` runs next and every BatchNorm is a module of the traced graph, the statistics
+    are set in repair's own run over the sample instead (one forward pass for both stages)."""
+    if context.next_stage == "repair" and norms_resettable_in_run(
+        context.fused_graph().graph_module
+    ):
+        context.pending_norm_reset = True
+        return
     reset_batchnorm(context.fused, context.sample)
 
 
@@ -160,7 +173,10 @@ def repair(context: FusionContext) -> None:
     fused = context.fused_graph()
     targets = context.repair_targets(correction_points(fused))
     parents = context.target_graphs() if targets is None else None
-    repair_statistics(fused, parents, context.weights, context.sample, targets=targets)
+    reset, context.pending_norm_reset = context.pending_norm_reset, False
+    context.sample_output = repair_statistics(
+        fused, parents, context.weights, context.sample, targets=targets, reset_norms=reset
+    )
 
 
 @stage("refit", reads=("seed", "targets"), needs_data=True)
@@ -180,7 +196,14 @@ def refit(context: FusionContext) -> None:
 def run_stages(context: FusionContext, names: Sequence[str] | None = None) -> FusionContext:
     """Run ``names`` (default: every stage of ``context.config``, :func:`stage_names`) on
     ``context`` in order, timing each."""
-    for name in stage_names(context) if names is None else names:
+    names = stage_names(context) if names is None else list(names)
+    for i, name in enumerate(names):
+        context.next_stage = names[i + 1] if i + 1 < len(names) else None
+        context.sample_output = None  # the stage changes the fused model
         STAGES[name].run(context)
         context.clock.lap(name)
+    if context.pending_norm_reset:  # bn_reset deferred to a repair that did not run
+        reset_batchnorm(context.fused, context.sample)
+        context.pending_norm_reset = False
+    context.next_stage = None
     return context

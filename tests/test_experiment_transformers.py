@@ -146,9 +146,9 @@ def test_candidates_on_synthesized_inputs_are_compared_at_a_temperature(monkeypa
     temperatures = []
     original = pipeline._log_probs
 
-    def spy(model, x, tau=1.0):
+    def spy(model, x, tau=1.0, **kwargs):
         temperatures.append(tau)
-        return original(model, x, tau)
+        return original(model, x, tau, **kwargs)
 
     monkeypatch.setattr(pipeline, "_log_probs", spy)
     mlps, x = [build("mlp", seed=0), build("mlp", seed=1)], example("mlp")

@@ -180,3 +180,22 @@ def test_valid_padding_is_refitted():
     assert fit_points(discover(student, x[:2]).graph_module)
     refit_to(student, teacher, x, ridge=1e-9)
     torch.testing.assert_close(outputs(student, x), outputs(teacher, x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "conv, shape",
+    [
+        (torch.nn.Conv2d(3, 4, 3, stride=2, padding=1), (7, 3, 9, 9)),
+        (torch.nn.Conv2d(2, 5, (3, 2), stride=(1, 2), padding=(2, 0), dilation=(2, 1)), (3, 2, 8, 7)),
+        (torch.nn.Conv2d(4, 4, 1), (2, 4, 5, 6)),
+        (torch.nn.Conv2d(3, 2, 3, padding="valid"), (2, 3, 6, 6)),
+        (torch.nn.Conv1d(3, 4, 5, stride=2, padding=2, dilation=1), (4, 3, 17)),
+        (torch.nn.Conv1d(2, 3, 3, dilation=3), (2, 2, 12)),
+    ],
+)
+def test_gathered_patches_are_the_unfolded_rows(conv, shape):
+    x = torch.randn(*shape)
+    full = layer_rows(conv, x)
+    rows = torch.randperm(len(full), generator=torch.Generator().manual_seed(1))[:40].sort().values
+    torch.testing.assert_close(selected_rows(conv, x, rows, budget=64), full[rows])
+    torch.testing.assert_close(selected_rows(conv, x, torch.arange(len(full))), full)

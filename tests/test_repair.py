@@ -67,7 +67,12 @@ def test_repairing_the_fusion_of_a_model_with_itself_changes_nothing(name):
     # BatchNorm statistics of a model on its own sample are what a reset computes
     reset_batchnorm(model, x, batch_size=len(x))
     result = fuse([model, model], data=x, stages=("bn_reset", "repair"), example_input=x[:2])
-    assert max_state_diff(result.model, model) < 1e-4
+    # bn_reset followed by repair sets the statistics in repair's eval-mode run, where a BatchNorm
+    # feeds the next one its input normalised by the unbiased variance (train mode: the biased
+    # one): deeper statistics differ by O(1/n) relative, n the values per channel (~2e3 here)
+    assert max_state_diff(result.model, model) < 2e-3
+    alone = fuse([model, model], data=x, stages=("bn_reset",), example_input=x[:2])
+    assert max_state_diff(alone.model, model) < 1e-5
 
 
 def test_repair_needs_data():
@@ -193,3 +198,30 @@ def test_reordered_repair_targets_on_transformers(name, monkeypatch):
     monkeypatch.setattr(FusionContext, "repair_targets", lambda self, points: None)
     slow = otfuse.fuse(models, "data", data=x, example_input=x[:2], stages=("repair",))
     assert fast.selected == slow.selected and max_state_diff(fast.model, slow.model) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["vgg", "resnet"])
+def test_bn_reset_inside_repair_matches_the_two_passes(name, monkeypatch):
+    """bn_reset then repair in one run (statistics set before each BatchNorm) fuses what the two
+    separate passes fuse, up to the O(1/n) variance normalisation (see above)."""
+    import otfuse.stages
+
+    a, b, x = build(name), build(name, seed=3), sample(name)
+    stages = ("bn_reset", "repair")
+    calls = []
+    separate_reset = otfuse.stages.reset_batchnorm
+    monkeypatch.setattr(
+        otfuse.stages, "reset_batchnorm", lambda *args: calls.append(1) or separate_reset(*args)
+    )
+    merged = fuse([a, b], data=x, stages=stages, example_input=x[:2])
+    assert not calls  # no pass of its own: deferred to repair's
+    monkeypatch.setattr(otfuse.stages, "norms_resettable_in_run", lambda gm: False)
+    separate = fuse([a, b], data=x, stages=stages, example_input=x[:2])
+    with torch.no_grad():
+        out_merged, out_separate = merged.model.eval()(x), separate.model.eval()(x)
+    assert calls  # the separate pass ran
+    torch.testing.assert_close(out_merged, out_separate, atol=2e-3, rtol=2e-3)
+    first = next(m for m in merged.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    twin = next(m for m in separate.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    torch.testing.assert_close(first.running_mean, twin.running_mean)
+    torch.testing.assert_close(first.running_var, twin.running_var)
