@@ -7,6 +7,7 @@ are subsampled with a fixed seed, identically for every model, so rows of two mo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -44,18 +45,33 @@ def collect_activations(
     The model runs in eval mode under ``torch.no_grad``. Each node contributes at most
     ``max_columns`` columns, chosen by ``seed`` alone so that all models use the same ones.
     """
+    return collect_activations_at(
+        graph, inputs, (point,), max_columns=max_columns, seed=seed, batch_size=batch_size
+    )[point]
+
+
+def collect_activations_at(
+    graph: SpaceGraph,
+    inputs: torch.Tensor,
+    points: Sequence[ActivationPoint],
+    *,
+    max_columns: int = 50_000,
+    seed: int = 0,
+    batch_size: int = 256,
+) -> dict[ActivationPoint, dict[int, torch.Tensor]]:
+    """:func:`collect_activations` at each of ``points``, from one run of the model."""
     spaces = [s for s in graph.spaces if not s.fixed]
-    chosen = {s.index: activation_nodes(s, point) for s in spaces}
+    chosen = {(p, s.index): activation_nodes(s, p) for p in points for s in spaces}
     wanted = {name for nodes in chosen.values() for name, _ in nodes}
     values = _run(graph.graph_module, inputs, wanted, batch_size)
-    result: dict[int, torch.Tensor] = {}
-    for s in spaces:
+    result: dict[ActivationPoint, dict[int, torch.Tensor]] = {p: {} for p in points}
+    for (p, index), nodes in chosen.items():
         parts = [
             _unit_rows(values[name], axis, max_columns, seed + i)
-            for i, (name, axis) in enumerate(chosen[s.index])
+            for i, (name, axis) in enumerate(nodes)
         ]
         if parts:
-            result[s.index] = torch.cat(parts, dim=1)
+            result[p][index] = torch.cat(parts, dim=1)
     return result
 
 

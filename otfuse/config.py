@@ -36,6 +36,7 @@ Mode = Literal["wts", "acts"]
 Outgoing = Literal["average", "sum"]
 StageName = Literal["bn_reset", "repair", "refit"]
 Targets = Literal["average", "ensemble"]
+SynthesisPrecision = Literal["auto", "float32", "bfloat16"]
 RecipeName = Literal["paper-wts", "paper-acts", "data", "data-free", "custom"]
 
 ALIGNMENT_FIELDS = ("mode", "solver", "cost", "marginals", "reg", "activations", "outgoing")
@@ -91,6 +92,11 @@ class FusionConfig:
     )
     synthesis_steps: int = _option(60, "optimisation steps of the synthesised inputs")
     synthesis_lr: float = _option(0.3, "Adam's step size for the synthesised inputs")
+    synthesis_precision: SynthesisPrecision = _option(
+        "auto",
+        "models' arithmetic while synthesising: bfloat16 autocast (auto: where the device computes "
+        "it natively) or float32",
+    )
     # -- the average --
     weights: tuple[float, ...] | None = _option(None, "weight of each model (default: equal)")
     anchor: int = _option(0, "index of the model whose architecture and unit order the result has")

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from otfuse.activations import collect_activations
+from otfuse.activations import collect_activations_at
 from otfuse.alignment import check_compatible
 from otfuse.baselines import build_model
 from otfuse.capture import GraphCache
@@ -89,6 +89,8 @@ class FusionContext:
         clock: timing and progress.
         acts_cache: activations per activation point, one dict per model (shared with candidates).
         stats_cache: each model's unit statistics at REPAIR's points (shared with candidates).
+        activation_points: points whose activations are collected in the same run as the
+            config's own (those of the candidate alignments still to come).
         graphs, states: each model's neuron spaces and state dict.
         aligned, plans, logs: every model aligned to the anchor, its plan per space name, and the
             refinement logs.
@@ -112,6 +114,7 @@ class FusionContext:
     aligned: list[StateDict] = field(default_factory=list)
     plans: list[dict[str, TransportPlan]] = field(default_factory=list)
     logs: dict = field(default_factory=dict)
+    activation_points: tuple[str, ...] = ()
     fused: nn.Module | None = None
     sample_output: Any = None
     next_stage: str | None = None
@@ -132,7 +135,7 @@ class FusionContext:
         """A fresh context over the same models, graphs, sample and activations."""
         return FusionContext(
             config, self.models, self.weights, self.cache, self.sample, self.clock,
-            self.acts_cache, self.stats_cache,
+            self.acts_cache, self.stats_cache, activation_points=self.activation_points,
         )  # fmt: skip
 
     def activations(self) -> list[dict[int, torch.Tensor]] | None:
@@ -142,10 +145,14 @@ class FusionContext:
             return None
         point = self.config.activations
         if point not in self.acts_cache:
-            self.acts_cache[point] = [
-                collect_activations(g, self.sample, point=point, seed=self.config.seed)
+            points = [point, *(p for p in self.activation_points if p not in self.acts_cache)]
+            points = list(dict.fromkeys(points))
+            runs = [
+                collect_activations_at(g, self.sample, points, seed=self.config.seed)
                 for g in self.graphs
             ]
+            for p in points:
+                self.acts_cache[p] = [run[p] for run in runs]
         return self.acts_cache[point]
 
     def repair_targets(self, points: Sequence[CorrectionPoint]) -> Statistics | None:
@@ -160,7 +167,9 @@ class FusionContext:
         space_of = {node: s.name for s in spaces for node, _, _ in s.nodes}
         fixed = {s.name for s in spaces if s.fixed}
         sizes = self.graphs[self.anchor].sizes
-        if any(p.node not in space_of for p in points) or any(g.sizes != sizes for g in self.graphs):
+        if any(p.node not in space_of for p in points) or any(
+            g.sizes != sizes for g in self.graphs
+        ):
             return None
         orders: list[dict[str, torch.Tensor | None]] = []
         for i, plans in enumerate(self.plans):

@@ -185,16 +185,22 @@ def _without_data(
 
 
 def synthesized_inputs(
-    models: Sequence[nn.Module], example: torch.Tensor, config: FusionConfig, *, progress: bool = False
+    models: Sequence[nn.Module],
+    example: torch.Tensor,
+    config: FusionConfig,
+    *,
+    progress: bool = False,
 ) -> torch.Tensor:
     """The inputs that :func:`fuse` synthesises from ``models`` without data under ``config``
-    (``synthesize`` inputs, ``synthesis_steps`` steps at ``synthesis_lr``, drawn with ``seed``)."""
+    (``synthesize`` inputs, ``synthesis_steps`` steps at ``synthesis_lr`` in
+    ``synthesis_precision``, drawn with ``seed``)."""
     return synthesize_inputs(
         list(models),
         example,
         num_samples=config.synthesize,
         steps=config.synthesis_steps,
         lr=config.synthesis_lr,
+        precision=config.synthesis_precision,
         seed=config.seed,
         progress=progress,
     )
@@ -230,6 +236,9 @@ def _select(context: FusionContext, inputs: str) -> FusionResult:
     context.clock.lap("select")
     best, scores = None, {}
     candidates = context.config.candidates
+    trials = [context.config.replace(**c) for c in candidates]
+    points = (t.activations for t in trials if t.mode == "acts")
+    context.activation_points = tuple(dict.fromkeys(points))  # collected in one run
     for i, candidate in enumerate(candidates, start=1):
         context.clock.label = f"candidate {i}/{len(candidates)} ({_label(candidate)}): "
         trial = context.with_config(context.config.replace(**candidate, candidates=()))

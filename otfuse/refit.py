@@ -191,8 +191,11 @@ def _conv_geometry(module: nn.Module) -> tuple[tuple[int, int], ...]:
     dimension is a unit one)."""
     padding = (0,) * len(module.kernel_size) if module.padding == "valid" else module.padding
     if isinstance(module, nn.Conv1d):
-        return (module.kernel_size[0], 1), (module.dilation[0], 1), (module.stride[0], 1), (
-            padding[0], 0
+        return (
+            (module.kernel_size[0], 1),
+            (module.dilation[0], 1),
+            (module.stride[0], 1),
+            (padding[0], 0),
         )
     return module.kernel_size, module.dilation, module.stride, tuple(padding)
 
@@ -212,6 +215,7 @@ def product_dtype(rows: torch.Tensor) -> torch.dtype:
     float32. The rows are centred about their mean in float64 first and the chunks' products are
     added up in float64, so float32 products lose little (and take a third of float64's time)."""
     return torch.promote_types(rows.dtype, torch.float32)
+
 
 # Rows per regression: at most ROWS_PER_FEATURE times the layer's input features d (and at least
 # MIN_ROWS), within ``max_rows``. None: ``max_rows`` alone.

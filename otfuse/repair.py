@@ -269,6 +269,4 @@ def _norm_resets(gm: torch.fx.GraphModule) -> dict[str, Callable]:
         if norm.num_batches_tracked is not None:
             norm.num_batches_tracked.fill_(1)
 
-    return {
-        n.name: reset for n in gm.graph.nodes if n.op == "call_module" and n.target in norms
-    }
+    return {n.name: reset for n in gm.graph.nodes if n.op == "call_module" and n.target in norms}

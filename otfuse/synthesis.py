@@ -35,6 +35,7 @@ text that the parents themselves consider likely (:func:`sample_sequences`).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -103,7 +104,7 @@ def statistics_loss(values: Sequence[tuple[_BatchNorm, torch.Tensor]]) -> torch.
     total = torch.zeros(())
     for norm, z in values:
         run_mean, run_var = norm.running_mean, norm.running_var
-        mean, var = channel_moments(z, run_mean)
+        mean, var = channel_moments(z.float(), run_mean)
         total = total + (mean - run_mean).pow(2).sum() / run_var.sum().clamp_min(1e-12)
         total = total + (var - run_var).pow(2).sum() / run_var.pow(2).sum().clamp_min(1e-12)
     return total / max(len(values), 1)
@@ -146,13 +147,21 @@ def synthesize_inputs(
     prior: float = 0.01,
     seed: int = 0,
     progress: bool = False,
+    precision: str = "auto",
 ) -> torch.Tensor:
     """A batch (num_samples, ...) shaped like ``example_input``'s rows, optimised as the module's
     docstring says (statistics term with BatchNorm, class term for classifiers).
 
+    ``precision``: the models run under bfloat16 autocast (``"bfloat16"``; ``"auto"``: where the
+    device computes bfloat16 natively, :func:`native_bfloat16`) or in their own float32; the
+    inputs, the losses and Adam's steps stay in float32. bfloat16 takes the steps' time down by
+    about a third on this project's CPUs at the same fused accuracy (README, speed).
+
     The models are run in eval mode and are not modified (parameters, modes and gradient flags are
     restored). Raises :class:`OtfuseError` when neither term applies.
     """
+    if precision not in ("auto", "float32", "bfloat16"):
+        raise OtfuseError(f"unknown precision '{precision}'; choose auto, float32 or bfloat16")
     if not can_synthesize(models, example_input):
         raise OtfuseError(
             "input synthesis needs causal language models, or models that take one floating-point "
@@ -181,7 +190,8 @@ def synthesize_inputs(
             for _ in tqdm(range(steps), desc="synthesise", disable=not progress, leave=False):
                 seen.clear()
                 optimizer.zero_grad()
-                outputs = [model(x) for model in models]
+                with _autocast(x, precision):
+                    outputs = [model(x).float() for model in models]
                 loss = statistics_loss(seen) + smoothness * total_variation(x)
                 loss = loss + prior * x.pow(2).mean()
                 if labels is not None:
@@ -192,6 +202,25 @@ def synthesize_inputs(
         for hook in hooks:
             hook.remove()
     return x.detach()
+
+
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 natively: a CUDA device that supports it, or a CPU
+    with AVX-512 BF16 or AMX instructions (elsewhere autocast emulates it, slower than float32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False
+
+
+def _autocast(x: torch.Tensor, precision: str):
+    """bfloat16 autocast on ``x``'s device for ``precision`` (see :func:`synthesize_inputs`)."""
+    if precision == "float32" or x.dtype != torch.float32:
+        return contextlib.nullcontext()
+    if precision == "auto" and not native_bfloat16(x.device):
+        return contextlib.nullcontext()
+    return torch.autocast(x.device.type, dtype=torch.bfloat16)
 
 
 @torch.no_grad()

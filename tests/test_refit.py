@@ -186,7 +186,10 @@ def test_valid_padding_is_refitted():
     "conv, shape",
     [
         (torch.nn.Conv2d(3, 4, 3, stride=2, padding=1), (7, 3, 9, 9)),
-        (torch.nn.Conv2d(2, 5, (3, 2), stride=(1, 2), padding=(2, 0), dilation=(2, 1)), (3, 2, 8, 7)),
+        (
+            torch.nn.Conv2d(2, 5, (3, 2), stride=(1, 2), padding=(2, 0), dilation=(2, 1)),
+            (3, 2, 8, 7),
+        ),
         (torch.nn.Conv2d(4, 4, 1), (2, 4, 5, 6)),
         (torch.nn.Conv2d(3, 2, 3, padding="valid"), (2, 3, 6, 6)),
         (torch.nn.Conv1d(3, 4, 5, stride=2, padding=2, dilation=1), (4, 3, 17)),

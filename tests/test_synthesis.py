@@ -40,11 +40,13 @@ def trained_like(name, seeds=(0, 1)):
     return [reset_batchnorm(build(name, seed=s), data) for s in seeds]
 
 
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 @pytest.mark.parametrize("name", ["vgg", "resnet"])
-def test_synthesized_inputs_match_the_batchnorm_statistics(name):
+def test_synthesized_inputs_match_the_batchnorm_statistics(name, precision):
     models, x = trained_like(name), example(name)
     noise = torch.randn(64, *x.shape[1:], generator=torch.Generator().manual_seed(0))
-    synthetic = synthesize_inputs(models, x, num_samples=64, steps=150)
+    synthetic = synthesize_inputs(models, x, num_samples=64, steps=150, precision=precision)
+    assert synthetic.dtype == torch.float32
     assert synthetic.shape == noise.shape
     assert batch_loss(models, synthetic) < 0.1 * batch_loss(models, noise)
 
@@ -152,3 +154,37 @@ def test_channel_moments_equal_the_mean_and_variance_per_channel(shape):
     torch.testing.assert_close(var, z.var(dims, unbiased=False), rtol=1e-4, atol=1e-4)
     (mean.sum() + var.sum()).backward()  # differentiable, as the synthesis needs
     assert torch.isfinite(z.grad).all()
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16", "auto"])
+def test_synthesis_runs_the_models_in_the_precision_asked(precision):
+    from otfuse.synthesis import native_bfloat16
+
+    model, x = build("resnet"), example("resnet")
+    seen = []
+    hook = model.conv1.register_forward_hook(lambda m, args, out: seen.append(out.dtype))
+    synthesize_inputs([model], x, num_samples=4, steps=2, precision=precision)
+    hook.remove()
+    bf16 = precision == "bfloat16" or (precision == "auto" and native_bfloat16(x.device))
+    # the last two calls are the optimisation steps (checks before them run in float32)
+    assert seen[-2:] == [torch.bfloat16 if bf16 else torch.float32] * 2
+    with pytest.raises(OtfuseError, match="unknown precision"):
+        synthesize_inputs([model], x, num_samples=4, steps=2, precision="half")
+
+
+def test_the_synthesis_precision_is_an_option_of_the_fusion(monkeypatch):
+    import otfuse.pipeline
+
+    asked = []
+    real = otfuse.pipeline.synthesize_inputs
+    monkeypatch.setattr(
+        otfuse.pipeline,
+        "synthesize_inputs",
+        lambda *a, **k: asked.append(k["precision"]) or real(*a, **k),
+    )
+    models, x = trained_like("vgg"), example("vgg")
+    otfuse.fuse(models, example_input=x, synthesize=8, synthesis_steps=2)
+    otfuse.fuse(
+        models, example_input=x, synthesize=8, synthesis_steps=2, synthesis_precision="float32"
+    )
+    assert asked == ["auto", "float32"]
