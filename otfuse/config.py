@@ -9,8 +9,9 @@ declared twice. Recipes are named configs:
   alignment (weights, correlation of pre-activations, or post-activations) whose fused model is
   closest to the parents' prediction ensemble on those inputs (no labels), then the stages
   ``bn_reset``, ``repair`` and ``refit``.
-* ``data-free``: without data, 96 inputs synthesised from the parents (their BatchNorm statistics or
-  the classes they recognise; 60 Adam steps at 0.3), then the ``data`` recipe on them with its two
+* ``data-free``: without data, 64 inputs synthesised from the parents (their BatchNorm statistics or
+  the classes they recognise; 60 Adam steps at 0.3, the models in bfloat16 where the device computes
+  it natively), then the ``data`` recipe on them with its two
   activation-based candidate alignments; for models where neither applies,
   weight-matching refinement and (K > 2) alignment to the average.
 
@@ -94,8 +95,8 @@ class FusionConfig:
     synthesis_lr: float = _option(0.3, "Adam's step size for the synthesised inputs")
     synthesis_precision: SynthesisPrecision = _option(
         "auto",
-        "models' arithmetic while synthesising: bfloat16 autocast (auto: where the device computes "
-        "it natively) or float32",
+        "models' arithmetic while synthesising from BatchNorm statistics: bfloat16 autocast "
+        "(auto: where the device computes it natively) or float32",
     )
     # -- the average --
     weights: tuple[float, ...] | None = _option(None, "weight of each model (default: equal)")
@@ -277,7 +278,7 @@ RECIPES: dict[str, FusionConfig] = {
 # best of 12 VGG11 / ResNet-18 fusions measured, yet was chosen in 2 of them, 5-9 points worse)
 RECIPES["data-free"] = RECIPES["data"].replace(
     recipe="data-free",
-    synthesize=96,
+    synthesize=64,
     candidates=tuple(c for c in RECIPES["data"].candidates if c["mode"] == "acts"),
 )
 

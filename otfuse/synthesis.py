@@ -140,7 +140,7 @@ def synthesize_inputs(
     models: Sequence[nn.Module],
     example_input: torch.Tensor,
     *,
-    num_samples: int = 96,
+    num_samples: int = 64,
     steps: int = 60,
     lr: float = 0.3,
     smoothness: float = 0.05,
@@ -152,10 +152,12 @@ def synthesize_inputs(
     """A batch (num_samples, ...) shaped like ``example_input``'s rows, optimised as the module's
     docstring says (statistics term with BatchNorm, class term for classifiers).
 
-    ``precision``: the models run under bfloat16 autocast (``"bfloat16"``; ``"auto"``: where the
-    device computes bfloat16 natively, :func:`native_bfloat16`) or in their own float32; the
-    inputs, the losses and Adam's steps stay in float32. bfloat16 takes the steps' time down by
-    about a third on this project's CPUs at the same fused accuracy (README, speed).
+    ``precision``: with the statistics term, the models run under bfloat16 autocast
+    (``"bfloat16"``; ``"auto"``: where the device computes bfloat16 natively,
+    :func:`native_bfloat16`) or in their own float32 (``"float32"``, and always for the class
+    term, where it was not measured); the inputs, the losses and Adam's steps stay in float32.
+    bfloat16 takes the steps' time down by about a third on this project's CPUs at the same fused
+    accuracy (README, speed).
 
     The models are run in eval mode and are not modified (parameters, modes and gradient flags are
     restored). Raises :class:`OtfuseError` when neither term applies.
@@ -190,7 +192,7 @@ def synthesize_inputs(
             for _ in tqdm(range(steps), desc="synthesise", disable=not progress, leave=False):
                 seen.clear()
                 optimizer.zero_grad()
-                with _autocast(x, precision):
+                with _autocast(x, precision if use_stats else "float32"):
                     outputs = [model(x).float() for model in models]
                 loss = statistics_loss(seen) + smoothness * total_variation(x)
                 loss = loss + prior * x.pow(2).mean()
