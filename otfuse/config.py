@@ -95,8 +95,8 @@ class FusionConfig:
     synthesis_lr: float = _option(0.3, "Adam's step size for the synthesised inputs")
     synthesis_precision: SynthesisPrecision = _option(
         "auto",
-        "models' arithmetic while synthesising from BatchNorm statistics: bfloat16 autocast "
-        "(auto: where the device computes it natively) or float32",
+        "models' arithmetic while synthesising: bfloat16 autocast (auto: where the device "
+        "computes it natively) or float32",
     )
     # -- the average --
     weights: tuple[float, ...] | None = _option(None, "weight of each model (default: equal)")

@@ -152,10 +152,9 @@ def synthesize_inputs(
     """A batch (num_samples, ...) shaped like ``example_input``'s rows, optimised as the module's
     docstring says (statistics term with BatchNorm, class term for classifiers).
 
-    ``precision``: with the statistics term, the models run under bfloat16 autocast
-    (``"bfloat16"``; ``"auto"``: where the device computes bfloat16 natively,
-    :func:`native_bfloat16`) or in their own float32 (``"float32"``, and always for the class
-    term, where it was not measured); the inputs, the losses and Adam's steps stay in float32.
+    ``precision``: the models run under bfloat16 autocast (``"bfloat16"``; ``"auto"``: where the
+    device computes bfloat16 natively, :func:`native_bfloat16`) or in their own float32
+    (``"float32"``); the inputs, the losses and Adam's steps stay in float32.
     bfloat16 takes the steps' time down by about a third on this project's CPUs at the same fused
     accuracy (README, speed).
 
@@ -192,7 +191,7 @@ def synthesize_inputs(
             for _ in tqdm(range(steps), desc="synthesise", disable=not progress, leave=False):
                 seen.clear()
                 optimizer.zero_grad()
-                with _autocast(x, precision if use_stats else "float32"):
+                with _autocast(x, precision):
                     outputs = [model(x).float() for model in models]
                 loss = statistics_loss(seen) + smoothness * total_variation(x)
                 loss = loss + prior * x.pow(2).mean()
