@@ -94,8 +94,10 @@ def _weight_features(
     )
 
 
-def _concat(features: list[torch.Tensor]) -> torch.Tensor:
-    return features[0] if len(features) == 1 else torch.cat(features, dim=1)
+def _concat(features: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The units' features as column blocks (:data:`otfuse.cost.Features`): the Euclidean costs
+    sum the blocks' products instead of copying them into one matrix."""
+    return features
 
 
 def _other_axes_resolved(member: Member, space: int, resolved: set[int], by_param: dict) -> bool:

@@ -15,6 +15,7 @@ and ``correlation`` is the cosine cost of the centred rows (one minus Pearson's 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
@@ -28,16 +29,27 @@ COSTS: tuple[str, ...] = ("euclidean", "sqeuclidean", "cosine", "correlation")
 MARGINALS: tuple[str, ...] = ("uniform", "l1", "l2")
 
 
-def ground_cost(x: torch.Tensor, y: torch.Tensor, metric: CostName = "euclidean") -> np.ndarray:
+Features = torch.Tensor | Sequence[torch.Tensor]  # rows (n, d), or column blocks (n, d_t) of them
+
+
+def ground_cost(x: Features, y: Features, metric: CostName = "euclidean") -> np.ndarray:
     """Cost matrix between the rows of ``x`` (n_b, d) and ``y`` (n_a, d); returns (n_b, n_a) float64.
 
-    It is formed on the features' device (one matrix product) and brought to the CPU, where the
-    solvers run, as the last step.
+    ``x`` and ``y`` may each be given as blocks of columns (lists of (n, d_t), the block t of both
+    with the same d_t): the rows are then their concatenation, which the Euclidean costs never form
+    (:func:`_sq_distances` sums the blocks' products; the other costs concatenate). It is formed on
+    the features' device and brought to the CPU, where the solvers run, as the last step.
     """
     if metric not in COSTS:
         raise OtfuseError(f"unknown cost '{metric}'; choose one of {', '.join(COSTS)}")
+    if metric in ("euclidean", "sqeuclidean"):
+        cost = _sq_distances(x, y)
+        cost.clamp_min_(0.0)
+        if metric == "euclidean":
+            cost.sqrt_()
+        return cost.cpu().double().numpy()
     # float32 matrix products are exact enough to rank costs and several times faster than float64
-    x, y = x.float(), y.float()
+    x, y = joined(x).float(), joined(y).float()
     # The (n_b, n_a) intermediates are updated in place: fresh large tensors cost page faults that
     # rival the matrix product at widths in the thousands. The arithmetic (and so every bit of the
     # result) is that of the plain expressions in the comments.
@@ -47,19 +59,39 @@ def ground_cost(x: torch.Tensor, y: torch.Tensor, metric: CostName = "euclidean"
         xn = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
         yn = y / y.norm(dim=1, keepdim=True).clamp_min(1e-12)
         cost = (xn @ yn.T).neg_().add_(1.0)  # 1 - xn @ yn.T
-    else:
-        cost = _sq_distances(x, y)  # |x|^2 + |y|^2 - 2 x.y
     cost.clamp_min_(0.0)
-    if metric == "euclidean":
-        cost.sqrt_()
     return cost.cpu().double().numpy()
 
 
-def _sq_distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``(x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2.0 * (x @ y.T)``, bit for bit, with one
-    (n_b, n_a) allocation: the norms' sum is formed a block of rows (about 4 MB) at a time."""
-    xx, yy = (x * x).sum(1), (y * y).sum(1)
-    out = (x @ y.T).mul_(2.0)
+def _blocks(features: Features) -> list[torch.Tensor]:
+    blocks = [features] if isinstance(features, torch.Tensor) else list(features)
+    return [b.float() for b in blocks]  # float32 products: exact enough to rank costs, fast
+
+
+def joined(features: Features) -> torch.Tensor:
+    """The rows (n, d) of ``features`` given whole or as column blocks."""
+    if isinstance(features, torch.Tensor):
+        return features
+    return features[0] if len(features) == 1 else torch.cat(list(features), dim=1)
+
+
+def _sq_distances(x: Features, y: Features) -> torch.Tensor:
+    """``|x_i|^2 + |y_j|^2 - 2 x_i . y_j`` (n_b, n_a) for rows given as column blocks, with one
+    (n_b, n_a) allocation: the products of the blocks are summed in place (no concatenated copy of
+    the features; a block may be a strided view, such as a transposed weight), the norms' sum is
+    formed a block of rows (about 4 MB) at a time. For one block it is
+    ``(x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2.0 * (x @ y.T)`` bit for bit."""
+    x, y = _blocks(x), _blocks(y)
+    if len(x) == 1:
+        xx, yy = (x[0] * x[0]).sum(1), (y[0] * y[0]).sum(1)
+        out = x[0] @ y[0].T
+    else:
+        xx = sum(torch.linalg.vector_norm(b, dim=1).square() for b in x)
+        yy = sum(torch.linalg.vector_norm(b, dim=1).square() for b in y)
+        out = x[0] @ y[0].T
+        for bx, by in zip(x[1:], y[1:], strict=True):
+            out.addmm_(bx, by.T)
+    out.mul_(2.0)
     rows = max(1, min(len(out), (1 << 20) // max(1, out.shape[1])))
     buffer = torch.empty(rows, out.shape[1], dtype=out.dtype, device=out.device)
     for start in range(0, len(out), rows):
@@ -69,7 +101,7 @@ def _sq_distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def unit_masses(features: torch.Tensor, kind: MarginalName = "uniform") -> np.ndarray:
+def unit_masses(features: Features, kind: MarginalName = "uniform") -> np.ndarray:
     """Probability mass of each unit (row of ``features``, shape (n, d)); returns shape (n,).
 
     ``uniform`` gives 1/n; ``l1`` and ``l2`` make the mass proportional to the norm of the unit's
@@ -77,9 +109,14 @@ def unit_masses(features: torch.Tensor, kind: MarginalName = "uniform") -> np.nd
     """
     if kind not in MARGINALS:
         raise OtfuseError(f"unknown marginals '{kind}'; choose one of {', '.join(MARGINALS)}")
-    n = features.shape[0]
+    blocks = [features] if isinstance(features, torch.Tensor) else list(features)
+    n = blocks[0].shape[0]
     if kind == "uniform":
         return np.full(n, 1.0 / n)
-    norms = features.double().norm(p=1 if kind == "l1" else 2, dim=1).cpu().numpy()
+    if kind == "l1":
+        norms = sum(b.double().abs().sum(1) for b in blocks)
+    else:
+        norms = sum(b.double().square().sum(1) for b in blocks).sqrt()
+    norms = norms.cpu().numpy()
     norms = np.maximum(norms, 1e-6 * max(norms.max(), 1e-12))
     return norms / norms.sum()

@@ -172,3 +172,19 @@ def test_fusion_is_the_same_with_either_assignment_backend(name, monkeypatch):
     for plans_fast, plans_slow in zip(fast.plans, slow.plans):
         for space, plan in plans_fast.items():
             np.testing.assert_array_equal(plan.permutation, plans_slow[space].permutation)
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean", "cosine", "correlation"])
+def test_features_given_as_column_blocks_cost_what_their_concatenation_costs(metric):
+    from otfuse.cost import unit_masses
+
+    g = torch.Generator().manual_seed(0)
+    wide = torch.randn(40, 9, generator=g)  # a weight whose units are its columns: a strided view
+    xb = [torch.randn(9, 5, generator=g), wide.T, torch.randn(9, 3, 2, generator=g).flatten(1)]
+    yb = [torch.randn(7, 5, generator=g), torch.randn(40, 7, generator=g).T, torch.randn(7, 6)]
+    joined_x, joined_y = torch.cat(xb, dim=1), torch.cat(yb, dim=1)
+    np.testing.assert_allclose(
+        ground_cost(xb, yb, metric), ground_cost(joined_x, joined_y, metric), rtol=1e-4, atol=1e-4
+    )
+    for kind in ("uniform", "l1", "l2"):
+        np.testing.assert_allclose(unit_masses(xb, kind), unit_masses(joined_x, kind), rtol=1e-10)
