@@ -229,7 +229,7 @@ def sample_sequences(
     models: Sequence[nn.Module],
     length: int,
     *,
-    num_samples: int = 256,
+    num_samples: int = 64,
     seed: int = 0,
     progress: bool = False,
 ) -> torch.Tensor:

@@ -155,3 +155,29 @@ def test_demo_without_the_experiments_package_is_one_line(monkeypatch, capsys):
     monkeypatch.delitem(sys.modules, "otfuse.experiments.demo", raising=False)
     assert cli.main(["demo"]) == 1
     assert capsys.readouterr().err.startswith("otfuse: error: otfuse.experiments.demo is not part")
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["eval", "a.safetensors", "--data", "fashion-mnist"],
+        ["interpolate", "a.safetensors", "a_perm.safetensors", "--data", "fashion-mnist",
+         "--steps", "2", "-o", "dev_path", "--force"],
+        ["train", "--arch", ARCH, "--data", "fashion-mnist", "--epochs", "1", "--subset", "64",
+         "-o", "dev_train.safetensors", "--force"],
+    ],
+    ids=["eval", "interpolate", "train"],
+)  # fmt: skip
+def test_device_flag_runs_each_command_there_or_fails_in_one_line(
+    command, work, results, monkeypatch, capsys
+):
+    from .util import call
+
+    succeeded(results["eval"])  # the checkpoints exist
+    call_ok(work, monkeypatch, capsys, *command, "--device", "cpu", "--json")
+    if not torch.cuda.is_available():
+        status, _, err = call(work, monkeypatch, capsys, *command, "--device", "cuda")
+        assert status == 2
+        one_line_error(err, "--device cuda", "CUDA is not available")
+    status, _, err = call(work, monkeypatch, capsys, *command, "--device", "gpu0")
+    assert status == 2 and "not a device" in err

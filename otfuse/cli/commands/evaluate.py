@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 
 from otfuse.cli import models
-from otfuse.cli.common import Report, Stopwatch, UsageError, command, format_shape
+from otfuse.cli.common import (
+    Report,
+    Stopwatch,
+    UsageError,
+    add_device,
+    command,
+    format_shape,
+    parse_device,
+)
 from otfuse.cli.sources import DataSource, add_data
 from otfuse.training import evaluate
 
@@ -15,10 +23,12 @@ def add(commands) -> None:
     p.add_argument("checkpoint", metavar="CKPT")
     models.add_arch(p)
     add_data(p, required=True, split="test")
+    add_device(p)
 
 
 def run(args: argparse.Namespace) -> Report:
     watch = Stopwatch()
+    device = parse_device(args.device)
     data = DataSource.from_args(args, split_role="eval")
     with watch("data"):
         dataset = data.eval_set("eval")
@@ -36,7 +46,7 @@ def run(args: argparse.Namespace) -> Report:
             num_classes=data.num_classes(), min_classes=int(dataset.labels.max()) + 1,
         )  # fmt: skip
     with watch("evaluation"):
-        scores = evaluate(item.model, dataset)
+        scores = evaluate(item.model.to(device), dataset)  # batches follow the model
     name = models.name(item)
     seconds = watch.seconds()
     described = {**data.describe("eval"), "examples": len(dataset)}
@@ -45,6 +55,7 @@ def run(args: argparse.Namespace) -> Report:
         "data": described,
         "accuracy": scores.accuracy,
         "loss": scores.loss,
+        "device": str(device),
         "command_seconds": seconds,
     }
     where = f"{dataset.name} {dataset.split}" if data.is_named else data.text

@@ -23,10 +23,12 @@ from otfuse.cli.common import (
     Report,
     Stopwatch,
     UsageError,
+    add_device,
     add_output,
     command,
     format_shape,
     jsonable,
+    parse_device,
     parse_positive_int,
 )
 from otfuse.cli.report import interpolation_text, paths_csv, plot_paths
@@ -45,6 +47,7 @@ def add(commands) -> None:
     add_data(p, required=True, split="test")
     add_output(p, "folder for interpolation.csv, .png and .json", metavar="DIR")
     p.add_argument("--steps", type=parse_positive_int, default=11, help="points on the path")
+    add_device(p)
     options.add_fusion_options(p, options.ALIGNMENT_OPTIONS, "alignment (otfuse.align's options)")
 
 
@@ -58,6 +61,7 @@ def run(args: argparse.Namespace) -> Report:
         models.check_output(str(path), args.force)
     if args.steps < 2:
         raise UsageError("--steps must be at least 2")
+    device = parse_device(args.device)
     data = DataSource.from_args(args, split_role="eval")
     with watch("data"):
         eval_set = data.eval_set("interpolate")
@@ -75,6 +79,8 @@ def run(args: argparse.Namespace) -> Report:
             num_classes=data.num_classes(), min_classes=int(eval_set.labels.max()) + 1,
         )  # fmt: skip
     models.check_same_parameters([a, b])
+    for item in (a, b):  # alignment and evaluation run where the models are
+        item.model.to(device)
     kwargs = options.given_options(args, options.ALIGNMENT_OPTIONS)
     progress = not args.quiet and sys.stderr.isatty()  # interpolate() draws bars only
     with watch("alignment"), models.naming([a, b]):

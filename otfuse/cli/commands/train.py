@@ -18,8 +18,10 @@ from otfuse.cli import models
 from otfuse.cli.common import (
     Report,
     UsageError,
+    add_device,
     add_output,
     command,
+    parse_device,
     parse_positive_float,
     parse_positive_int,
 )
@@ -33,6 +35,7 @@ def add(commands) -> None:
     add_data(p, required=True, split=None, own=False)
     add_output(p, "the trained checkpoint (and OUT.json with its metadata)")
     p.add_argument("--format", choices=FORMATS, default=None, help="default: from OUT's suffix")
+    add_device(p)
     g = p.add_argument_group("training (defaults: otfuse.training.TrainConfig's)")
     g.add_argument("--epochs", type=parse_positive_int, default=None)
     g.add_argument("--lr", type=parse_positive_float, default=None)
@@ -44,6 +47,7 @@ def add(commands) -> None:
 
 def run(args: argparse.Namespace) -> Report:
     out = models.check_output(args.output, args.force, args.format)
+    parse_device(args.device)  # a bad device fails before any work
     data = DataSource.from_args(args)
     if not data.is_named:
         raise UsageError(f"train takes a named dataset, not {args.data}")
@@ -62,6 +66,7 @@ def run(args: argparse.Namespace) -> Report:
         [(f"--arch {arch}", model)], train_set.images, data.what(),
         hint="check --arch", num_classes=train_set.num_classes,
     )  # fmt: skip
+    model.to(parse_device(args.device))  # batches follow the model
     start = time.perf_counter()
     history = train(model, train_set, config, progress=not args.quiet)
     seconds = time.perf_counter() - start
