@@ -180,6 +180,29 @@ def test_data_recipe_uses_the_server_sample_and_needs_one() -> None:
     assert arrays is not None and metrics["fused"] == 1
 
 
+def test_refit_runs_only_in_the_first_refit_rounds(monkeypatch) -> None:
+    import otfuse.flower.strategy as strategy_module
+
+    seen = []
+    real = strategy_module.fuse
+    monkeypatch.setattr(
+        strategy_module, "fuse", lambda models, config, **kw: seen.append(config.stages)
+        or real(models, config, **kw),
+    )
+    sample = torch.randn(64, 1, 28, 28)
+    replies = [reply(small(s), s) for s in range(2)]
+    strategy = OTFusion(small(0), "data", server_data=sample, refit_rounds=1)
+    for server_round in (1, 2, 3):
+        arrays, _ = strategy.aggregate_train(server_round, replies)
+        assert arrays is not None
+    assert seen == [("bn_reset", "repair", "refit"), ("bn_reset", "repair"), ("bn_reset", "repair")]
+    seen.clear()
+    OTFusion(small(0), "data", server_data=sample, refit_rounds=None).aggregate_train(5, replies)
+    assert seen == [("bn_reset", "repair", "refit")]  # None: every round
+    with pytest.raises(FlowerSetupError, match="refit_rounds"):
+        OTFusion(small(0), "data", server_data=sample, refit_rounds=-1)
+
+
 def test_guard_keeps_whichever_is_closer_to_the_clients_ensemble() -> None:
     from otfuse.flower.strategy import RoundReport, _closer
 

@@ -190,7 +190,10 @@ def build_strategy(settings: FederatedSettings, model: nn.Module) -> MeteredFedA
     config = settings.fusion_config()
     reads_data = config.needs_data and not config.synthesize  # data-free never reads the sample
     data = settings.server_data() if reads_data else None
-    return OTFusion(model, config, server_data=data, guard=settings.guard, **common)
+    refit_rounds = settings.refit_rounds or None  # 0: every round
+    return OTFusion(
+        model, config, server_data=data, guard=settings.guard, refit_rounds=refit_rounds, **common
+    )
 
 
 def _evaluate_fn(settings: FederatedSettings) -> Callable[[int, ArrayRecord], MetricRecord]:

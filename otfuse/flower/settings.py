@@ -64,6 +64,7 @@ class FederatedSettings:
     synthesize: int = 0  # data-free: inputs to synthesise (0: the recipe's)
     server_samples: int = 0  # unlabeled training images the server holds for the data recipe
     guard: bool = True  # keep FedAvg's average when it is closer to the clients' ensemble
+    refit_rounds: int = 1  # refit only in the first N rounds (0: every round)
     rounds: int = 3
     fraction_train: float = 1.0
     fraction_evaluate: float = 0.0  # client-side evaluation of the global model on local data
