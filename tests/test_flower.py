@@ -300,6 +300,8 @@ def test_settings_from_run_config() -> None:
         FederatedSettings.from_run_config({"rounds": "three"})
     with pytest.raises(SettingsError, match="unknown partition"):
         FederatedSettings(partition="shards")
+    with pytest.raises(SettingsError, match="refit-rounds must be 0"):
+        FederatedSettings.from_run_config({"refit-rounds": -1})
     with pytest.raises(SettingsError, match="faults must look like"):
         FederatedSettings(faults="1:explode")
     with pytest.raises(Exception, match="unknown recipe"):

@@ -89,6 +89,8 @@ class FederatedSettings:
         for name in ("local_epochs", "rounds", "batch_size"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name.replace('_', '-')} must be at least 1")
+        if self.refit_rounds < 0:
+            raise SettingsError("refit-rounds must be 0 (every round) or more")
         self.client_faults()
         self.widths()
 
