@@ -245,18 +245,28 @@ def _tracked_norms(gm: torch.fx.GraphModule) -> dict[str, _BatchNorm]:
     }
 
 
-def norms_resettable_in_run(gm: torch.fx.GraphModule) -> bool:
-    """Whether every BatchNorm with running statistics of ``gm`` is called once, as a module of the
-    graph, so that :func:`repair_statistics` can reset it in its own run (``reset_norms``)."""
-    norms = _tracked_norms(gm)
+def norms_resettable_in_run(gm: torch.fx.GraphModule, model: nn.Module) -> bool:
+    """Whether every BatchNorm with running statistics of ``model`` is called once in ``gm`` (its
+    traced graph) as that very module, so that :func:`repair_statistics` can reset it in its own
+    run (``reset_norms``). Not so when the capture inlined a BatchNorm into ATen ops
+    (``torch.export``) or traced through a subclass: then the separate reset must run."""
+    norms = {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, _BatchNorm) and m.track_running_stats
+    }
     calls = [n.target for n in gm.graph.nodes if n.op == "call_module" and n.target in norms]
-    return sorted(calls) == sorted(norms)
+    if sorted(calls) != sorted(norms):
+        return False
+    return all(gm.get_submodule(name) is module for name, module in norms.items())
 
 
 def _norm_resets(gm: torch.fx.GraphModule) -> dict[str, Callable]:
     """Hooks that, before each BatchNorm node runs, set its running mean and variance to its
     input's over the whole run: per channel (axis 1), the variance unbiased as BatchNorm keeps it.
-    This is :func:`reset_batchnorm` with the sample as one batch."""
+    Like :func:`reset_batchnorm` with the sample as one batch, except that each BatchNorm sees the
+    eval-mode, already repaired outputs of the layers before it (the statistics of what it will
+    normalise in eval mode; they differ from a train-mode reset's, the eval outputs agree)."""
     norms = _tracked_norms(gm)
 
     def reset(node: torch.fx.Node, args: tuple) -> None:

@@ -160,7 +160,7 @@ def bn_reset(context: FusionContext) -> None:
     When ``repair`` runs next and every BatchNorm is a module of the traced graph, the statistics
     are set in repair's own run over the sample instead (one forward pass for both stages)."""
     if context.next_stage == "repair" and norms_resettable_in_run(
-        context.fused_graph().graph_module
+        context.fused_graph().graph_module, context.fused
     ):
         context.pending_norm_reset = True
         return

@@ -104,10 +104,15 @@ def statistics_loss(values: Sequence[tuple[_BatchNorm, torch.Tensor]]) -> torch.
     total = torch.zeros(())
     for norm, z in values:
         run_mean, run_var = norm.running_mean, norm.running_var
-        mean, var = channel_moments(z.float(), run_mean)
+        mean, var = channel_moments(_at_least_float32(z), run_mean)
         total = total + (mean - run_mean).pow(2).sum() / run_var.sum().clamp_min(1e-12)
         total = total + (var - run_var).pow(2).sum() / run_var.pow(2).sum().clamp_min(1e-12)
     return total / max(len(values), 1)
+
+
+def _at_least_float32(z: torch.Tensor) -> torch.Tensor:
+    """``z`` in float32 when its precision is lower (bfloat16 under autocast), else as it is."""
+    return z.to(torch.promote_types(z.dtype, torch.float32))
 
 
 def channel_moments(z: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,11 +197,11 @@ def synthesize_inputs(
                 seen.clear()
                 optimizer.zero_grad()
                 with _autocast(x, precision):
-                    outputs = [model(x).float() for model in models]
+                    outputs = [model(x) for model in models]
                 loss = statistics_loss(seen) + smoothness * total_variation(x)
                 loss = loss + prior * x.pow(2).mean()
                 if labels is not None:
-                    loss = loss + sum(F.cross_entropy(o, labels) for o in outputs)
+                    loss = loss + sum(F.cross_entropy(_at_least_float32(o), labels) for o in outputs)
                 loss.backward()
                 optimizer.step()
     finally:
@@ -209,7 +214,8 @@ def native_bfloat16(device: torch.device) -> bool:
     """Whether ``device`` computes bfloat16 natively: a CUDA device that supports it, or a CPU
     with AVX-512 BF16 or AMX instructions (elsewhere autocast emulates it, slower than float32)."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        with torch.cuda.device(device):
+            return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":
         return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     return False

@@ -215,7 +215,7 @@ def test_bn_reset_inside_repair_matches_the_two_passes(name, monkeypatch):
     )
     merged = fuse([a, b], data=x, stages=stages, example_input=x[:2])
     assert not calls  # no pass of its own: deferred to repair's
-    monkeypatch.setattr(otfuse.stages, "norms_resettable_in_run", lambda gm: False)
+    monkeypatch.setattr(otfuse.stages, "norms_resettable_in_run", lambda gm, model: False)
     separate = fuse([a, b], data=x, stages=stages, example_input=x[:2])
     with torch.no_grad():
         out_merged, out_separate = merged.model.eval()(x), separate.model.eval()(x)
@@ -225,3 +225,40 @@ def test_bn_reset_inside_repair_matches_the_two_passes(name, monkeypatch):
     twin = next(m for m in separate.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
     torch.testing.assert_close(first.running_mean, twin.running_mean)
     torch.testing.assert_close(first.running_var, twin.running_var)
+
+
+class _ShapeBranching(torch.nn.Module):
+    """Conv -> BatchNorm -> Linear with a branch on a shape: fx cannot trace it, so it is captured
+    by ``torch.export``, where the BatchNorm becomes ATen ops on its buffers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.fc = torch.nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.conv(x)))
+        h = h.mean((2, 3)) if h.shape[-1] > 2 else h.amax((2, 3))
+        return self.fc(h)
+
+
+def test_bn_reset_runs_apart_when_the_capture_inlines_the_batchnorm():
+    from otfuse.capture import GraphCache
+    from otfuse.repair import norms_resettable_in_run
+
+    torch.manual_seed(0)
+    models = [_ShapeBranching() for _ in range(2)]
+    for m in models:
+        m.bn.running_mean.normal_()
+        m.bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(64, 3, 8, 8)
+    graph = GraphCache(x[:2]).graph(models[0])
+    assert graph.capture == "export" and not norms_resettable_in_run(graph.graph_module, models[0])
+    both = fuse(models, data=x, stages=("bn_reset", "repair"), example_input=x[:2])
+    reset = fuse(models, data=x, stages=("bn_reset",), example_input=x[:2])
+    # REPAIR corrects this BatchNorm through its weight and bias: its statistics are the reset's
+    torch.testing.assert_close(both.model.bn.running_mean, reset.model.bn.running_mean)
+    torch.testing.assert_close(both.model.bn.running_var, reset.model.bn.running_var)
+    averaged = (models[0].bn.running_mean + models[1].bn.running_mean) / 2
+    assert not torch.allclose(reset.model.bn.running_mean, averaged)

@@ -188,3 +188,20 @@ def test_the_synthesis_precision_is_an_option_of_the_fusion(monkeypatch):
         models, example_input=x, synthesize=8, synthesis_steps=2, synthesis_precision="float32"
     )
     assert asked == ["auto", "float32"]
+
+
+def test_batchnorm_models_whose_output_is_not_one_tensor_are_synthesised_for():
+    class Features(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            h = self.bn(self.conv(x))
+            return {"features": h, "pooled": h.mean((2, 3))}
+
+    models = [reset_batchnorm(Features(), 2.0 * torch.randn(64, 3, 8, 8) + 1.0) for _ in range(2)]
+    for precision in ("float32", "bfloat16"):
+        x = synthesize_inputs(models, torch.zeros(2, 3, 8, 8), num_samples=8, steps=3,
+                              precision=precision)  # fmt: skip
+        assert x.shape == (8, 3, 8, 8) and torch.isfinite(x).all()
