@@ -73,31 +73,23 @@ def _weight_features(
     sizes_a: Mapping[int, int],
     resolved: set[int],
     by_param: dict,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features of B's and A's units of ``space`` from members whose other axes are resolved."""
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Features of B's and A's units of ``space`` (column blocks, one per member) from members
+    whose other axes are resolved."""
     for role in ("producer", "norm", "consumer"):
         candidates = [m for m in space.members if m.role == role and m.groups == 1]
         ready = [m for m in candidates if _other_axes_resolved(m, space.index, resolved, by_param)]
         same_shape = [m for m in candidates if state_b[m.param].shape == state_a[m.param].shape]
         for chosen in (ready, same_shape):
             if chosen:
-                fb = _concat(
-                    [unit_features(state_b[m.param], m, space.index, sizes_b) for m in chosen]
-                )
-                fa = _concat(
-                    [unit_features(state_a[m.param], m, space.index, sizes_a) for m in chosen]
-                )
+                # column blocks (otfuse.cost.Features): Euclidean costs never concatenate them
+                fb = [unit_features(state_b[m.param], m, space.index, sizes_b) for m in chosen]
+                fa = [unit_features(state_a[m.param], m, space.index, sizes_a) for m in chosen]
                 return fb, fa
     raise TransportError(
         f"cannot build a weight cost for space '{space.name}' of models of different widths; "
         "use mode='acts'"
     )
-
-
-def _concat(features: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The units' features as column blocks (:data:`otfuse.cost.Features`): the Euclidean costs
-    sum the blocks' products instead of copying them into one matrix."""
-    return features
 
 
 def _other_axes_resolved(member: Member, space: int, resolved: set[int], by_param: dict) -> bool:

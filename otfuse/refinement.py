@@ -55,7 +55,7 @@ def _full_features(
     sizes_b: Mapping[int, int],
     state_a: StateDict,
     sizes_a: Mapping[int, int],
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Features of B's and A's units of ``space`` from every member whose other axes already agree
     (a weight with both axes in ``space`` is left out: its other axis is not transported yet)."""
     fb, fa = [], []
@@ -69,7 +69,7 @@ def _full_features(
         if b.shape[1] == a.shape[1]:
             fb.append(b)
             fa.append(a)
-    return torch.cat(fb, dim=1), torch.cat(fa, dim=1)
+    return fb, fa  # column blocks: the cost sums their products (otfuse.cost.Features)
 
 
 def same_plan(a: TransportPlan, b: TransportPlan) -> bool:

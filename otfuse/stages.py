@@ -202,8 +202,5 @@ def run_stages(context: FusionContext, names: Sequence[str] | None = None) -> Fu
         context.sample_output = None  # the stage changes the fused model
         STAGES[name].run(context)
         context.clock.lap(name)
-    if context.pending_norm_reset:  # bn_reset deferred to a repair that did not run
-        reset_batchnorm(context.fused, context.sample)
-        context.pending_norm_reset = False
     context.next_stage = None
     return context
