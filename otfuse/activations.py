@@ -7,6 +7,8 @@ are subsampled with a fixed seed, identically for every model, so rows of two mo
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -18,6 +20,7 @@ from otfuse.discovery import NeuronSpace, SpaceGraph
 from otfuse.modes import evaluating
 
 ActivationPoint = Literal["pre", "post"]
+MAX_COLUMNS = 50_000  # columns (samples x positions) per node
 PREFERENCE = {"pre": ("pre", "norm", "post"), "post": ("post", "norm", "pre")}
 
 
@@ -36,7 +39,7 @@ def collect_activations(
     inputs: torch.Tensor,
     *,
     point: ActivationPoint = "pre",
-    max_columns: int = 50_000,
+    max_columns: int = MAX_COLUMNS,
     seed: int = 0,
     batch_size: int = 256,
 ) -> dict[int, torch.Tensor]:
@@ -55,7 +58,7 @@ def collect_activations_at(
     inputs: torch.Tensor,
     points: Sequence[ActivationPoint],
     *,
-    max_columns: int = 50_000,
+    max_columns: int = MAX_COLUMNS,
     seed: int = 0,
     batch_size: int = 256,
 ) -> dict[ActivationPoint, dict[int, torch.Tensor]]:
@@ -67,7 +70,7 @@ def collect_activations_at(
     result: dict[ActivationPoint, dict[int, torch.Tensor]] = {p: {} for p in points}
     for (p, index), nodes in chosen.items():
         parts = [
-            _unit_rows(values[name], axis, max_columns, seed + i)
+            unit_rows(values[name], axis, max_columns, seed + i)
             for i, (name, axis) in enumerate(nodes)
         ]
         if parts:
@@ -86,10 +89,27 @@ def _run(
     return {name: torch.cat(parts, dim=0) for name, parts in chunks.items() if parts}
 
 
-def _unit_rows(value: torch.Tensor, axis: int, max_columns: int, seed: int) -> torch.Tensor:
-    rows = value.movedim(axis, 0).reshape(value.shape[axis], -1).float()
-    if rows.shape[1] <= max_columns:
-        return rows
+def unit_rows(
+    value: torch.Tensor, axis: int, max_columns: int = MAX_COLUMNS, seed: int = 0
+) -> torch.Tensor:
+    """The units' rows (n, m) of ``value`` (unit axis ``axis``): one column per position of the
+    other axes (in their order), at most ``max_columns`` of them, drawn with ``seed`` alone (so
+    every model gets the same columns). The chosen columns are gathered from ``value`` directly
+    (no copy of every column)."""
+    axis = axis % value.ndim
+    units = value.shape[axis]
+    columns = value.numel() // max(units, 1)
+    if columns <= max_columns:
+        return value.movedim(axis, 0).reshape(units, -1).float()
+    keep = _column_choice(columns, max_columns, seed).to(value.device)
+    after = math.prod(value.shape[axis + 1 :])
+    grid = value.reshape(-1, units, after)  # (before, units, after)
+    return grid[keep // after, :, keep % after].T.float()  # a transposed view
+
+
+@functools.lru_cache(maxsize=64)
+def _column_choice(columns: int, max_columns: int, seed: int) -> torch.Tensor:
+    """``max_columns`` of ``columns`` drawn with ``seed``, sorted (the same for every model: drawn
+    once)."""
     gen = torch.Generator().manual_seed(seed)
-    keep = torch.randperm(rows.shape[1], generator=gen)[:max_columns].sort().values
-    return rows[:, keep]
+    return torch.randperm(columns, generator=gen)[:max_columns].sort().values

@@ -24,8 +24,16 @@ from otfuse.baselines import build_model
 from otfuse.capture import GraphCache
 from otfuse.config import FusionConfig
 from otfuse.discovery import SpaceGraph
+from otfuse.observation import Observation, Wanted, observe
 from otfuse.plans import apply_plans
-from otfuse.repair import CorrectionPoint, Statistics, point_statistics, weighted_targets
+from otfuse.refit import LayerTargets, fit_points, row_budget, targets_from_rows
+from otfuse.repair import (
+    CorrectionPoint,
+    Statistics,
+    correction_points,
+    point_statistics,
+    weighted_targets,
+)
 from otfuse.transport import TransportPlan
 
 StateDict = dict[str, torch.Tensor]
@@ -52,6 +60,21 @@ class Progress:
             self.callback(stage, seconds)
         elif self.lines:
             print(f"otfuse: {stage} {seconds:.2f} s", file=sys.stderr, flush=True)
+
+
+@dataclass
+class ParentRecords:
+    """What one run of each parent over the sample recorded (:func:`otfuse.observation.observe`),
+    shared by every candidate alignment: per model, in the models' order, and refit's rows."""
+
+    wanted: Wanted | None = None
+    observations: list[Observation] | None = None
+    chosen: LayerTargets | None = None
+
+
+# Refit's rows of every parent are kept for the stages only within this many bytes (beyond it,
+# refit runs the aligned parents and adds their rows up as it goes).
+RECORDED_ROWS_BYTES = 1 << 30
 
 
 class Clock:
@@ -89,8 +112,7 @@ class FusionContext:
         clock: timing and progress.
         acts_cache: activations per activation point, one dict per model (shared with candidates).
         stats_cache: each model's unit statistics at REPAIR's points (shared with candidates).
-        activation_points: points whose activations are collected in the same run as the
-            config's own (those of the candidate alignments still to come).
+        records: what one run of each parent recorded (:meth:`observe_parents`; shared).
         graphs, states: each model's neuron spaces and state dict.
         aligned, plans, logs: every model aligned to the anchor, its plan per space name, and the
             refinement logs.
@@ -109,12 +131,12 @@ class FusionContext:
     clock: Clock
     acts_cache: dict[str, list[dict[int, torch.Tensor]]] = field(default_factory=dict)
     stats_cache: dict[tuple, list[Statistics]] = field(default_factory=dict)
+    records: ParentRecords = field(default_factory=ParentRecords)
     graphs: list[SpaceGraph] = field(init=False)
     states: list[StateDict] = field(init=False)
     aligned: list[StateDict] = field(default_factory=list)
     plans: list[dict[str, TransportPlan]] = field(default_factory=list)
     logs: dict = field(default_factory=dict)
-    activation_points: tuple[str, ...] = ()
     fused: nn.Module | None = None
     sample_output: Any = None
     next_stage: str | None = None
@@ -135,8 +157,42 @@ class FusionContext:
         """A fresh context over the same models, graphs, sample and activations."""
         return FusionContext(
             config, self.models, self.weights, self.cache, self.sample, self.clock,
-            self.acts_cache, self.stats_cache, activation_points=self.activation_points,
+            self.acts_cache, self.stats_cache, self.records,
         )  # fmt: skip
+
+    def observe_parents(self, configs: Sequence[FusionConfig]) -> list[Observation]:
+        """Run every model once over the sample and record what the stages of ``configs`` (this
+        context's config and its candidates) read from them: the activations of every activation
+        point of an ``acts`` config, REPAIR's statistics, refit's rows (when they fit
+        :data:`RECORDED_ROWS_BYTES`) and the outputs. Fills :attr:`acts_cache`,
+        :attr:`stats_cache` and :attr:`records`; returns the records."""
+        anchor = self.graphs[self.anchor]
+        points = tuple(dict.fromkeys(c.activations for c in configs if c.mode == "acts"))
+        stages = {name for c in configs for name in c.stages}
+        corrections = tuple(correction_points(anchor)) if "repair" in stages else ()
+        fits = tuple(fit_points(anchor.graph_module)) if "refit" in stages else ()
+        if fits and self._rows_bytes(fits) > RECORDED_ROWS_BYTES:
+            fits = ()
+        wanted = Wanted(points, corrections, fits, seed=self.config.seed)
+        records, chosen = observe(self.graphs, self.sample, wanted)
+        for p in points:
+            self.acts_cache[p] = [r.activations[p] for r in records]
+        if corrections:
+            key = tuple((c.node, c.axis) for c in corrections)
+            self.stats_cache[key] = [r.statistics for r in records]
+        self.records.wanted, self.records.observations = wanted, records
+        self.records.chosen = chosen if fits else None
+        return records
+
+    def _rows_bytes(self, fits) -> int:
+        """An upper bound of the bytes of every model's refit rows at ``fits``."""
+        size = self.sample.element_size() if self.sample.is_floating_point() else 4
+        modules = dict(self.graphs[self.anchor].graph_module.named_modules())
+        units = sum(
+            row_budget(f.features, Wanted.max_rows) * modules[f.module].weight.shape[0]
+            for f in fits
+        )
+        return units * size * len(self.models)
 
     def activations(self) -> list[dict[int, torch.Tensor]] | None:
         """Every model's activations per space at the config's point (collected once), or None
@@ -145,14 +201,11 @@ class FusionContext:
             return None
         point = self.config.activations
         if point not in self.acts_cache:
-            points = [point, *(p for p in self.activation_points if p not in self.acts_cache)]
-            points = list(dict.fromkeys(points))
             runs = [
-                collect_activations_at(g, self.sample, points, seed=self.config.seed)
+                collect_activations_at(g, self.sample, (point,), seed=self.config.seed)
                 for g in self.graphs
             ]
-            for p in points:
-                self.acts_cache[p] = [run[p] for run in runs]
+            self.acts_cache[point] = [run[point] for run in runs]
         return self.acts_cache[point]
 
     def repair_targets(self, points: Sequence[CorrectionPoint]) -> Statistics | None:
@@ -163,29 +216,71 @@ class FusionContext:
         None when some plan is not a permutation (or not its space's own), the widths differ, or a
         point lies in no single space.
         """
-        spaces = self.graphs[self.anchor].spaces
-        space_of = {node: s.name for s in spaces for node, _, _ in s.nodes}
-        fixed = {s.name for s in spaces if s.fixed}
-        sizes = self.graphs[self.anchor].sizes
-        if any(p.node not in space_of for p in points) or any(
-            g.sizes != sizes for g in self.graphs
-        ):
+        orders = self._unit_orders({p.node: p.node for p in points})
+        if orders is None:
             return None
-        orders: list[dict[str, torch.Tensor | None]] = []
-        for i, plans in enumerate(self.plans):
-            order: dict[str, torch.Tensor | None] = {}
-            for p in points:
-                name = space_of[p.node]
-                plan = plans.get(name) if i != self.anchor else None
-                moved = i != self.anchor and name not in fixed
-                if moved and (plan is None or plan.permutation is None):
-                    return None  # a soft plan, or units moved by another space's plan
-                order[p.node] = None if plan is None else torch.as_tensor(plan.permutation)
-            orders.append(order)
         key = tuple((p.node, p.axis) for p in points)
         if key not in self.stats_cache:
             self.stats_cache[key] = [point_statistics(g, points, self.sample) for g in self.graphs]
         return weighted_targets(self.stats_cache[key], self.weights, orders)
+
+    def refit_targets(self, gm: torch.fx.GraphModule) -> LayerTargets | None:
+        """Refit's targets for the fused graph ``gm`` from each parent's recorded rows, reordered by
+        its plans (as :meth:`repair_targets`; :func:`otfuse.refit.targets_from_rows`), or None
+        when nothing was recorded for them or the reordering does not give the aligned parents'
+        values (then refit runs the aligned parents)."""
+        records = self.records
+        if records.chosen is None or records.wanted.seed != self.config.seed:
+            return None
+        points = fit_points(gm)
+        rows = [r.rows for r in records.observations]
+        if any(p.node not in rows[0] for p in points):
+            return None
+        orders = self._unit_orders({p.node: p.target for p in points}, single=True)
+        if orders is None:
+            return None
+        for order, parent_rows in zip(orders, rows):
+            if any(
+                perm is not None and len(perm) != parent_rows[node].shape[1]
+                for node, perm in order.items()
+            ):
+                return None
+        return targets_from_rows(
+            gm, records.chosen, rows, self.weights, orders, targets=self.config.targets
+        )
+
+    def _unit_orders(
+        self, nodes: dict[str, str], *, single: bool = False
+    ) -> list[dict[str, torch.Tensor | None]] | None:
+        """Per model, the order of its units at each node of ``nodes`` (key -> node) once aligned:
+        its plan's permutation of the node's space (None: unmoved). None when some plan is not a
+        permutation (or the node's units are moved by another space), the widths differ, or a
+        node lies in no space (with ``single``: not in exactly one)."""
+        spaces = self.graphs[self.anchor].spaces
+        space_of: dict[str, str] = {}
+        count: dict[str, set[str]] = {}
+        for s in spaces:
+            for node, _, _ in s.nodes:
+                space_of[node] = s.name
+                count.setdefault(node, set()).add(s.name)
+        fixed = {s.name for s in spaces if s.fixed}
+        sizes = self.graphs[self.anchor].sizes
+        if any(n not in space_of or (single and len(count[n]) > 1) for n in nodes.values()):
+            return None
+        if any(g.sizes != sizes for g in self.graphs):
+            return None
+        orders: list[dict[str, torch.Tensor | None]] = []
+        for i, plans in enumerate(self.plans):
+            order: dict[str, torch.Tensor | None] = {}
+            for key, node in nodes.items():
+                name = space_of[node]
+                plan = plans.get(name) if i != self.anchor else None
+                moved = i != self.anchor and name not in fixed
+                if moved and (plan is None or plan.permutation is None):
+                    return None  # a soft plan, or units moved by another space's plan
+                order[key] = None if plan is None else torch.as_tensor(plan.permutation)
+            orders.append(order)
+        return orders
 
     def fused_graph(self) -> SpaceGraph:
         return self.cache.graph(self.fused)

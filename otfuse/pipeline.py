@@ -141,6 +141,9 @@ def fuse(
     context = FusionContext(config, models, weights, cache, sample, clock)
     if config.candidates and sample is not None:
         return _select(context, inputs)
+    if sample is not None and {"repair", "refit"} & set(config.stages):
+        context.observe_parents([config])  # one run of each parent for every stage
+        clock.lap("observe")
     run_stages(context)
     return _result(context, inputs)
 
@@ -228,17 +231,17 @@ def _select(context: FusionContext, inputs: str) -> FusionResult:
     """
     sample = context.sample
     tau = SYNTHESIZED_TEMPERATURE if inputs == "synthesized" else 1.0
-    probs = [_log_probs(m, sample, tau) for m in context.models]
+    candidates = context.config.candidates
+    trials = [context.config.replace(**c) for c in candidates]
+    records = context.observe_parents(trials)  # every parent runs once, for every candidate
+    context.clock.lap("observe")
+    probs = [_log_probs(m, sample, tau, output=r.output) for m, r in zip(context.models, records)]
     if any(p is None for p in probs):  # outputs that are not one logits tensor: no teacher
         run_stages(context)
         return _result(context, inputs)
     target = torch.log(sum(w * p.exp() for w, p in zip(context.weights, probs)).clamp_min(1e-30))
     context.clock.lap("select")
     best, scores = None, {}
-    candidates = context.config.candidates
-    trials = [context.config.replace(**c) for c in candidates]
-    points = (t.activations for t in trials if t.mode == "acts")
-    context.activation_points = tuple(dict.fromkeys(points))  # collected in one run
     for i, candidate in enumerate(candidates, start=1):
         context.clock.label = f"candidate {i}/{len(candidates)} ({_label(candidate)}): "
         trial = context.with_config(context.config.replace(**candidate, candidates=()))

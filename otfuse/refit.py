@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -183,6 +183,8 @@ def selected_rows(
         )  # (rows, kh, kw): offsets in the padded image
         index = (sample * channels * plane)[:, None, None] + channel + pixel.reshape(len(r), 1, -1)
         parts.append(flat[index.reshape(len(r), per_row)])
+    if len(parts) == 1:
+        return parts[0]
     return torch.cat(parts) if parts else x.new_zeros(0, per_row)
 
 
@@ -212,8 +214,9 @@ RIDGES: tuple[float, ...] = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 def product_dtype(rows: torch.Tensor) -> torch.dtype:
     """The dtype of the per-chunk products X^T X and X^T Z: the rows' own precision, at least
-    float32. The rows are centred about their mean in float64 first and the chunks' products are
-    added up in float64, so float32 products lose little (and take a third of float64's time)."""
+    float32. The rows are centred about their mean (rounded to this precision) first and the
+    chunks' products are added up in float64, so float32 products lose little (and take a third
+    of float64's time)."""
     return torch.promote_types(rows.dtype, torch.float32)
 
 
@@ -253,20 +256,24 @@ class Moments:
         *,
         rows: torch.Tensor | None = None,
         chunk: int = 4096,
+        overwrite: bool = False,
     ) -> Moments:
         """The moments of rows ``x`` (rows, d) and ``z`` (rows, out), or of those where the boolean
-        mask ``rows`` is true, summed chunk by chunk (no float64 copy of all the rows)."""
+        mask ``rows`` is true, summed chunk by chunk (no float64 copy of all the rows).
+        ``overwrite``: rows already in the products' precision are centred in place."""
         f64, dev, products = torch.float64, x.device, product_dtype(x)
         if shift is None:
             shift = (
                 torch.zeros(x.shape[1], dtype=f64, device=dev),
                 torch.zeros(z.shape[1], dtype=f64, device=dev),
             )
-        shift_x, shift_z = shift
+        # the shift is rounded to the products' precision, where the rows are centred: exactly
+        # the shift the sums are taken about
+        low_x, low_z = shift[0].to(products), shift[1].to(products)
         moments = cls(
             0,
-            shift_x,
-            shift_z,
+            low_x.to(f64),
+            low_z.to(f64),
             torch.zeros(x.shape[1], dtype=f64, device=dev),
             torch.zeros(z.shape[1], dtype=f64, device=dev),
             torch.zeros(x.shape[1], x.shape[1], dtype=f64, device=dev),
@@ -277,11 +284,10 @@ class Moments:
             if rows is not None:
                 keep = rows[start : start + chunk]
                 xc, zc = xc[keep], zc[keep]
-            xc, zc = xc.to(f64) - shift_x, zc.to(f64) - shift_z
-            moments.count += len(xc)
-            moments.sum_x += xc.sum(0)
-            moments.sum_z += zc.sum(0)
-            xp, zp = xc.to(products), zc.to(products)
+            xp, zp = _centred(xc, low_x, overwrite), _centred(zc, low_z, overwrite)
+            moments.count += len(xp)
+            moments.sum_x += _column_sums(xp)
+            moments.sum_z += _column_sums(zp)
             moments.xx += (xp.T @ xp).to(f64)
             moments.xz += (xp.T @ zp).to(f64)
         return moments
@@ -322,6 +328,20 @@ class Moments:
         return weight, (self.shift_z + m_z) - weight @ (self.shift_x + m_x)
 
 
+def _column_sums(rows: torch.Tensor) -> torch.Tensor:
+    """Column sums (d,) of ``rows`` (n, d) as float64, added in the rows' precision (at least
+    float32; torch sums in blocks, so the error stays near float32's rounding of the total): a
+    float64 reduction of float32 rows is an order of magnitude slower."""
+    return rows.sum(0, dtype=product_dtype(rows)).double()
+
+
+def _centred(rows: torch.Tensor, shift: torch.Tensor, overwrite: bool) -> torch.Tensor:
+    """``rows - shift`` in ``shift``'s dtype; in place when allowed and the dtypes agree."""
+    if overwrite and rows.dtype == shift.dtype:
+        return rows.sub_(shift)
+    return rows.to(shift.dtype) - shift
+
+
 def _solve_spd(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     """``gram^{-1} rhs`` for a symmetric positive definite ``gram`` (d, d) and ``rhs`` (d, out): by
     Cholesky (half the work of an LU solve), or by LU when rounding left ``gram`` indefinite."""
@@ -335,7 +355,7 @@ def _shift(x: torch.Tensor, z: torch.Tensor, intercept: bool):
     """The rows' means as the moments' shift when an intercept is fitted, else None (zero)."""
     if not intercept:
         return None
-    return x.mean(0, dtype=torch.float64), z.mean(0, dtype=torch.float64)
+    return _column_sums(x) / max(len(x), 1), _column_sums(z) / max(len(z), 1)
 
 
 def solve_layer(
@@ -375,19 +395,68 @@ def solve_layer_held_out(
     if held.all() or not held.any():
         ridge = ridges[len(ridges) // 2]
         return (*solve_layer(x, z, w0, intercept=intercept, ridge=ridge, chunk=chunk), ridge)
-    shift = _shift(x, z, intercept)
-    fitting = Moments.of(x, z, shift, rows=~held, chunk=chunk)
-    scoring = Moments.of(x, z, shift, rows=held, chunk=chunk)
-    fits = [fitting.solve(w0, intercept=intercept, ridge=r) for r in ridges]
-    errors = [0.0] * len(ridges)
-    for start in range(0, len(x), chunk):  # score on the held-out rows, chunk by chunk
-        keep = held[start : start + chunk]
-        xc, zc = x[start : start + chunk][keep].double(), z[start : start + chunk][keep].double()
-        for i, (weight, bias) in enumerate(fits):
-            prediction = xc @ weight.T + (bias if bias is not None else 0.0)
-            errors[i] += float(((prediction - zc) ** 2).sum())
-    ridge = ridges[min(range(len(ridges)), key=errors.__getitem__)]
+    fit, scored = (x[~held], z[~held]), (x[held], z[held])
+    return solve_split(
+        fit, scored, w0, intercept=intercept, ridges=ridges, chunk=chunk, overwrite=True
+    )
+
+
+def solve_split(
+    fit: tuple[torch.Tensor, torch.Tensor],
+    held: tuple[torch.Tensor, torch.Tensor],
+    w0: torch.Tensor,
+    *,
+    intercept: bool,
+    ridges: Sequence[float],
+    chunk: int = 4096,
+    overwrite: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """:func:`solve_layer_held_out` on rows given apart: ``fit`` = (x, z) fits each candidate,
+    ``held`` = (x, z) scores it (both non-empty); the chosen ridge is fitted on both.
+    ``overwrite``: the rows may be centred in place (the caller's own copies)."""
+    ridges = list(ridges)
+    (x_fit, z_fit), (x_held, z_held) = fit, held
+    shift = None
+    if intercept:  # the mean of all rows
+        n = len(x_fit) + len(x_held)
+        shift = (
+            (_column_sums(x_fit) + _column_sums(x_held)) / n,
+            (_column_sums(z_fit) + _column_sums(z_held)) / n,
+        )
+    fitting = Moments.of(x_fit, z_fit, shift, chunk=chunk, overwrite=overwrite)
+    scoring = Moments.of(x_held, z_held, shift, chunk=chunk, overwrite=overwrite)
+    if overwrite:  # the held rows are now centred about the moments' shift
+        x_held, z_held = x_held.double() + scoring.shift_x, z_held.double() + scoring.shift_z
+    else:
+        x_held, z_held = x_held.double(), z_held.double()
+
+    def held_out_error(ridge: float) -> float:
+        weight, bias = fitting.solve(w0, intercept=intercept, ridge=ridge)
+        prediction = x_held @ weight.T + (bias if bias is not None else 0.0)
+        return float((prediction - z_held).square_().sum())
+
+    ridge = ridges[_descend(held_out_error, ridges)]
     return (*(fitting + scoring).solve(w0, intercept=intercept, ridge=ridge), ridge)
+
+
+def _descend(error: Callable[[float], float], ridges: Sequence[float]) -> int:
+    """The index of the ridge of least ``error`` reached by descent from the middle candidate:
+    step to the better neighbour until neither neighbour is better. The held-out error of a ridge
+    regression falls and then rises with the ridge (variance, then bias), so this is the grid's
+    minimum, found with half the solves of trying every candidate."""
+    errors: dict[int, float] = {}
+
+    def at(i: int) -> float:
+        if i not in errors:
+            errors[i] = error(ridges[i])
+        return errors[i]
+
+    i = len(ridges) // 2
+    while True:
+        best = min((j for j in (i - 1, i, i + 1) if 0 <= j < len(ridges)), key=at)
+        if best == i:
+            return i
+        i = best
 
 
 def class_scores(gm: torch.fx.GraphModule, points: Sequence[FitPoint]) -> FitPoint | None:
@@ -446,18 +515,38 @@ def layer_targets(
     ``targets="ensemble"``: the class scores' target follows the prediction ensemble. The parents
     run in eval mode, without gradients."""
     points = fit_points(gm)
-    generator = torch.Generator().manual_seed(seed)
-    scores = class_scores(gm, points) if targets == "ensemble" else None
-    collector = _Collector(
-        {p.target: p for p in points},
-        lambda count, features: _row_choice(count, row_budget(features, max_rows), generator),
-        max(1, len(inputs)),
-        scores.node if scores else None,
+    collector = target_collector(
+        gm, points, len(inputs), max_rows=max_rows, seed=seed, targets=targets
     )
     with torch.no_grad(), evaluating([p.graph_module for p in parents]):
         for parent, weight in zip(parents, weights, strict=True):
             collector.run(parent, weight, inputs)
     return collector.finish()
+
+
+def target_collector(
+    gm: torch.fx.GraphModule,
+    points: Sequence[FitPoint],
+    count: int,
+    *,
+    max_rows: int = 32768,
+    seed: int = 0,
+    targets: Literal["average", "ensemble"] = "average",
+    chosen: LayerTargets | None = None,
+) -> _Collector:
+    """What adds up the targets of ``points`` over ``count`` inputs (:func:`layer_targets`);
+    ``chosen``: rows already drawn (its ``rows`` and ``samples``), else drawn on the first parent's
+    values with ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    scores = class_scores(gm, points) if targets == "ensemble" else None
+    out = LayerTargets(dict(chosen.rows), dict(chosen.samples)) if chosen else LayerTargets()
+    return _Collector(
+        {p.target: p for p in points},
+        lambda rows, features: _row_choice(rows, row_budget(features, max_rows), generator),
+        max(1, count),
+        scores.node if scores else None,
+        out,
+    )
 
 
 @dataclass
@@ -481,13 +570,22 @@ class _Collector:
 
         run_with_hooks(parent.graph_module, inputs, after=dict.fromkeys(self.points, hook))
 
+    def pick(self, point: FitPoint, every: int) -> torch.Tensor:
+        """The rows of ``point`` that enter its regression, out of ``every`` rows (the first call
+        draws them)."""
+        rows = self.out.rows
+        if point.node not in rows:
+            rows[point.node] = self.choose(every, point.features)
+            self.out.samples[point.node] = rows[point.node] // max(1, every // self.count)
+        return rows[point.node]
+
     def add(self, point: FitPoint, every: torch.Tensor, weight: float) -> None:
         """Add ``weight`` times a parent's chosen rows of ``every`` (all rows of the target)."""
-        rows, values = self.out.rows, self.out.values
-        if point.node not in rows:  # the first parent's run picks the rows
-            rows[point.node] = self.choose(len(every), point.features)
-            self.out.samples[point.node] = rows[point.node] // max(1, len(every) // self.count)
-        chosen = every[rows[point.node]]
+        self.accumulate(point, every[self.pick(point, len(every))], weight)
+
+    def accumulate(self, point: FitPoint, chosen: torch.Tensor, weight: float) -> None:
+        """Add ``weight`` times a parent's ``chosen`` rows (rows, units) of ``point``'s target."""
+        values = self.out.values
         scaled = weight * chosen  # in the model's own precision
         values[point.node] = scaled if point.node not in values else values[point.node] + scaled
         if point.node == self.scores and weight > 0:
@@ -503,32 +601,55 @@ class _Collector:
 
 
 def _refit_layer(modules, point: FitPoint, x: torch.Tensor, target, rows, ridge, samples) -> None:
-    """Re-solve ``point``'s layer on the input ``x`` the fused model feeds it."""
+    """Re-solve ``point``'s layer on the input ``x`` the fused model feeds it. With candidate
+    ridges, the rows of every fifth sample are held out to choose one (gathered apart from the
+    others, so that neither set is copied out of the other)."""
     layer = modules[point.module]
-    inputs = selected_rows(layer, x, rows)
     norm = modules[point.norm] if point.norm else None
-    scale = shift = None
-    if norm is not None:  # fit the layer's output through the BatchNorm's affine map
-        scale = norm.weight.double() / (norm.running_var.double() + norm.eps).sqrt()
-        shift = norm.bias.double() - scale * norm.running_mean.double()
-        usable = scale.abs() > 1e-6 * scale.abs().max().clamp_min(1e-30)
-        flat = layer.weight.reshape(layer.weight.shape[0], -1)
-        current = F.linear(inputs, flat, layer.bias).double()
-        target = torch.where(usable, (target - shift) / scale.where(usable, 1.0), current)
+    held = None if isinstance(ridge, numbers.Real) else samples % 5 == 0
+    split = held is not None and bool(held.any()) and not bool(held.all())
+    groups = [~held, held] if split else [slice(None)]
+    parts = [
+        (inputs := selected_rows(layer, x, rows[g]), _through_norm(layer, norm, inputs, target[g]))
+        for g in groups
+    ]
     has_bias = layer.bias is not None
     w0 = layer.weight.reshape(layer.weight.shape[0], -1)
     intercept = has_bias or norm is not None
-    if isinstance(ridge, numbers.Real):
-        weight, bias = solve_layer(inputs, target, w0, intercept=intercept, ridge=ridge)
-    else:  # every fifth sample's rows are held out to choose the ridge
-        weight, bias, _ = solve_layer_held_out(
-            inputs, target, w0, intercept=intercept, ridges=ridge, held=samples % 5 == 0
+    if split:
+        weight, bias, _ = solve_split(
+            parts[0], parts[1], w0, intercept=intercept, ridges=ridge, overwrite=True
         )
+    else:
+        chosen = ridge if held is None else list(ridge)[len(ridge) // 2]
+        weight, bias = solve_layer(*parts[0], w0, intercept=intercept, ridge=chosen)
     layer.weight.copy_(weight.reshape(layer.weight.shape).to(layer.weight.dtype))
     if has_bias:
         layer.bias.copy_(bias.to(layer.bias.dtype))
     elif bias is not None:  # no bias in the layer: the BatchNorm's bias takes the shift
+        scale, _ = _norm_map(norm)
         norm.bias.add_((scale * bias).to(norm.bias.dtype))
+
+
+def _norm_map(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """An eval-mode BatchNorm as the affine map ``y = scale * x + shift`` per unit (float64)."""
+    scale = norm.weight.double() / (norm.running_var.double() + norm.eps).sqrt()
+    return scale, norm.bias.double() - scale * norm.running_mean.double()
+
+
+def _through_norm(layer, norm, inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The layer's target rows: ``target`` itself, or with a following BatchNorm the output that
+    the BatchNorm maps to ``target`` (where its scale is too small to invert, the layer's current
+    output on ``inputs``)."""
+    if norm is None:
+        return target
+    scale, shift = _norm_map(norm)
+    usable = scale.abs() > 1e-6 * scale.abs().max().clamp_min(1e-30)
+    mapped = (target - shift) / scale.where(usable, 1.0)
+    if bool(usable.all()):
+        return mapped
+    flat = layer.weight.reshape(layer.weight.shape[0], -1)
+    return torch.where(usable, mapped, F.linear(inputs, flat, layer.bias).double())
 
 
 def _row_choice(count: int, max_rows: int, generator: torch.Generator) -> torch.Tensor:
@@ -539,7 +660,7 @@ def _row_choice(count: int, max_rows: int, generator: torch.Generator) -> torch.
 
 def refit_layers(
     fused: SpaceGraph,
-    parents: Sequence[SpaceGraph],
+    parents: Sequence[SpaceGraph] | None,
     weights: Sequence[float],
     inputs: torch.Tensor,
     *,
@@ -547,6 +668,7 @@ def refit_layers(
     max_rows: int = 32768,
     seed: int = 0,
     targets: Literal["average", "ensemble"] = "average",
+    goal: LayerTargets | None = None,
 ) -> None:
     """Refit every fittable layer of the fused model to the weighted average of the aligned
     ``parents``' outputs on ``inputs`` (N, ...), in graph order (see the module's docstring).
@@ -557,16 +679,19 @@ def refit_layers(
     for every layer, or candidates to choose from per layer by held-out error. ``targets="ensemble"``:
     where the model ends in class scores (:func:`class_scores`), their target is the log of the
     parents' weighted prediction ensemble (:func:`ensemble_target`); elsewhere, and for models
-    without class scores, the average. Modifies the fused model's parameters in place.
+    without class scores, the average. ``goal``: those targets when the caller has them (from
+    :func:`targets_from_rows`; then ``parents`` is not run). Modifies the fused model's parameters
+    in place.
     """
     gm = fused.graph_module
     points = fit_points(gm)
     if not points:
         return
-    with torch.no_grad(), evaluating([gm, *(p.graph_module for p in parents)]):
-        goal = layer_targets(
-            gm, parents, weights, inputs, max_rows=max_rows, seed=seed, targets=targets
-        )
+    with torch.no_grad(), evaluating([gm, *(p.graph_module for p in parents or ())]):
+        if goal is None:
+            goal = layer_targets(
+                gm, parents, weights, inputs, max_rows=max_rows, seed=seed, targets=targets
+            )
         modules, by_node = dict(gm.named_modules()), {p.node: p for p in points}
 
         def refit(node: torch.fx.Node, args: tuple) -> None:
@@ -576,3 +701,28 @@ def refit_layers(
             )
 
         run_with_hooks(gm, inputs, before=dict.fromkeys(by_node, refit))
+
+
+def targets_from_rows(
+    gm: torch.fx.GraphModule,
+    chosen: LayerTargets,
+    parent_rows: Sequence[Mapping[str, torch.Tensor]],
+    weights: Sequence[float],
+    orders: Sequence[Mapping[str, torch.Tensor | None]],
+    *,
+    targets: Literal["average", "ensemble"] = "average",
+) -> LayerTargets:
+    """Refit's targets (:func:`layer_targets`) from each parent's own rows: ``parent_rows[k][node]``
+    holds parent k's target rows (rows, units) of the fit point at layer ``node``, on the rows
+    ``chosen`` (its ``rows`` and ``samples``), in the parent's unit order; aligned unit j is unit
+    ``orders[k][node][j]`` (None: the order is kept). Equal to running the aligned parents when the
+    plans are permutations."""
+    points = fit_points(gm)
+    collector = target_collector(gm, points, 1, targets=targets, chosen=chosen)
+    for rows, weight, order in zip(parent_rows, weights, orders, strict=True):
+        for point in points:
+            values, permutation = rows[point.node], order.get(point.node)
+            if permutation is not None:
+                values = values[:, permutation.to(values.device)]
+            collector.accumulate(point, values, weight)
+    return collector.finish()

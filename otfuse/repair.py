@@ -158,7 +158,8 @@ def _corrected(point: CorrectionPoint, out: torch.Tensor, target, params) -> tor
         bias.mul_(scale.to(bias.dtype)).add_(shift.to(bias.dtype))
     shape = [1] * out.ndim
     shape[point.axis] = -1
-    return out * scale.to(out.dtype).reshape(shape) + shift.to(out.dtype).reshape(shape)
+    # in place: the output of a layer or norm module is its own fresh tensor
+    return out.mul_(scale.to(out.dtype).reshape(shape)).add_(shift.to(out.dtype).reshape(shape))
 
 
 Statistics = dict[str, tuple[torch.Tensor, torch.Tensor]]  # node name -> (mean, std), each (n,)

@@ -182,13 +182,16 @@ def repair(context: FusionContext) -> None:
 @stage("refit", reads=("seed", "targets"), needs_data=True)
 def refit(context: FusionContext) -> None:
     """Re-solve every Linear/Conv layer to the aligned parents' average outputs (least squares)."""
+    fused = context.fused_graph()
+    goal = context.refit_targets(fused.graph_module)  # from the parents' recorded rows
     refit_layers(
-        context.fused_graph(),
-        context.target_graphs(),
+        fused,
+        context.target_graphs() if goal is None else None,
         context.weights,
         context.sample,
         seed=context.config.seed,
         targets=context.config.targets,
+        goal=goal,
     )
     context.fused.eval()
 

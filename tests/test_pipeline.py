@@ -9,6 +9,7 @@ from helpers import max_state_diff, permuted
 from models import build, example
 
 import otfuse
+import otfuse.refit
 import otfuse.stages
 from otfuse.capture import GraphCache, architecture_key, run_with_hooks
 from otfuse.stages import STAGES
@@ -125,9 +126,11 @@ def test_the_seed_reaches_the_refit_rows(monkeypatch):
 
     def spy(*args, **kwargs):
         seen.append(kwargs["seed"])
-        return original(*args, **kwargs, max_rows=50)  # fewer rows than the layers have
+        return original(*args, **kwargs)
 
     monkeypatch.setattr(otfuse.stages, "refit_layers", spy)
+    # fewer rows than the layers have (drawn where the parents run: before the alignment)
+    monkeypatch.setattr(otfuse.refit, "row_budget", lambda features, max_rows: 50)
     options = dict(data=x, stages=("refit",), num_samples=16)
     a = otfuse.fuse(models, "paper-wts", seed=4, **options).model
     b = otfuse.fuse(models, "paper-wts", seed=4, **options).model

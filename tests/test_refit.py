@@ -202,3 +202,71 @@ def test_gathered_patches_are_the_unfolded_rows(conv, shape):
     rows = torch.randperm(len(full), generator=torch.Generator().manual_seed(1))[:40].sort().values
     torch.testing.assert_close(selected_rows(conv, x, rows, budget=64), full[rows])
     torch.testing.assert_close(selected_rows(conv, x, torch.arange(len(full))), full)
+
+
+@pytest.mark.parametrize("name", list(FIXTURES))
+@pytest.mark.parametrize("targets", ["average", "ensemble"])
+def test_refit_targets_from_recorded_parent_rows_equal_the_aligned_parents(
+    name, targets, monkeypatch
+):
+    """With permutation plans refit reads each parent's rows recorded in the one run before the
+    alignment, reordered by its plans; the fused model is that of running the aligned parents."""
+    from otfuse.context import FusionContext
+
+    models, x = [build(name, seed=s) for s in range(3)], sample(name)
+    used = []
+    original = FusionContext.refit_targets
+    monkeypatch.setattr(
+        FusionContext, "refit_targets", lambda self, gm: used.append(original(self, gm)) or used[-1]
+    )
+    options = dict(data=x, example_input=x[:2], targets=targets)
+    fast = otfuse.fuse(models, "data", **options)
+    assert used and all(u is not None for u in used), "equal widths: permutation plans"
+    monkeypatch.setattr(FusionContext, "refit_targets", lambda self, gm: None)
+    slow = otfuse.fuse(models, "data", **options)
+    assert fast.selected == slow.selected
+    # outputs, not weights: a LayerNorm's outputs have a null direction (their mean), along which
+    # rounding-level differences of the targets move the next layer's weights freely
+    torch.testing.assert_close(outputs(fast.model, x), outputs(slow.model, x), atol=1e-5, rtol=1e-4)
+
+
+def test_refit_runs_the_aligned_parents_across_widths(monkeypatch):
+    """Different widths: the recorded rows are not the aligned parents' (split units), so refit
+    runs them."""
+    from otfuse.context import FusionContext
+
+    x = sample("mlp")
+    models = [build("mlp", seed=0), build("mlp", seed=1, width=32)]
+    used = []
+    original = FusionContext.refit_targets
+    monkeypatch.setattr(
+        FusionContext, "refit_targets", lambda self, gm: used.append(original(self, gm)) or used[-1]
+    )
+    otfuse.fuse(models, "data", data=x, example_input=x[:2])
+    assert used == [None]
+
+
+@pytest.mark.parametrize("name, recorded", [("TinyGPT", False), ("TinyLlama", True)])
+def test_recorded_refit_targets_on_transformers(name, recorded, monkeypatch):
+    """Heads, rotary dims, residual streams: refit from the recorded rows (where every fit point's
+    units lie in one space) fuses what running the aligned parents fuses."""
+    import transformer_models
+
+    from otfuse.context import FusionContext
+
+    models = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        models.append(transformer_models.randomize_norms(getattr(transformer_models, name)()))
+    x = torch.randint(0, 11, (32, 12), generator=torch.Generator().manual_seed(0))
+    original, used = FusionContext.refit_targets, []
+    monkeypatch.setattr(
+        FusionContext, "refit_targets", lambda self, gm: used.append(original(self, gm)) or used[-1]
+    )
+    fast = otfuse.fuse(models, "data", data=x, example_input=x[:2])
+    monkeypatch.setattr(FusionContext, "refit_targets", lambda self, gm: None)
+    slow = otfuse.fuse(models, "data", data=x, example_input=x[:2])
+    assert fast.selected == slow.selected
+    torch.testing.assert_close(outputs(fast.model, x), outputs(slow.model, x), atol=1e-4, rtol=1e-4)
+    # TinyGPT's packed qkv output holds the units of several spaces: its rows are not reordered
+    assert [u is not None for u in used] == [recorded]
