@@ -169,6 +169,8 @@ class FusionContext:
         anchor = self.graphs[self.anchor]
         points = tuple(dict.fromkeys(c.activations for c in configs if c.mode == "acts"))
         stages = {name for c in configs for name in c.stages}
+        if any(g.sizes != anchor.sizes for g in self.graphs):
+            stages = set()  # across widths the stages run the aligned parents themselves
         corrections = tuple(correction_points(anchor)) if "repair" in stages else ()
         fits = tuple(fit_points(anchor.graph_module)) if "refit" in stages else ()
         if fits and self._rows_bytes(fits) > RECORDED_ROWS_BYTES:
@@ -186,7 +188,8 @@ class FusionContext:
 
     def _rows_bytes(self, fits) -> int:
         """An upper bound of the bytes of every model's refit rows at ``fits``."""
-        size = self.sample.element_size() if self.sample.is_floating_point() else 4
+        parameter = next(self.models[self.anchor].parameters(), None)
+        size = parameter.element_size() if parameter is not None else 4  # the rows' precision
         modules = dict(self.graphs[self.anchor].graph_module.named_modules())
         units = sum(
             row_budget(f.features, Wanted.max_rows) * modules[f.module].weight.shape[0]

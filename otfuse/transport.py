@@ -12,9 +12,10 @@ Solvers: ``exact`` (network simplex, POT's ``ot.emd``), ``sinkhorn`` (log-domain
 is then a permutation scaled by 1/n), ``auto`` (assignment when it applies, else exact).
 A plan restricted to ``groups`` blocks is block-diagonal: units never leave their group.
 
-The assignment is solved by the Jonker-Volgenant solver of the ``lap`` package (exact, in float64;
-2.5-3.5x faster than ``scipy.optimize.linear_sum_assignment`` on the costs of fusion), or by SciPy's
-when ``lap`` cannot be imported; :data:`ASSIGNMENT_BACKEND` says which. Both return an optimal
+The assignment is solved by the Jonker-Volgenant solver of the ``lap`` module (from the ``lapx``
+package; exact, in float64; 2.5-3.5x faster than ``scipy.optimize.linear_sum_assignment`` on the
+costs of fusion, and it releases Python's lock, so that solves on :func:`solver_pool` overlap the
+caller's work), or by SciPy's when ``lap`` cannot be imported; :data:`ASSIGNMENT_BACKEND` says which. Both return an optimal
 assignment; when several are optimal (tied costs) they may pick different ones.
 A permutation plan stores the permutation only; its dense matrix is built on first access.
 """
