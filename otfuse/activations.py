@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from collections.abc import Sequence
 from typing import Literal
 
@@ -82,11 +83,51 @@ def _run(
     gm: torch.fx.GraphModule, inputs: torch.Tensor, wanted: set[str], batch_size: int
 ) -> dict[str, torch.Tensor]:
     chunks: dict[str, list[torch.Tensor]] = {name: [] for name in wanted}
-    hooks = {name: lambda n, out: chunks[n.name].append(out.detach()) for name in wanted}
+    changed = changed_in_place(gm)
+
+    def keep(node: torch.fx.Node, out: torch.Tensor) -> None:
+        chunks[node.name].append(out.detach().clone() if node.name in changed else out.detach())
+
+    hooks = dict.fromkeys(wanted, keep)
     with torch.no_grad(), evaluating([gm]):
         for start in range(0, len(inputs), batch_size):
             run_with_hooks(gm, inputs[start : start + batch_size], after=hooks)
     return {name: torch.cat(parts, dim=0) for name, parts in chunks.items() if parts}
+
+
+_IN_PLACE_OPERATORS = frozenset(
+    getattr(operator, name)
+    for name in ("iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "imatmul",
+                 "iand", "ior", "ixor", "ilshift", "irshift")
+)  # fmt: skip
+
+
+def changed_in_place(gm: torch.fx.GraphModule) -> set[str]:
+    """The nodes whose value a later node changes in place (``ReLU(inplace=True)``,
+    ``F.relu(x, inplace=True)``, ``x.relu_()``, ``x += y`` traced as ``iadd``): a recorded view of
+    their value must be copied first."""
+    modules = dict(gm.named_modules())
+    changed = set()
+    for node in gm.graph.nodes:
+        first = node.args[0] if node.args else None
+        if not isinstance(first, torch.fx.Node):
+            continue
+        if node.op == "call_module":
+            in_place = bool(getattr(modules.get(node.target), "inplace", False))
+        elif node.op == "call_method":
+            in_place = node.target.endswith("_") and not node.target.endswith("__")
+        elif node.op == "call_function":
+            base = getattr(node.target, "__name__", str(node.target)).split(".")[0]
+            in_place = (
+                node.target in _IN_PLACE_OPERATORS
+                or node.kwargs.get("inplace") is True
+                or (base.endswith("_") and not base.startswith("_"))  # torch.relu_, aten.add_
+            )
+        else:
+            in_place = False
+        if in_place:
+            changed.add(first.name)
+    return changed
 
 
 def unit_rows(

@@ -160,12 +160,15 @@ class FusionContext:
             self.acts_cache, self.stats_cache, self.records,
         )  # fmt: skip
 
-    def observe_parents(self, configs: Sequence[FusionConfig]) -> list[Observation]:
-        """Run every model once over the sample and record what the stages of ``configs`` (this
-        context's config and its candidates) read from them: the activations of every activation
-        point of an ``acts`` config, REPAIR's statistics, refit's rows (when they fit
-        :data:`RECORDED_ROWS_BYTES`) and the outputs. Fills :attr:`acts_cache`,
-        :attr:`stats_cache` and :attr:`records`; returns the records."""
+    def observe_parents(
+        self, configs: Sequence[FusionConfig], *, outputs: bool = False
+    ) -> list[Observation] | None:
+        """Run every model once over the sample and record what the stages of ``configs`` (the
+        configs that will run: this context's, or its candidates') read from them: the
+        activations of every activation point of an ``acts`` config, REPAIR's statistics and
+        refit's rows (equal widths; the rows when they fit :data:`RECORDED_ROWS_BYTES`), and with
+        ``outputs`` the outputs. Fills :attr:`acts_cache`, :attr:`stats_cache` and
+        :attr:`records`; returns the records, or None when nothing is wanted (no run)."""
         anchor = self.graphs[self.anchor]
         points = tuple(dict.fromkeys(c.activations for c in configs if c.mode == "acts"))
         stages = {name for c in configs for name in c.stages}
@@ -175,7 +178,9 @@ class FusionContext:
         fits = tuple(fit_points(anchor.graph_module)) if "refit" in stages else ()
         if fits and self._rows_bytes(fits) > RECORDED_ROWS_BYTES:
             fits = ()
-        wanted = Wanted(points, corrections, fits, seed=self.config.seed)
+        if not (points or corrections or fits or outputs):
+            return None
+        wanted = Wanted(points, corrections, fits, outputs, seed=self.config.seed)
         records, chosen = observe(self.graphs, self.sample, wanted)
         for p in points:
             self.acts_cache[p] = [r.activations[p] for r in records]

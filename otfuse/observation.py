@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from otfuse.activations import ActivationPoint, activation_nodes, unit_rows
+from otfuse.activations import ActivationPoint, activation_nodes, changed_in_place, unit_rows
 from otfuse.capture import run_with_hooks
 from otfuse.discovery import SpaceGraph
 from otfuse.modes import evaluating
@@ -41,6 +41,7 @@ class Wanted:
         activation_points: activation points (``pre``, ``post``) of the alignment's costs.
         corrections: REPAIR's points (their unit statistics).
         fits: refit's points (their target rows).
+        outputs: keep the graph's output on the sample (for the candidate comparison).
         max_rows, seed: refit's row budget and the seed that draws its rows (and the columns of
             the activations).
     """
@@ -48,6 +49,7 @@ class Wanted:
     activation_points: tuple[ActivationPoint, ...] = ()
     corrections: tuple[CorrectionPoint, ...] = ()
     fits: tuple[FitPoint, ...] = ()
+    outputs: bool = False
     max_rows: int = 32768
     seed: int = 0
 
@@ -60,7 +62,7 @@ class Observation:
         activations: point -> space index -> activation matrix (units, columns).
         statistics: REPAIR point -> unit (mean, std).
         rows: refit point (layer node) -> target rows (rows, units), the rows of ``chosen``.
-        output: the graph's output on the sample when it is one tensor, else None.
+        output: the graph's output on the sample when it is one tensor and was wanted, else None.
     """
 
     activations: dict[ActivationPoint, dict[int, torch.Tensor]] = field(default_factory=dict)
@@ -73,7 +75,8 @@ def observe(
     graphs: Sequence[SpaceGraph], inputs: torch.Tensor, wanted: Wanted
 ) -> tuple[list[Observation], LayerTargets]:
     """Run every graph once on ``inputs`` (N, ...) (eval mode, no gradients) and record ``wanted``,
-    each node's value as it is computed (no node's value on the whole sample is kept). Returns
+    from each node's value as it is computed (no inner node's value on the whole sample is kept;
+    the output is, when wanted). Returns
     the records, in the order of ``graphs``, and refit's rows (``rows`` and ``samples`` per fit
     point, drawn on the first graph's values as :func:`otfuse.refit.layer_targets` draws them;
     ``values`` empty). The graphs share one architecture (node names)."""
@@ -87,7 +90,8 @@ def observe(
             record = Observation()
             hooks = _recorders(graph, wanted, rows, record)
             output = run_with_hooks(graph.graph_module, inputs, after=hooks)
-            record.output = output if isinstance(output, torch.Tensor) else None
+            tensor = wanted.outputs and isinstance(output, torch.Tensor)
+            record.output = output if tensor else None
             record.activations = {
                 p: {
                     i: torch.cat([r for r in parts if r is not None], dim=1)
@@ -115,6 +119,7 @@ def _recorders(graph: SpaceGraph, wanted: Wanted, rows, record: Observation) -> 
     for c in wanted.corrections:
         tasks.setdefault(c.node, []).append(("stats", c))
     modules = dict(graph.graph_module.named_modules())
+    changed = changed_in_place(graph.graph_module)
     for f in wanted.fits:
         tasks.setdefault(f.target, []).append(("rows", f))
 
@@ -124,6 +129,8 @@ def _recorders(graph: SpaceGraph, wanted: Wanted, rows, record: Observation) -> 
             if task[0] == "acts":
                 _, p, index, i, axis = task
                 columns = unit_rows(value, axis, seed=wanted.seed + i)
+                if node.name in changed:  # the rows may be a view of what a later op changes
+                    columns = columns.clone()
                 record.activations[p][index][i] = columns
             elif task[0] == "stats":
                 record.statistics[task[1].node] = unit_statistics(value, task[1].axis)

@@ -142,8 +142,8 @@ def fuse(
     if config.candidates and sample is not None:
         return _select(context, inputs)
     if sample is not None and {"repair", "refit"} & set(config.stages):
-        context.observe_parents([config])  # one run of each parent for every stage
-        clock.lap("observe")
+        if context.observe_parents([config]) is not None:  # one run of each parent for all stages
+            clock.lap("observe")
     run_stages(context)
     return _result(context, inputs)
 
@@ -233,9 +233,11 @@ def _select(context: FusionContext, inputs: str) -> FusionResult:
     tau = SYNTHESIZED_TEMPERATURE if inputs == "synthesized" else 1.0
     candidates = context.config.candidates
     trials = [context.config.replace(**c) for c in candidates]
-    records = context.observe_parents(trials)  # every parent runs once, for every candidate
+    records = context.observe_parents(trials, outputs=True)  # each parent runs once, for all
     context.clock.lap("observe")
     probs = [_log_probs(m, sample, tau, output=r.output) for m, r in zip(context.models, records)]
+    for record in records:
+        record.output = None  # the outputs are not needed any more
     if any(p is None for p in probs):  # outputs that are not one logits tensor: no teacher
         run_stages(context)
         return _result(context, inputs)

@@ -413,7 +413,8 @@ def solve_split(
 ) -> tuple[torch.Tensor, torch.Tensor | None, float]:
     """:func:`solve_layer_held_out` on rows given apart: ``fit`` = (x, z) fits each candidate,
     ``held`` = (x, z) scores it (both non-empty); the chosen ridge is fitted on both.
-    ``overwrite``: the rows may be centred in place (the caller's own copies)."""
+    ``overwrite``: the fitting rows may be centred in place (the caller's own copies; the held
+    rows are never changed)."""
     ridges = list(ridges)
     (x_fit, z_fit), (x_held, z_held) = fit, held
     shift = None
@@ -423,27 +424,28 @@ def solve_split(
             (_column_sums(x_fit) + _column_sums(x_held)) / n,
             (_column_sums(z_fit) + _column_sums(z_held)) / n,
         )
+    scoring = Moments.of(x_held, z_held, shift, chunk=chunk)
     fitting = Moments.of(x_fit, z_fit, shift, chunk=chunk, overwrite=overwrite)
-    scoring = Moments.of(x_held, z_held, shift, chunk=chunk, overwrite=overwrite)
-    if overwrite:  # the held rows are now centred about the moments' shift
-        x_held, z_held = x_held.double() + scoring.shift_x, z_held.double() + scoring.shift_z
-    else:
-        x_held, z_held = x_held.double(), z_held.double()
 
     def held_out_error(ridge: float) -> float:
         weight, bias = fitting.solve(w0, intercept=intercept, ridge=ridge)
-        prediction = x_held @ weight.T + (bias if bias is not None else 0.0)
-        return float((prediction - z_held).square_().sum())
+        error = 0.0
+        for start in range(0, len(x_held), chunk):  # in float64, a chunk at a time
+            x, z = x_held[start : start + chunk].double(), z_held[start : start + chunk].double()
+            prediction = x @ weight.T + (bias if bias is not None else 0.0)
+            error += float((prediction - z).square_().sum())
+        return error
 
     ridge = ridges[_descend(held_out_error, ridges)]
     return (*(fitting + scoring).solve(w0, intercept=intercept, ridge=ridge), ridge)
 
 
 def _descend(error: Callable[[float], float], ridges: Sequence[float]) -> int:
-    """The index of the ridge of least ``error`` reached by descent from the middle candidate:
-    step to the better neighbour until neither neighbour is better. The held-out error of a ridge
-    regression falls and then rises with the ridge (variance, then bias), so this is the grid's
-    minimum, found with half the solves of trying every candidate."""
+    """The index of a ridge of locally least ``error``, reached by descent from the middle
+    candidate: step to the better neighbour until neither neighbour is better. The held-out error
+    of a ridge regression usually falls and then rises with the ridge (variance, then bias); then
+    this is the grid's minimum, found with about half the solves of trying every candidate (the
+    same choice on every layer of the pairs we compared)."""
     errors: dict[int, float] = {}
 
     def at(i: int) -> float:
@@ -680,8 +682,8 @@ def refit_layers(
     where the model ends in class scores (:func:`class_scores`), their target is the log of the
     parents' weighted prediction ensemble (:func:`ensemble_target`); elsewhere, and for models
     without class scores, the average. ``goal``: those targets when the caller has them (from
-    :func:`targets_from_rows`; then ``parents`` is not run). Modifies the fused model's parameters
-    in place.
+    :func:`targets_from_rows`; then ``parents`` is not run, and ``max_rows``, ``seed`` and
+    ``targets`` are those the goal was made with). Modifies the fused model's parameters in place.
     """
     gm = fused.graph_module
     points = fit_points(gm)

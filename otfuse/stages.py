@@ -105,7 +105,7 @@ def align_to_anchor(context: FusionContext) -> None:
 
 
 # Models are aligned to the anchor independently: two at a time, so that one model's exact
-# assignment (which holds the GIL) overlaps another's cost products (which release it).
+# assignment (compiled code, on one core) overlaps another's cost products.
 MODEL_WORKERS = 2
 
 

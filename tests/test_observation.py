@@ -19,7 +19,7 @@ def test_the_record_equals_the_stages_own_runs(name):
     graphs = [cache.graph(m) for m in models]
     points = correction_points(graphs[0])
     fits = fit_points(graphs[0].graph_module)
-    wanted = Wanted(("pre", "post"), tuple(points), tuple(fits), seed=5)
+    wanted = Wanted(("pre", "post"), tuple(points), tuple(fits), outputs=True, seed=5)
     records, chosen = observe(graphs, x, wanted)
     goal = layer_targets(graphs[0].graph_module, graphs, [1.0, 0.0], x, seed=5)
     for graph, model, record in zip(graphs, models, records):
@@ -48,3 +48,33 @@ def test_activation_columns_are_gathered_as_the_moved_rows_would_be():
         keep = torch.randperm(moved.shape[1], generator=gen)[:50].sort().values
         assert torch.equal(unit_rows(value, axis, max_columns=50, seed=2), moved[:, keep])
         assert torch.equal(unit_rows(value, axis, max_columns=10_000), moved)
+
+
+class InPlaceMLP(torch.nn.Module):
+    """Linear -> ReLU(inplace=True) -> Linear: the first layer's output is changed in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.act, self.fc2 = (
+            torch.nn.Linear(6, 12),
+            torch.nn.ReLU(inplace=True),
+            torch.nn.Linear(12, 3),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def test_pre_activations_are_recorded_before_an_in_place_relu_changes_them():
+    torch.manual_seed(0)
+    models, x = [InPlaceMLP().eval() for _ in range(2)], torch.randn(40, 6)
+    cache = GraphCache(x[:2])
+    graphs = [cache.graph(m) for m in models]
+    records, _ = observe(graphs, x, Wanted(("pre",)))
+    by_run = collect_activations_at(graphs[0], x, ("pre",), batch_size=16)["pre"]
+    with torch.no_grad():
+        pre = models[0].fc1(x).T
+    assert (pre < 0).any()
+    for acts in (records[0].activations["pre"], by_run):
+        (rows,) = [a for a in acts.values() if a.shape[0] == 12]
+        torch.testing.assert_close(rows, pre)

@@ -80,6 +80,23 @@ def test_a_large_offset_in_the_inputs_costs_no_precision():
     torch.testing.assert_close(x @ w.T + b, x @ weight.T + bias, atol=1e-4, rtol=1e-9)
 
 
+@pytest.mark.parametrize("x_dtype, z_dtype", [(torch.float32, torch.float64),
+                                              (torch.float32, torch.float32),
+                                              (torch.float64, torch.float64)])  # fmt: skip
+def test_the_held_out_ridge_does_not_depend_on_the_rows_precisions(x_dtype, z_dtype):
+    """Rows with means far from zero, in mixed precisions (a float32 layer fitted through a
+    BatchNorm has float64 targets): pure noise keeps the largest ridge, a linear map the least."""
+    torch.manual_seed(1)
+    x, held = torch.randn(600, 20) + 4.0, torch.arange(600) % 5 == 0
+    noise, linear = torch.randn(600, 3) + 7.0, x @ torch.randn(20, 3) + 7.0
+    for z, expected in ((noise, max(RIDGES)), (linear, min(RIDGES))):
+        *_, ridge = solve_layer_held_out(
+            x.to(x_dtype), z.to(z_dtype), torch.zeros(3, 20), intercept=True, ridges=RIDGES,
+            held=held,
+        )  # fmt: skip
+        assert ridge == expected
+
+
 def test_the_held_out_ridge_follows_what_the_inputs_predict():
     torch.manual_seed(0)
     x, held = torch.randn(400, 30), torch.arange(400) % 5 == 0
