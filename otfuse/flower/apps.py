@@ -20,11 +20,13 @@ on the test split after each round, and writes the final global model to ``outpu
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -36,7 +38,9 @@ from torch import nn
 from otfuse.checkpoints import save_model
 from otfuse.flower.settings import FederatedSettings
 from otfuse.flower.strategy import MODEL_KEY, MeteredFedAvg, OTFusion, model_record
-from otfuse.training import TrainConfig, evaluate, train
+from otfuse.training import TrainConfig, _num_threads, evaluate, train
+
+R = TypeVar("R")
 
 __all__ = [
     "FederatedRun",
@@ -52,6 +56,19 @@ LOCAL_KEY = "local-model"  # the client's own last model, in its Context.state
 
 # --------------------------------------------------------------------------------------------------
 # Client
+
+
+def _one_thread(app: Callable[..., R]) -> Callable[..., R]:
+    """Run ``app`` with one torch thread (each simulated client or server shares the machine's
+    cores with the others), then restore the caller's setting: in-process runs (the simulation's
+    driver, tests) keep theirs."""
+
+    @functools.wraps(app)
+    def run(*args: Any, **kwargs: Any) -> R:
+        with _num_threads(1):
+            return app(*args, **kwargs)
+
+    return run
 
 
 def _settings(given: FederatedSettings | None, context: Context) -> FederatedSettings:
@@ -94,9 +111,9 @@ def _inject(fault: str | None, model: nn.Module, settings: FederatedSettings) ->
     return model
 
 
+@_one_thread
 def client_train(msg: Message, context: Context, settings: FederatedSettings) -> Message:
     """Train this client's model on its data; reply with weights, metrics and architecture."""
-    torch.set_num_threads(1)
     client, num_clients = _client_id(context)
     fault = settings.client_faults().get(client)
     if fault == "raise":
@@ -126,9 +143,9 @@ def client_train(msg: Message, context: Context, settings: FederatedSettings) ->
     return Message(content=content, reply_to=msg)
 
 
+@_one_thread
 def client_evaluate(msg: Message, context: Context, settings: FederatedSettings) -> Message:
     """Evaluate the global model on this client's training data (loss, accuracy, examples)."""
-    torch.set_num_threads(1)
     client, num_clients = _client_id(context)
     model = settings.global_model()
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
@@ -208,9 +225,9 @@ def _evaluate_fn(settings: FederatedSettings) -> Callable[[int, ArrayRecord], Me
     return evaluate_global
 
 
+@_one_thread
 def server_main(grid: Grid, context: Context, settings: FederatedSettings) -> FederatedRun:
     """Run ``settings.rounds`` rounds of the settings' strategy; write the final model if asked."""
-    torch.set_num_threads(1)
     start = time.perf_counter()
     model = settings.global_model()
     strategy = build_strategy(settings, model)
