@@ -20,7 +20,7 @@ the stages run the aligned parents as before.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -76,10 +76,10 @@ def observe(
 ) -> tuple[list[Observation], LayerTargets]:
     """Run every graph once on ``inputs`` (N, ...) (eval mode, no gradients) and record ``wanted``,
     from each node's value as it is computed (no inner node's value on the whole sample is kept;
-    the output is, when wanted). Returns
-    the records, in the order of ``graphs``, and refit's rows (``rows`` and ``samples`` per fit
-    point, drawn on the first graph's values as :func:`otfuse.refit.layer_targets` draws them;
-    ``values`` empty). The graphs share one architecture (node names)."""
+    the output is, when wanted). Returns the records, in the order of ``graphs``, and refit's rows
+    (``rows`` and ``samples`` per fit point, drawn on the first graph's values as
+    :func:`otfuse.refit.layer_targets` draws them; ``values`` empty). The graphs share one
+    architecture (node names)."""
     first = graphs[0].graph_module
     rows = target_collector(
         first, wanted.fits, len(inputs), max_rows=wanted.max_rows, seed=wanted.seed
@@ -107,36 +107,45 @@ def observe(
 def _recorders(graph: SpaceGraph, wanted: Wanted, rows, record: Observation) -> dict:
     """The hooks that record ``wanted`` into ``record`` after each node runs (node name -> hook).
     ``record.activations`` receives, per point and space, the list of its nodes' rows."""
-    tasks: dict[str, list] = {}
+    tasks: dict[str, list[Callable[[torch.Tensor], None]]] = {}
+    changed = changed_in_place(graph.graph_module)
+    modules = dict(graph.graph_module.named_modules())
+
+    def activations(parts: list, i: int, axis: int, copy: bool) -> Callable:
+        def task(value: torch.Tensor) -> None:
+            columns = unit_rows(value, axis, seed=wanted.seed + i)
+            parts[i] = columns.clone() if copy else columns  # a later op may change a view
+
+        return task
+
+    def statistics(point: CorrectionPoint) -> Callable:
+        def task(value: torch.Tensor) -> None:
+            record.statistics[point.node] = unit_statistics(value, point.axis)
+
+        return task
+
+    def target_rows(fit: FitPoint) -> Callable:
+        def task(value: torch.Tensor) -> None:
+            every = output_rows(modules[fit.module], value)
+            record.rows[fit.node] = every[rows.pick(fit, len(every))]
+
+        return task
+
     for p in wanted.activation_points:
         record.activations[p] = {}
         for space in graph.spaces:
             nodes = [] if space.fixed else activation_nodes(space, p)
             if nodes:
-                record.activations[p][space.index] = [None] * len(nodes)
+                parts = record.activations[p][space.index] = [None] * len(nodes)
             for i, (name, axis) in enumerate(nodes):
-                tasks.setdefault(name, []).append(("acts", p, space.index, i, axis))
+                tasks.setdefault(name, []).append(activations(parts, i, axis, name in changed))
     for c in wanted.corrections:
-        tasks.setdefault(c.node, []).append(("stats", c))
-    modules = dict(graph.graph_module.named_modules())
-    changed = changed_in_place(graph.graph_module)
+        tasks.setdefault(c.node, []).append(statistics(c))
     for f in wanted.fits:
-        tasks.setdefault(f.target, []).append(("rows", f))
+        tasks.setdefault(f.target, []).append(target_rows(f))
 
-    def hook(node, value: torch.Tensor) -> None:
-        value = value.detach()
+    def hook(node: torch.fx.Node, value: torch.Tensor) -> None:
         for task in tasks[node.name]:
-            if task[0] == "acts":
-                _, p, index, i, axis = task
-                columns = unit_rows(value, axis, seed=wanted.seed + i)
-                if node.name in changed:  # the rows may be a view of what a later op changes
-                    columns = columns.clone()
-                record.activations[p][index][i] = columns
-            elif task[0] == "stats":
-                record.statistics[task[1].node] = unit_statistics(value, task[1].axis)
-            else:
-                fit = task[1]
-                every = output_rows(modules[fit.module], value)
-                record.rows[fit.node] = every[rows.pick(fit, len(every))]
+            task(value.detach())
 
     return dict.fromkeys(tasks, hook)
