@@ -88,19 +88,20 @@ def test_build_model_loads_modules_whose_state_is_not_their_parameters():
 
 
 @pytest.mark.parametrize(("name", "recipe"), [("vgg", "paper-wts"), ("resnet", "paper-acts")])
-def test_models_aligned_two_at_a_time_give_the_sequential_fusion(name, recipe, monkeypatch):
+def test_models_aligned_several_at_a_time_give_the_sequential_fusion(name, recipe, monkeypatch):
     import otfuse.stages
 
-    models, x = [build(name, seed=s) for s in range(4)], example(name, n=64, seed=3)
+    models, x = [build(name, seed=s) for s in range(5)], example(name, n=64, seed=3)
     data = x if recipe == "paper-acts" else None
     results = []
-    for workers in (1, 2):
+    for workers in (1, 2, 3):
         monkeypatch.setattr(otfuse.stages, "MODEL_WORKERS", workers)
         results.append(otfuse.fuse(models, recipe, data=data, example_input=x[:2]))
-    sequential, parallel = results
-    for key, value in sequential.model.state_dict().items():
-        assert torch.equal(value, parallel.model.state_dict()[key]), key
-    for one, other in zip(sequential.plans, parallel.plans, strict=True):
-        assert one.keys() == other.keys()
-        for space in one:
-            np.testing.assert_array_equal(one[space].matrix, other[space].matrix)
+    sequential = results[0]
+    for parallel in results[1:]:
+        for key, value in sequential.model.state_dict().items():
+            assert torch.equal(value, parallel.model.state_dict()[key]), key
+        for one, other in zip(sequential.plans, parallel.plans, strict=True):
+            assert one.keys() == other.keys()
+            for space in one:
+                np.testing.assert_array_equal(one[space].matrix, other[space].matrix)
