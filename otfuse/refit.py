@@ -444,8 +444,10 @@ def _descend(error: Callable[[float], float], ridges: Sequence[float]) -> int:
     """The index of a ridge of locally least ``error``, reached by descent from the middle
     candidate: step to the better neighbour until neither neighbour is better. The held-out error
     of a ridge regression usually falls and then rises with the ridge (variance, then bias); then
-    this is the grid's minimum, found with about half the solves of trying every candidate (the
-    same choice on every layer of the pairs we compared)."""
+    this is the grid's minimum, found with about half the solves of trying every candidate. It
+    chose as trying every candidate does on every layer of the experiments' VGG11 and ResNet-18
+    pairs and of the test Transformers; on one layer of 11 of a random-weight test ResNet it
+    stopped at a local minimum (1e-2 against 1e-5)."""
     errors: dict[int, float] = {}
 
     def at(i: int) -> float:
