@@ -83,10 +83,10 @@ def _run(
     gm: torch.fx.GraphModule, inputs: torch.Tensor, wanted: set[str], batch_size: int
 ) -> dict[str, torch.Tensor]:
     chunks: dict[str, list[torch.Tensor]] = {name: [] for name in wanted}
-    changed = changed_in_place(gm)
+    copy = bool(changed_in_place(gm))  # a later in-place op may change a kept value (or an alias)
 
     def keep(node: torch.fx.Node, out: torch.Tensor) -> None:
-        chunks[node.name].append(out.detach().clone() if node.name in changed else out.detach())
+        chunks[node.name].append(out.detach().clone() if copy else out.detach())
 
     hooks = dict.fromkeys(wanted, keep)
     with torch.no_grad(), evaluating([gm]):
@@ -104,8 +104,10 @@ _IN_PLACE_OPERATORS = frozenset(
 
 def changed_in_place(gm: torch.fx.GraphModule) -> set[str]:
     """The nodes whose value a later node changes in place (``ReLU(inplace=True)``,
-    ``F.relu(x, inplace=True)``, ``x.relu_()``, ``x += y`` traced as ``iadd``): a recorded view of
-    their value must be copied first."""
+    ``F.relu(x, inplace=True)``, ``x.relu_()``, ``x += y`` traced as ``iadd``). The change also
+    reaches every value that shares its memory (an ``nn.Identity`` or eval-mode ``nn.Dropout``
+    before it returns its input, a view), so a graph with any of these has its recorded values
+    copied."""
     modules = dict(gm.named_modules())
     changed = set()
     for node in gm.graph.nodes:

@@ -108,13 +108,14 @@ def _recorders(graph: SpaceGraph, wanted: Wanted, rows, record: Observation) -> 
     """The hooks that record ``wanted`` into ``record`` after each node runs (node name -> hook).
     ``record.activations`` receives, per point and space, the list of its nodes' rows."""
     tasks: dict[str, list[Callable[[torch.Tensor], None]]] = {}
-    changed = changed_in_place(graph.graph_module)
+    copy = bool(changed_in_place(graph.graph_module))  # an in-place op may change a kept view
     modules = dict(graph.graph_module.named_modules())
 
-    def activations(parts: list, i: int, axis: int, copy: bool) -> Callable:
+    def activations(parts: list, i: int, axis: int) -> Callable:
         def task(value: torch.Tensor) -> None:
             columns = unit_rows(value, axis, seed=wanted.seed + i)
-            parts[i] = columns.clone() if copy else columns  # a later op may change a view
+            shared = columns.untyped_storage().data_ptr() == value.untyped_storage().data_ptr()
+            parts[i] = columns.clone() if copy and shared else columns
 
         return task
 
@@ -138,7 +139,7 @@ def _recorders(graph: SpaceGraph, wanted: Wanted, rows, record: Observation) -> 
             if nodes:
                 parts = record.activations[p][space.index] = [None] * len(nodes)
             for i, (name, axis) in enumerate(nodes):
-                tasks.setdefault(name, []).append(activations(parts, i, axis, name in changed))
+                tasks.setdefault(name, []).append(activations(parts, i, axis))
     for c in wanted.corrections:
         tasks.setdefault(c.node, []).append(statistics(c))
     for f in wanted.fits:

@@ -51,23 +51,24 @@ def test_activation_columns_are_gathered_as_the_moved_rows_would_be():
 
 
 class InPlaceMLP(torch.nn.Module):
-    """Linear -> ReLU(inplace=True) -> Linear: the first layer's output is changed in place."""
+    """Linear -> [an aliasing module] -> ReLU(inplace=True) -> Linear: the first layer's output is
+    changed in place, directly or through ``nn.Identity`` / eval-mode ``nn.Dropout`` (which return
+    their input)."""
 
-    def __init__(self) -> None:
+    def __init__(self, alias: torch.nn.Module | None = None) -> None:
         super().__init__()
-        self.fc1, self.act, self.fc2 = (
-            torch.nn.Linear(6, 12),
-            torch.nn.ReLU(inplace=True),
-            torch.nn.Linear(12, 3),
-        )
+        self.fc1, self.fc2 = torch.nn.Linear(6, 12), torch.nn.Linear(12, 3)
+        self.alias = alias if alias is not None else torch.nn.Sequential()
+        self.act = torch.nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        return self.fc2(self.act(self.alias(self.fc1(x))))
 
 
-def test_pre_activations_are_recorded_before_an_in_place_relu_changes_them():
+@pytest.mark.parametrize("alias", [None, torch.nn.Identity(), torch.nn.Dropout(0.5)])
+def test_pre_activations_are_recorded_before_an_in_place_relu_changes_them(alias):
     torch.manual_seed(0)
-    models, x = [InPlaceMLP().eval() for _ in range(2)], torch.randn(40, 6)
+    models, x = [InPlaceMLP(alias).eval() for _ in range(2)], torch.randn(40, 6)
     cache = GraphCache(x[:2])
     graphs = [cache.graph(m) for m in models]
     records, _ = observe(graphs, x, Wanted(("pre",)))
