@@ -26,7 +26,7 @@ from otfuse.capture import GraphCache
 from otfuse.config import FusionConfig, resolve
 from otfuse.context import Clock, FusionContext, Progress, ProgressCallback
 from otfuse.discovery import SpaceGraph
-from otfuse.errors import DataError
+from otfuse.errors import DataError, OtfuseError
 from otfuse.modes import evaluating
 from otfuse.stages import run_stages, stage_names
 from otfuse.synthesis import can_synthesize, synthesize_inputs
@@ -35,11 +35,13 @@ from otfuse.validation import (
     check_anchor,
     check_fits,
     check_models,
+    data_does_not_fit,
     example_input_for,
     model_device,
     normalise_weights,
     sample_inputs,
     to_device,
+    to_model_dtype,
 )
 
 
@@ -126,12 +128,20 @@ def fuse(
     weights = normalise_weights(config.weights, len(models))
     sample = sample_inputs(data, config.num_samples, config.seed) if data is not None else None
     example = example_input_for(models[config.anchor], example_input, sample)
-    device = model_device(models[config.anchor])  # everything runs where the models are
+    anchor = models[config.anchor]
+    device = model_device(anchor)  # everything runs where the models are, in their precision
     sample, example = to_device(sample, device), to_device(example, device)
+    sample, example = to_model_dtype(sample, anchor), to_model_dtype(example, anchor)
     if sample is not None:
-        check_fits(sample, example, models[config.anchor])
+        check_fits(sample, example, anchor)
     cache = GraphCache(example)
-    cache.graph(models[config.anchor])  # the anchor traced first: a bad example input fails here
+    try:
+        cache.graph(anchor)  # the anchor traced first: a bad example input fails here
+    except OtfuseError as error:
+        from_data = example_input is None and sample is not None
+        if from_data and str(error).startswith("example input does not fit"):
+            raise data_does_not_fit(error, sample, anchor) from None
+        raise
     clock.lap("prepare")
     inputs = "data" if sample is not None else "none"
     if sample is None:

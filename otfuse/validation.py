@@ -55,6 +55,40 @@ def to_device(x: torch.Tensor | tuple | None, device: torch.device) -> torch.Ten
     return x
 
 
+def to_model_dtype(x: torch.Tensor | tuple | None, model: nn.Module) -> torch.Tensor | tuple | None:
+    """Floating-point inputs in the floating dtype of ``model``'s first floating parameter (float32
+    images for a float64 model); integer inputs (token ids), other values and models without
+    floating parameters as they are."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    if dtype is None:
+        return x
+    if isinstance(x, torch.Tensor):
+        return x.to(dtype) if x.is_floating_point() else x
+    if isinstance(x, tuple):
+        return tuple(to_model_dtype(v, model) for v in x)
+    return x
+
+
+def data_does_not_fit(error: OtfuseError, sample: torch.Tensor, model: nn.Module) -> DataError:
+    """The tracing ``error`` of an example input taken from the data, said of the data: in words
+    when the first layer says what the models expect (channels, features, a float input)."""
+    layer = next((m for m in model.modules() if isinstance(m, _LAYERS)), None)
+    if isinstance(sample, torch.Tensor) and layer is not None:
+        embeds = any(isinstance(m, nn.Embedding) for m in model.modules())  # token ids are ints
+        if not sample.is_floating_point() and not sample.is_complex() and not embeds:
+            return DataError(
+                f"data holds integers ({sample.dtype}); the models expect float inputs"
+            )
+        if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            spatial = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}[type(layer)]
+            got = sample.shape[1] if sample.ndim == spatial + 2 else None
+            if got is not None and got != layer.in_channels:
+                unit = "channel" if got == 1 else "channels"
+                return DataError(f"data has {got} {unit}, the models expect {layer.in_channels}")
+    reason = str(error).split(": ", 1)[-1]
+    return DataError(f"data does not fit {type(model).__name__}: {reason}")
+
+
 def first_non_finite(state: dict[str, torch.Tensor]) -> str | None:
     """The name of the first floating-point entry of ``state`` holding NaN or Inf, or None."""
     for name, value in state.items():

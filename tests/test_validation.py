@@ -44,11 +44,28 @@ def test_bad_data_is_one_line(case):
     assert "\n" not in str(caught.value)
 
 
-def test_data_alone_that_does_not_fit_the_models_is_one_line():
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (GOOD[:, :1], "data has 1 channel, the models expect 3"),  # said of the data, in words
+        (torch.randn(16, 3, 3, 3), "data does not fit VGGish: "),
+    ],
+)
+def test_data_alone_that_does_not_fit_the_models_is_one_line(data, message):
+    """Without an example input the data is traced: its misfit is said of the data."""
     models = [build("vgg"), build("vgg", seed=1)]
-    with pytest.raises(OtfuseError, match="does not fit") as caught:
-        otfuse.fuse(models, "paper-acts", data=GOOD[:, :1])
+    with pytest.raises(DataError, match=message) as caught:
+        otfuse.fuse(models, "paper-acts", data=data)
     assert "\n" not in str(caught.value) and "Traceback" not in str(caught.value)
+
+
+def test_float32_data_fuses_float64_models_in_float64():
+    models = [build("mlp").double(), build("mlp", seed=1).double()]
+    x = example("mlp", n=32)
+    fused = otfuse.fuse(models, data=x).model
+    assert all(p.dtype == torch.float64 for p in fused.parameters())
+    with torch.no_grad():
+        assert torch.isfinite(fused(x.double())).all()
 
 
 def test_num_samples_zero_is_a_config_error():
