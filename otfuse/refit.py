@@ -254,12 +254,11 @@ class Moments:
         z: torch.Tensor,
         shift: tuple[torch.Tensor, torch.Tensor] | None = None,
         *,
-        rows: torch.Tensor | None = None,
         chunk: int = 4096,
         overwrite: bool = False,
     ) -> Moments:
-        """The moments of rows ``x`` (rows, d) and ``z`` (rows, out), or of those where the boolean
-        mask ``rows`` is true, summed chunk by chunk (no float64 copy of all the rows).
+        """The moments of rows ``x`` (rows, d) and ``z`` (rows, out), summed chunk by chunk (no
+        float64 copy of all the rows).
         ``overwrite``: rows already in the products' precision are centred in place."""
         f64, dev, products = torch.float64, x.device, product_dtype(x)
         if shift is None:
@@ -281,9 +280,6 @@ class Moments:
         )
         for start in range(0, len(x), chunk):
             xc, zc = x[start : start + chunk], z[start : start + chunk]
-            if rows is not None:
-                keep = rows[start : start + chunk]
-                xc, zc = xc[keep], zc[keep]
             xp, zp = _centred(xc, low_x, overwrite), _centred(zc, low_z, overwrite)
             moments.count += len(xp)
             moments.sum_x += _column_sums(xp)
@@ -393,7 +389,7 @@ def solve_layer_held_out(
     """
     ridges = list(ridges)
     if held.all() or not held.any():
-        ridge = ridges[len(ridges) // 2]
+        ridge = _middle(ridges)
         return (*solve_layer(x, z, w0, intercept=intercept, ridge=ridge, chunk=chunk), ridge)
     fit, scored = (x[~held], z[~held]), (x[held], z[held])
     return solve_split(
@@ -438,6 +434,11 @@ def solve_split(
 
     ridge = ridges[_descend(held_out_error, ridges)]
     return (*(fitting + scoring).solve(w0, intercept=intercept, ridge=ridge), ridge)
+
+
+def _middle(ridges: Sequence[float]) -> float:
+    """The candidate used when no rows can be held out (and where the descent starts)."""
+    return list(ridges)[len(ridges) // 2]
 
 
 def _descend(error: Callable[[float], float], ridges: Sequence[float]) -> int:
@@ -625,7 +626,7 @@ def _refit_layer(modules, point: FitPoint, x: torch.Tensor, target, rows, ridge,
             parts[0], parts[1], w0, intercept=intercept, ridges=ridge, overwrite=True
         )
     else:
-        chosen = ridge if held is None else list(ridge)[len(ridge) // 2]
+        chosen = ridge if held is None else _middle(ridge)
         weight, bias = solve_layer(*parts[0], w0, intercept=intercept, ridge=chosen)
     layer.weight.copy_(weight.reshape(layer.weight.shape).to(layer.weight.dtype))
     if has_bias:

@@ -65,7 +65,9 @@ def test_pooled_moments_solve_the_centred_ridge_problem():
     expected = torch.linalg.solve(xc.T @ xc + lam * torch.eye(6), xc.T @ zc + lam * w0.double().T).T
     shift = x.mean(0), z.mean(0)
     first = torch.arange(300) < 100
-    pooled = Moments.of(x, z, shift, rows=first) + Moments.of(x, z, shift, rows=~first, chunk=7)
+    pooled = Moments.of(x[first], z[first], shift) + Moments.of(
+        x[~first], z[~first], shift, chunk=7
+    )
     weight, bias = pooled.solve(w0, intercept=True, ridge=0.05)
     torch.testing.assert_close(weight, expected)
     torch.testing.assert_close(bias, z.mean(0) - expected @ x.mean(0))
