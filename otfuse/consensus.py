@@ -115,7 +115,7 @@ def align_to_consensus(
             for name, index in names.items():
                 cost = ground_cost(features[index], mean[index], options.cost)
                 if k == anchor:
-                    value += w * float(np.diag(cost).mean())
+                    value += w * float(np.diag(cost).mean(dtype=np.float64))
                 else:
                     value += w * float((round_plans[k][name].matrix * cost).sum())
         return value

@@ -33,7 +33,9 @@ Features = torch.Tensor | Sequence[torch.Tensor]  # rows (n, d), or column block
 
 
 def ground_cost(x: Features, y: Features, metric: CostName = "euclidean") -> np.ndarray:
-    """Cost matrix between the rows of ``x`` (n_b, d) and ``y`` (n_a, d); returns (n_b, n_a) float64.
+    """Cost matrix between the rows of ``x`` (n_b, d) and ``y`` (n_a, d); returns (n_b, n_a) float32,
+    the precision it is formed in (float32 products rank costs exactly enough and are several times
+    faster than float64; the solvers that need float64 convert it, which is exact).
 
     ``x`` and ``y`` may each be given as blocks of columns (lists of (n, d_t), the block t of both
     with the same d_t): the rows are then their concatenation, which the Euclidean costs never form
@@ -47,7 +49,7 @@ def ground_cost(x: Features, y: Features, metric: CostName = "euclidean") -> np.
         cost.clamp_min_(0.0)
         if metric == "euclidean":
             cost.sqrt_()
-        return cost.cpu().double().numpy()
+        return cost.cpu().numpy()
     # float32 matrix products are exact enough to rank costs and several times faster than float64
     x, y = joined(x).float(), joined(y).float()
     # The (n_b, n_a) intermediates are updated in place: fresh large tensors cost page faults that
@@ -60,7 +62,7 @@ def ground_cost(x: Features, y: Features, metric: CostName = "euclidean") -> np.
         yn = y / y.norm(dim=1, keepdim=True).clamp_min(1e-12)
         cost = (xn @ yn.T).neg_().add_(1.0)  # 1 - xn @ yn.T
     cost.clamp_min_(0.0)
-    return cost.cpu().double().numpy()
+    return cost.cpu().numpy()
 
 
 def _blocks(features: Features) -> list[torch.Tensor]:

@@ -102,6 +102,33 @@ def test_assignment_with_ties_is_optimal(cost):
     )
 
 
+@pytest.mark.parametrize("n", [64, 301, 1024])
+def test_large_float32_costs_are_solved_in_float32_to_the_same_optimum(n, monkeypatch):
+    calls = []
+    kernel = transport._lapjvs
+    monkeypatch.setattr(transport, "_lapjvs", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    monkeypatch.setattr(transport, "FLOAT32_KERNEL_FROM", min(n, transport.FLOAT32_KERNEL_FROM))
+    g = torch.Generator().manual_seed(n)
+    x, y = torch.randn(n, 32, generator=g), torch.randn(n, 32, generator=g)
+    cost = ground_cost(x, y, "euclidean")  # float32, with the near-ties of random features
+    perm = transport.assignment(cost)
+    assert calls == [1]
+    assert sorted(perm) == list(range(n))
+    np.testing.assert_array_equal(perm, _scipy_permutation(cost.astype(np.float64)))
+    assert transport.assignment(cost.astype(np.float64)).tolist() == perm.tolist()  # float64 kernel
+    assert calls == [1]
+
+
+def test_a_float32_cost_plan_reports_its_value_in_float64():
+    cost = np.random.default_rng(7).random((50, 50)).astype(np.float32)
+    plan = solve(cost, np.full(50, 0.02), np.full(50, 0.02), solver="assignment")
+    assert plan.value == pytest.approx(cost[plan.permutation, np.arange(50)].astype(float).mean())
+    exact = solve(cost, np.full(50, 0.02), np.full(50, 0.02), solver="exact")
+    assert exact.matrix.dtype == np.float64 and exact.value == pytest.approx(plan.value, rel=1e-7)
+    grouped = solve(cost, np.full(50, 0.02), np.full(50, 0.02), solver="sinkhorn", groups=2)
+    assert grouped.matrix.dtype == np.float64
+
+
 def test_assignment_without_lap_uses_scipy(monkeypatch):
     cost = np.random.default_rng(3).random((50, 50))
     monkeypatch.setattr(transport, "_lapjv", None)
@@ -157,8 +184,8 @@ def test_ground_cost_is_the_plain_expression_bit_for_bit(metric):
         )
         expected = expected.sqrt() if metric == "euclidean" else expected
     cost = ground_cost(x, y, metric)
-    assert cost.dtype == np.float64
-    np.testing.assert_array_equal(cost, expected.double().numpy())
+    assert cost.dtype == np.float32
+    np.testing.assert_array_equal(cost, expected.numpy())
 
 
 @pytest.mark.parametrize("name", ["vgg", "resnet", "depthwise"])
