@@ -82,17 +82,13 @@ def _sq_distances(x: Features, y: Features) -> torch.Tensor:
     (n_b, n_a) allocation: the products of the blocks are summed in place (no concatenated copy of
     the features; a block may be a strided view, such as a transposed weight), the norms' sum is
     formed a block of rows (about 4 MB) at a time. For one block it is
-    ``(x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2.0 * (x @ y.T)`` bit for bit."""
+    ``|x|^2[:, None] + |y|^2[None, :] - 2.0 * (x @ y.T)`` bit for bit, with
+    ``|x|^2 = torch.linalg.vector_norm(x, dim=1).square()`` (one pass, no (n, d) temporary)."""
     x, y = _blocks(x), _blocks(y)
-    if len(x) == 1:
-        xx, yy = (x[0] * x[0]).sum(1), (y[0] * y[0]).sum(1)
-        out = x[0] @ y[0].T
-    else:
-        xx = sum(torch.linalg.vector_norm(b, dim=1).square() for b in x)
-        yy = sum(torch.linalg.vector_norm(b, dim=1).square() for b in y)
-        out = x[0] @ y[0].T
-        for bx, by in zip(x[1:], y[1:], strict=True):
-            out.addmm_(bx, by.T)
+    xx, yy = _sq_norms(x), _sq_norms(y)
+    out = x[0] @ y[0].T
+    for bx, by in zip(x[1:], y[1:], strict=True):
+        out.addmm_(bx, by.T)
     out.mul_(2.0)
     rows = max(1, min(len(out), (1 << 20) // max(1, out.shape[1])))
     buffer = torch.empty(rows, out.shape[1], dtype=out.dtype, device=out.device)
@@ -101,6 +97,14 @@ def _sq_distances(x: Features, y: Features) -> torch.Tensor:
         norms = torch.add(xx[start : start + rows, None], yy[None, :], out=buffer[: len(block)])
         torch.sub(norms, block, out=block)
     return out
+
+
+def _sq_norms(blocks: list[torch.Tensor]) -> torch.Tensor:
+    """Squared norms (n,) of the rows of the concatenated column blocks."""
+    total = torch.linalg.vector_norm(blocks[0], dim=1).square()
+    for block in blocks[1:]:
+        total.add_(torch.linalg.vector_norm(block, dim=1).square())
+    return total
 
 
 def unit_masses(features: Features, kind: MarginalName = "uniform") -> np.ndarray:

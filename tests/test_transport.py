@@ -179,9 +179,8 @@ def test_ground_cost_is_the_plain_expression_bit_for_bit(metric):
         yn = yc / yc.norm(dim=1, keepdim=True).clamp_min(1e-12)
         expected = (1.0 - xn @ yn.T).clamp_min(0.0)
     else:
-        expected = ((x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2.0 * (x @ y.T)).clamp_min(
-            0
-        )
+        xx, yy = (torch.linalg.vector_norm(t, dim=1).square() for t in (x, y))
+        expected = (xx[:, None] + yy[None, :] - 2.0 * (x @ y.T)).clamp_min(0)
         expected = expected.sqrt() if metric == "euclidean" else expected
     cost = ground_cost(x, y, metric)
     assert cost.dtype == np.float32
