@@ -92,8 +92,14 @@ def test_assignment_is_scipys_optimum(n):
     ],
     ids=["zeros", "integers", "duplicates", "tiny"],
 )
-def test_assignment_with_ties_is_optimal(cost):
-    perm = transport.assignment(cost)
+@pytest.mark.parametrize("precision", ["float64", "float32 kernel"])
+def test_assignment_with_ties_is_optimal(cost, precision, monkeypatch):
+    if precision == "float32 kernel":
+        monkeypatch.setattr(transport, "FLOAT32_KERNEL_FROM", 2)
+        cost = cost.astype(np.float32).astype(np.float64)  # the values the float32 kernel sees
+        perm = transport.assignment(cost.astype(np.float32))
+    else:
+        perm = transport.assignment(cost)
     best = _scipy_permutation(cost)
     n = len(cost)
     assert sorted(perm) == list(range(n))
