@@ -106,7 +106,7 @@ class HeadPlanner:
             costs[s.index] = cost = np.asarray(self.cost_of(s))
             r = s.heads.repeat // owner.heads.repeat
             blocks = cost.reshape(g_b, r, d_b, g_a, r, d_a)
-            total += np.einsum("gjihjk->gihk", blocks)
+            total += np.einsum("gjihjk->gihk", blocks, dtype=np.float64)  # sums the repeats
         return total
 
     def _within(self, cost: np.ndarray, fixed: bool) -> tuple[np.ndarray, np.ndarray]:

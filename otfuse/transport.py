@@ -18,9 +18,12 @@ they release Python's lock, so that solves on :func:`solver_pool` overlap the ca
 SciPy's when ``lap`` cannot be imported; :data:`ASSIGNMENT_BACKEND` says which. A cost is solved in
 its own precision: the float32 costs of :func:`otfuse.cost.ground_cost` of width >=
 :data:`FLOAT32_KERNEL_FROM` by ``lap.lapjvs``'s float32 kernel after subtracting row and column
-minima (:func:`_reduced`; together 1.6-2x faster than float64 ``lapjv`` at widths 3072-4096, the same
-assignments on the costs of fusion), others in float64 (exact). All return an optimal
-assignment; when several are optimal (tied costs) they may pick different ones.
+minima (:func:`_reduced`; together 1.6-2x faster than float64 ``lapjv`` at widths 3072-4096), others
+in float64. The float64 solvers return an optimal assignment; the float32 kernel one that is
+optimal up to float32 rounding (assignments whose costs differ by less than a few float32 ulps of
+the costs may swap; the costs themselves are float32 products with that rounding). On every cost of
+fusion compared (MLP, GPT-2 and random-feature costs of width 1024-4096) it returned the float64
+optimum itself. When several are optimal (tied costs) the solvers may pick different ones.
 A permutation plan stores the permutation only; its dense matrix is built on first access.
 """
 
@@ -203,12 +206,12 @@ def assignment(cost: np.ndarray) -> np.ndarray:
     assigned to column j, minimising ``cost[perm, arange(n)].sum()``.
 
     Solved by ``lap``'s Jonker-Volgenant solvers when they are installed: a float32 cost of width
-    >= :data:`FLOAT32_KERNEL_FROM` in float32 (``lapjvs``), any other in float64 (``lapjv``); else by
-    SciPy's ``linear_sum_assignment``. Costs with NaN or infinite entries always go to SciPy, which
-    reports them.
+    >= :data:`FLOAT32_KERNEL_FROM` in float32 (``lapjvs``, optimal up to float32 rounding), any
+    other in float64 (``lapjv``); else by SciPy's ``linear_sum_assignment``. Costs with NaN or
+    infinite entries always go to SciPy, which reports them.
     """
     n = cost.shape[0]
-    if _lapjv is not None and n > 1 and np.isfinite(cost.sum()):
+    if _lapjv is not None and n > 1 and np.isfinite(cost.sum(dtype=np.float64)):
         if cost.dtype == np.float32 and n >= FLOAT32_KERNEL_FROM:
             _, rows_of_cols = _lapjvs(
                 _reduced(cost), jvx_like=False, return_cost=False, prefer_float32=True
@@ -224,10 +227,11 @@ def assignment(cost: np.ndarray) -> np.ndarray:
 
 
 def _reduced(cost: np.ndarray) -> np.ndarray:
-    """:math:`C_{ij} - \min_k C_{ik} - \min_l (C_{lj} - \min_k C_{lk})`, a new (n, n) array.
+    """:math:`C_{ij} - \\min_k C_{ik} - \\min_l (C_{lj} - \\min_k C_{lk})`, a new (n, n) array.
 
     Subtracting a constant from a row or a column changes every assignment's cost by the same
-    amount, so the optimum is the same; Jonker-Volgenant reaches it 35-45% faster from the reduced
+    amount, so the optimum is the same (up to the float32 rounding of the subtractions, below the
+    rounding of the cost itself); Jonker-Volgenant reaches it 35-45% faster from the reduced
     cost on the costs of fusion (Euclidean distances of high-dimensional features, where a few
     units are near many and some far from all), and at about the same speed on others.
     """
