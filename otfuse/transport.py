@@ -219,7 +219,9 @@ def assignment(cost: np.ndarray) -> np.ndarray:
                 _reduced(cost), jvx_like=False, return_cost=False, prefer_float32=True
             )
         else:
-            _, rows_of_cols = _lapjv(_reduced(cost.astype(np.float64)), return_cost=False)
+            _, rows_of_cols = _lapjv(
+                _reduced(cost.astype(np.float64, copy=False)), return_cost=False
+            )
         return rows_of_cols.astype(np.int64)
     rows, cols = linear_sum_assignment(cost)
     perm = np.empty(n, dtype=np.int64)
