@@ -145,11 +145,20 @@ def unit_moments(value: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Te
     return var, mean
 
 
+#: a fused unit whose std over the sample is at most this share of its RMS value does not vary
+#: (float32 rounding of a constant unit's std is about 1e-7 of its value)
+FLAT = 1e-5
+
+
 def _corrected(point: CorrectionPoint, out: torch.Tensor, target, params) -> torch.Tensor:
     """Fold the affine correction of ``point`` into its parameters; returns the corrected output."""
     mean_f, std_f = unit_statistics(out, point.axis)
     mean_t, std_t = target
     scale = std_t / std_f.clamp_min(1e-8)
+    # a unit that does not vary over the sample (one input, identical inputs) has no scale to
+    # match: 0/0 would set it arbitrarily; it keeps its scale and only its mean moves
+    flat = std_f <= FLAT * torch.sqrt(mean_f.square() + std_f.square())
+    scale = torch.where(flat, torch.ones_like(scale), scale)
     shift = mean_t - scale * mean_f if point.bias is not None else torch.zeros_like(mean_t)
     weight = params[point.weight]
     weight.mul_(scale.to(weight.dtype).reshape(-1, *([1] * (weight.ndim - 1))))

@@ -26,12 +26,14 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 
+import torch
 from tqdm.auto import tqdm
 
 from otfuse.alignment import StateDict, align_state
 from otfuse.baselines import average_states, build_model
 from otfuse.consensus import align_to_average, align_to_consensus
 from otfuse.context import FusionContext
+from otfuse.errors import DataError
 from otfuse.refinement import refine_plans
 from otfuse.refit import refit_layers
 from otfuse.repair import (
@@ -161,12 +163,29 @@ def bn_reset(context: FusionContext) -> None:
 
     When ``repair`` runs next and every BatchNorm is a module of the traced graph, the statistics
     are set in repair's own run over the sample instead (one forward pass for both stages)."""
+    if any(
+        isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+        for m in context.fused.modules()
+    ):
+        _check_varied(context.sample)
     if context.next_stage == "repair" and norms_resettable_in_run(
         context.fused_graph().graph_module, context.fused
     ):
         context.pending_norm_reset = True
         return
     reset_batchnorm(context.fused, context.sample)
+
+
+def _check_varied(sample: torch.Tensor | tuple) -> None:
+    """BatchNorm statistics need inputs that differ: from one input (or copies of one) a
+    BatchNorm1d would be given zero variance and divide by sqrt(eps)."""
+    first = sample[0] if isinstance(sample, tuple) else sample
+    if isinstance(first, torch.Tensor) and first.ndim > 0 and bool((first == first[:1]).all()):
+        count = "1 input" if len(first) == 1 else f"{len(first)} copies of one input"
+        raise DataError(
+            f"the sample holds {count}: recomputing BatchNorm statistics (bn_reset) needs "
+            "different inputs (a few hundred for a good fusion)"
+        )
 
 
 @stage("repair", needs_data=True)

@@ -262,3 +262,43 @@ def test_bn_reset_runs_apart_when_the_capture_inlines_the_batchnorm():
     torch.testing.assert_close(both.model.bn.running_var, reset.model.bn.running_var)
     averaged = (models[0].bn.running_mean + models[1].bn.running_mean) / 2
     assert not torch.allclose(reset.model.bn.running_mean, averaged)
+
+
+# -- samples that do not vary ---------------------------------------------------------------------
+def _mlp(batch_norm: bool, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    norm = [torch.nn.BatchNorm1d(16)] if batch_norm else []
+    model = torch.nn.Sequential(
+        torch.nn.Linear(6, 16),
+        *norm,
+        torch.nn.ReLU(),
+        torch.nn.Linear(16, 16),
+        torch.nn.ReLU(),
+        torch.nn.Linear(16, 3),
+    )
+    if batch_norm:
+        model[1].running_mean.normal_()
+        model[1].running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+@pytest.mark.parametrize(
+    "sample",
+    [torch.randn(1, 6), torch.ones(32, 6), torch.zeros(32, 6)],
+    ids=["one", "same", "zeros"],
+)
+def test_repair_on_a_sample_that_does_not_vary_keeps_a_self_fusion_the_model(sample):
+    model, x = _mlp(batch_norm=False), torch.randn(8, 6)
+    for stages in (("repair",), ("repair", "refit")):
+        fused = otfuse.fuse([model, permuted(model, x)[0]], data=sample, stages=stages).model
+        torch.testing.assert_close(fused(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("sample", [torch.randn(1, 6), torch.ones(32, 6)], ids=["one", "same"])
+def test_batchnorm_statistics_from_one_input_are_refused(sample):
+    model = _mlp(batch_norm=True)
+    with pytest.raises(otfuse.DataError, match="needs different inputs"):
+        otfuse.fuse([model, _mlp(batch_norm=True, seed=1)], recipe="data", data=sample)
+    fused = otfuse.fuse([model, model], recipe="data", data=torch.randn(2, 6)).model
+    x = torch.randn(8, 6)
+    assert fused(x).isfinite().all()
