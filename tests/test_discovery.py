@@ -159,3 +159,51 @@ def test_functional_calls_and_views_are_understood():
     assert [s.size for s in graph.transportable()] == [6]
     other, _ = permuted(model, x)
     torch.testing.assert_close(other(x), model(x))
+
+
+# -- resampling and padding of the positions -------------------------------------------------------
+class Resampling(nn.Module):
+    """Upsampling and padding of the positions (module and functional forms): units pass through."""
+
+    def __init__(self, pad_units: bool = False) -> None:
+        super().__init__()
+        self.pad_units = pad_units
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.up = nn.Upsample(scale_factor=2)
+        self.pad = nn.ReflectionPad2d(1)
+        self.c2 = nn.Conv2d(8, 6, 3)
+        self.zero = nn.ZeroPad2d((0, 1, 1, 0))
+        self.fc = nn.Linear(8 if pad_units else 6, 4)
+
+    def forward(self, x):
+        h = F.relu(self.c1(x))
+        h = F.relu(self.c2(self.pad(self.up(h))))
+        h = F.interpolate(self.zero(h), scale_factor=0.5, mode="bilinear")
+        h = F.pad(h, (0, 0, 0, 0, 1, 1) if self.pad_units else (1, 1, 2, 0), value=0.5)
+        return self.fc(h.mean((2, 3)))
+
+
+def _members(graph):
+    return sorted(sorted((m.param, m.axis) for m in s.members) for s in graph.transportable())
+
+
+def test_upsampling_and_padding_of_positions_pass_the_units_through():
+    from otfuse.discovery import discover_exported
+
+    torch.manual_seed(0)
+    model, x = Resampling().eval(), torch.randn(2, 3, 8, 8)
+    graph = otfuse.spaces(model, x)
+    assert [s.size for s in graph.transportable()] == [8, 6]
+    assert _members(discover_exported(model, x)) == _members(graph)  # the ATen rules agree
+    fused = otfuse.fuse([model, permuted(model, x)[0]], "paper-wts", example_input=x).model
+    torch.testing.assert_close(fused(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_padding_the_axis_of_the_units_is_refused():
+    from otfuse.discovery import discover_exported
+
+    model, x = Resampling(pad_units=True).eval(), torch.randn(2, 3, 8, 8)
+    with pytest.raises(UnsupportedOpError, match="would add units"):
+        otfuse.spaces(model, x)
+    with pytest.raises(UnsupportedOpError, match="pads the axis of the units"):
+        discover_exported(model, x)

@@ -34,6 +34,7 @@ from otfuse.discovery.aten_layers import (
     layer_norm,
     linear,
     nonlinearity,
+    padding,
     pooling,
     reduction,
     unary,
@@ -95,7 +96,17 @@ ATEN_RULES: dict[object, Rule] = {
     **{
         p: pooling
         for p in _packets(
-            "max_pool1d max_pool2d avg_pool1d avg_pool2d adaptive_avg_pool1d adaptive_avg_pool2d"
+            "max_pool1d max_pool2d avg_pool1d avg_pool2d adaptive_avg_pool1d adaptive_avg_pool2d "
+            "upsample_nearest1d upsample_nearest2d upsample_nearest3d _upsample_nearest_exact1d "
+            "_upsample_nearest_exact2d _upsample_nearest_exact3d upsample_linear1d "
+            "upsample_bilinear2d _upsample_bilinear2d_aa upsample_bicubic2d upsample_trilinear3d"
+        )
+    },
+    **{
+        p: padding
+        for p in _packets(
+            "pad constant_pad_nd reflection_pad1d reflection_pad2d reflection_pad3d "
+            "replication_pad1d replication_pad2d replication_pad3d"
         )
     },
     **{

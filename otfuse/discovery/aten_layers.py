@@ -159,6 +159,16 @@ def pooling(b: SpaceBuilder, node: torch.fx.Node) -> object:
     return x if isinstance(x, Feature) else None
 
 
+def padding(b: SpaceBuilder, node: torch.fx.Node) -> object:
+    """``constant_pad_nd`` / ``reflection_pad*`` / ``replication_pad*``: pads the last
+    ``len(pad) // 2`` axes, which must all lie after the units' axis."""
+    x = info_of(b, node.args[0])
+    first_padded = len(shape_of(node)) - len(node.args[1]) // 2
+    if isinstance(x, TRACKED) and (not isinstance(x, Feature) or x.axis >= first_padded):
+        raise UnsupportedOpError(f"{label(node)}: pads the axis of the units")
+    return x if isinstance(x, Feature) else None
+
+
 def nonlinearity(b: SpaceBuilder, node: torch.fx.Node) -> object:
     x = unary(b, node)
     b.tag(node, x, "post")

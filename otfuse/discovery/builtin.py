@@ -23,6 +23,7 @@ from otfuse.discovery.rules import (
     linear,
     non_tensor,
     nonlinearity,
+    padding,
     passthrough,
     permute,
     pooling,
@@ -80,8 +81,28 @@ MODULE_RULES: list[tuple[tuple[type, ...], Rule]] = [
             nn.AdaptiveAvgPool3d,
             nn.AdaptiveMaxPool1d,
             nn.AdaptiveMaxPool2d,
+            nn.Upsample,
+            nn.UpsamplingNearest2d,
+            nn.UpsamplingBilinear2d,
         ),
         pooling,
+    ),
+    (
+        (
+            nn.ZeroPad1d,
+            nn.ZeroPad2d,
+            nn.ZeroPad3d,
+            nn.ConstantPad1d,
+            nn.ConstantPad2d,
+            nn.ConstantPad3d,
+            nn.ReflectionPad1d,
+            nn.ReflectionPad2d,
+            nn.ReflectionPad3d,
+            nn.ReplicationPad1d,
+            nn.ReplicationPad2d,
+            nn.ReplicationPad3d,
+        ),
+        padding,
     ),
     ((nn.Flatten, nn.Unflatten), reshape),
 ]
@@ -167,6 +188,7 @@ _POOLING = [
     F.adaptive_avg_pool2d,
     F.adaptive_max_pool1d,
     F.adaptive_max_pool2d,
+    F.interpolate,  # resampling of the axes after the units' (upsampling), like pooling
 ]
 _RESHAPE = [
     torch.flatten,
@@ -200,6 +222,7 @@ FUNCTION_RULES: dict[object, Rule] = {
     **{t: passthrough for t in _PASSTHROUGH},
     **{t: elementwise for t in _ELEMENTWISE},
     **{t: pooling for t in _POOLING},
+    F.pad: padding,
     **{t: reshape for t in _RESHAPE},
     **{t: permute for t in _PERMUTE},
     **{t: reduction for t in _REDUCTION},

@@ -254,6 +254,24 @@ def pooling(b: SpaceBuilder, node: torch.fx.Node) -> Info:
     return x
 
 
+def padding(b: SpaceBuilder, node: torch.fx.Node) -> Info:
+    """``F.pad(x, pad)`` / ATen ``constant_pad_nd`` / ``reflection_pad*`` / ``replication_pad*``:
+    pads the last ``len(pad) // 2`` axes, which must all lie after the units' axis (padding the
+    units' axis would add units)."""
+    x = tracked_input(b, node)
+    if node.op == "call_module":  # nn.ZeroPad2d, nn.ReflectionPad1d, ...: (left, right, top, ...)
+        pad = b.modules[node.target].padding
+    else:
+        pad = node.kwargs.get("pad", node.args[1] if len(node.args) > 1 else ())
+    ndim = len(shape_of(node))
+    first_padded = ndim - len(pad) // 2
+    if isinstance(x, Feature) and x.axis >= first_padded:
+        raise UnsupportedOpError(
+            f"{where(node)}: padding axis {x.axis} would add units to the aligned axis"
+        )
+    return x
+
+
 # -- elementwise binary ops and residual sums ----------------------------------------------------
 def elementwise(b: SpaceBuilder, node: torch.fx.Node) -> Info:
     """``a + b``, ``a * b`` ...: broadcast operands index the same units, so their spaces merge."""
