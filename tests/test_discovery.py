@@ -207,3 +207,31 @@ def test_padding_the_axis_of_the_units_is_refused():
         otfuse.spaces(model, x)
     with pytest.raises(UnsupportedOpError, match="pads the axis of the units"):
         discover_exported(model, x)
+
+
+class Decoder(nn.Module):
+    def __init__(self, groups: int = 1) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.up = nn.ConvTranspose2d(8, 6, 2, stride=2, groups=groups)
+        self.c2 = nn.Conv2d(6, 4, 1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = F.relu(self.up(F.relu(self.c1(x))))
+        return self.fc(F.relu(self.c2(h)).mean((2, 3)))
+
+
+def test_transposed_convolution_opens_a_space_on_its_weights_second_axis():
+    torch.manual_seed(0)
+    model, x = Decoder().eval(), torch.randn(4, 3, 6, 6)
+    graph = otfuse.spaces(model, x)
+    assert [s.size for s in graph.transportable()] == [8, 6, 4]
+    up = next(s for s in graph.transportable() if s.size == 6)
+    assert {(m.param, m.axis) for m in up.members} >= {("up.weight", 1), ("up.bias", 0)}
+    twin = permuted(model, x)[0]
+    for recipe in ("paper-wts", "data"):
+        fused = otfuse.fuse([model, twin], recipe, example_input=x, data=torch.randn(32, 3, 6, 6))
+        torch.testing.assert_close(fused.model(x), model(x), atol=1e-4, rtol=1e-4)
+    with pytest.raises(UnsupportedOpError, match="grouped ConvTranspose2d"):
+        otfuse.spaces(Decoder(groups=2), x)

@@ -15,6 +15,7 @@ from otfuse.discovery.rules import (
     batch_norm,
     concatenate,
     conv,
+    conv_transpose,
     elementwise,
     embedding,
     getitem,
@@ -35,6 +36,7 @@ from otfuse.discovery.rules import (
 MODULE_RULES: list[tuple[tuple[type, ...], Rule]] = [
     ((nn.Linear,), linear),
     ((nn.Conv1d, nn.Conv2d, nn.Conv3d), conv),
+    ((nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), conv_transpose),
     ((nn.Embedding,), embedding),
     ((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d), batch_norm),
     ((nn.LayerNorm,), layer_norm),

@@ -194,6 +194,20 @@ def conv(b: SpaceBuilder, node: torch.fx.Node) -> Info:
     return open_space(b, node, c_out, 1, groups=g)
 
 
+def conv_transpose(b: SpaceBuilder, node: torch.fx.Node) -> Info:
+    """ConvTranspose (groups=1), weight (in, out, k...): opens a space of ``out`` units on axis 1,
+    produced by the weight's axis 1 and the bias; the weight's axis 0 reads the input's units."""
+    mod: nn.ConvTranspose2d = b.modules[node.target]
+    x = tracked_input(b, node)
+    require_axis(node, x, 1, len(shape_of(node)), type(mod).__name__)
+    if mod.groups != 1:
+        raise UnsupportedOpError(f"{where(node)}: grouped {type(mod).__name__} is not supported")
+    if isinstance(x, Feature):
+        b.add_member(f"{node.target}.weight", 0, x.layout, "consumer")
+    producers = {"weight": 1, **({"bias": 0} if mod.bias is not None else {})}
+    return open_space(b, node, mod.out_channels, 1, producers=producers)
+
+
 def embedding(b: SpaceBuilder, node: torch.fx.Node) -> Info:
     mod: nn.Embedding = b.modules[node.target]
     space = b.new_space(mod.embedding_dim, str(node.target))
