@@ -229,6 +229,9 @@ def test_transposed_convolution_opens_a_space_on_its_weights_second_axis():
     assert [s.size for s in graph.transportable()] == [8, 6, 4]
     up = next(s for s in graph.transportable() if s.size == 6)
     assert {(m.param, m.axis) for m in up.members} >= {("up.weight", 1), ("up.bias", 0)}
+    from otfuse.discovery import discover_exported
+
+    assert _members(discover_exported(model, x)) == _members(graph)  # the ATen rule agrees
     twin = permuted(model, x)[0]
     for recipe in ("paper-wts", "data"):
         fused = otfuse.fuse([model, twin], recipe, example_input=x, data=torch.randn(32, 3, 6, 6))

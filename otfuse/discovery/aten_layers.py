@@ -80,6 +80,22 @@ def _conv(b: SpaceBuilder, node: torch.fx.Node, w: ParamView, bias, groups: int)
     return open_space(b, node, c_out, 1, [(w, 0), (bias, 0)], groups=groups)
 
 
+def conv_transpose(b: SpaceBuilder, node: torch.fx.Node) -> object:
+    """``conv_transpose1d/2d/3d(x, W, b, stride, padding, output_padding, groups, dilation)``,
+    W (in, out, k...): W's axis 1 and b write the output channels, W's axis 0 reads x's."""
+    w, bias = weight(b, node, 1, "weight"), weight(b, node, 2, "bias")
+    if w is None:
+        return unsupported_with(b, node)
+    if int(arg(node, 6, "groups", 1)) != 1:
+        raise UnsupportedOpError(f"{label(node)}: grouped transposed convolution is not supported")
+    x = info_of(b, node.args[0])
+    if isinstance(x, TRACKED) and (not isinstance(x, Feature) or x.axis != 1):
+        raise UnsupportedOpError(f"{label(node)}: the units are not on the channel axis")
+    if isinstance(x, Feature):
+        b.add_member(w.name, param_axis(node, w, 0), x.layout, "consumer")
+    return open_space(b, node, shape_of(node)[1], 1, [(w, 1), (bias, 0)])
+
+
 def embedding(b: SpaceBuilder, node: torch.fx.Node) -> object:
     """``embedding(W, ids)``: W (vocabulary, dim) writes units on the output's last axis."""
     w = weight(b, node, 0, "weight")
