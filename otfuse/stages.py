@@ -42,6 +42,7 @@ from otfuse.repair import (
     repair_statistics,
     reset_batchnorm,
 )
+from otfuse.synthesis import tracked_batchnorms
 
 ALIGNMENT = ("mode", "solver", "cost", "marginals", "reg", "activations", "seed", "outgoing")
 
@@ -163,10 +164,7 @@ def bn_reset(context: FusionContext) -> None:
 
     When ``repair`` runs next and every BatchNorm is a module of the traced graph, the statistics
     are set in repair's own run over the sample instead (one forward pass for both stages)."""
-    if any(
-        isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-        for m in context.fused.modules()
-    ):
+    if tracked_batchnorms(context.fused):
         _check_varied(context.sample)
     if context.next_stage == "repair" and norms_resettable_in_run(
         context.fused_graph().graph_module, context.fused
