@@ -209,19 +209,17 @@ def assignment(cost: np.ndarray) -> np.ndarray:
     Solved by ``lap``'s Jonker-Volgenant solvers when they are installed: a float32 cost of width
     >= :data:`FLOAT32_KERNEL_FROM` in float32 (``lapjvs``, optimal up to float32 rounding), any
     other in float64 (``lapjv``), both on the reduced cost (:func:`_reduced`); else by SciPy's
-    ``linear_sum_assignment``. Costs with NaN or
-    infinite entries always go to SciPy, which reports them.
+    ``linear_sum_assignment``. Costs with NaN or infinite entries always go to SciPy, which
+    reports them.
     """
     n = cost.shape[0]
     if _lapjv is not None and n > 1 and np.isfinite(cost.sum(dtype=np.float64)):
-        if cost.dtype == np.float32 and n >= FLOAT32_KERNEL_FROM:
-            _, rows_of_cols = _lapjvs(
-                _reduced(cost), jvx_like=False, return_cost=False, prefer_float32=True
-            )
+        in_float32 = cost.dtype == np.float32 and n >= FLOAT32_KERNEL_FROM
+        reduced = _reduced(cost if in_float32 else cost.astype(np.float64, copy=False))
+        if in_float32:
+            _, rows_of_cols = _lapjvs(reduced, jvx_like=False, return_cost=False)
         else:
-            _, rows_of_cols = _lapjv(
-                _reduced(cost.astype(np.float64, copy=False)), return_cost=False
-            )
+            _, rows_of_cols = _lapjv(reduced, return_cost=False)
         return rows_of_cols.astype(np.int64)
     rows, cols = linear_sum_assignment(cost)
     perm = np.empty(n, dtype=np.int64)

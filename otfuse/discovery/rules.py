@@ -269,9 +269,9 @@ def pooling(b: SpaceBuilder, node: torch.fx.Node) -> Info:
 
 
 def padding(b: SpaceBuilder, node: torch.fx.Node) -> Info:
-    """``F.pad(x, pad)`` / ATen ``constant_pad_nd`` / ``reflection_pad*`` / ``replication_pad*``:
-    pads the last ``len(pad) // 2`` axes, which must all lie after the units' axis (padding the
-    units' axis would add units)."""
+    """``F.pad(x, pad)`` and the padding modules (``nn.ZeroPad2d``, ``nn.ReflectionPad1d`` ...): pad
+    the last ``len(pad) // 2`` axes, which must all lie after the units' axis (padding the units'
+    axis would add units). The ATen ops have their own rule (``aten_layers.padding``)."""
     x = tracked_input(b, node)
     if node.op == "call_module":  # nn.ZeroPad2d, nn.ReflectionPad1d, ...: (left, right, top, ...)
         pad = b.modules[node.target].padding
