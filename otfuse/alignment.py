@@ -161,14 +161,17 @@ class _Alignment:
         """Ground cost (n_b, n_a) of ``sp`` and the masses of B's and A's units."""
         options = self.options
         by_weights = None
-        reads = options.mode == "wts" or options.marginals != "uniform"
+        acts_b, acts_a = self.acts
+        # acts: a space with no observable activation (an inner layer of a stacked RNN) falls back
+        # to its weights
+        use_acts = options.mode == "acts" and sp.index in acts_b and sp.index in acts_a
+        reads = not use_acts or options.marginals != "uniform"
         self._before_cost({m.param for m in sp.members} if reads else set())
         if reads:
             by_weights = _weight_features(
                 sp, self.state, self.sizes, self.state_a, self.sizes_a, self.resolved, self.by_param
             )
-        acts_b, acts_a = self.acts
-        fb, fa = by_weights if options.mode == "wts" else (acts_b[sp.index], acts_a[sp.index])
+        fb, fa = (acts_b[sp.index], acts_a[sp.index]) if use_acts else by_weights
         mass_b, mass_a = by_weights if by_weights is not None else (fb, fa)
         cost = ground_cost(fb, fa, options.cost)
         return cost, unit_masses(mass_b, options.marginals), unit_masses(mass_a, options.marginals)

@@ -58,7 +58,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
 from otfuse.capture import run_with_hooks
-from otfuse.discovery import SpaceGraph, module_calls
+from otfuse.discovery import SpaceGraph, module_calls, parameter_owners, shares_parameters
 from otfuse.modes import evaluating
 
 _FITTABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -87,16 +87,13 @@ def fit_points(gm: torch.fx.GraphModule) -> list[FitPoint]:
     """Linear, Conv1d and Conv2d layers (ungrouped, zero padding, called once, parameters not shared)
     in graph order."""
     modules, calls = dict(gm.named_modules()), module_calls(gm)
-    owners: dict[int, int] = {}
-    for module in modules.values():
-        for p in module.parameters(recurse=False):
-            owners[id(p)] = owners.get(id(p), 0) + 1
+    owners = parameter_owners(gm)
     points = []
     for node in gm.graph.nodes:
         if node.op != "call_module" or calls[node.target] > 1:
             continue
         module = modules[node.target]
-        if not _fittable(module) or any(owners[id(p)] > 1 for p in module.parameters()):
+        if not _fittable(module) or shares_parameters(module, owners):
             continue
         norm = _following_batchnorm(node, modules, calls)
         target = next(iter(node.users)).name if norm else node.name

@@ -34,7 +34,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from otfuse.capture import run_with_hooks
-from otfuse.discovery import SpaceGraph, module_calls
+from otfuse.discovery import SpaceGraph, module_calls, parameter_owners, shares_parameters
 from otfuse.modes import evaluating
 
 _NORMS = (_BatchNorm, nn.LayerNorm, nn.GroupNorm)
@@ -85,17 +85,20 @@ def correction_points(graph: SpaceGraph) -> list[CorrectionPoint]:
     """Layer outputs of the transportable spaces of ``graph``, in graph order.
 
     A Linear or Conv output that feeds only a normalisation layer is corrected at that layer instead;
-    modules called more than once are left as they are.
+    modules called more than once, and modules that share a parameter with another (one correction
+    would change every use), are left as they are.
     """
     gm = graph.graph_module
     modules = dict(gm.named_modules())
     axes = {name: axis for s in graph.spaces if not s.fixed for name, _, axis in s.nodes}
-    points, calls = [], module_calls(gm)
+    points, calls, owners = [], module_calls(gm), parameter_owners(gm)
     for node in gm.graph.nodes:
         # a module called more than once cannot be corrected for each call separately
         if node.op != "call_module" or node.name not in axes or calls[node.target] > 1:
             continue
         module = modules[node.target]
+        if shares_parameters(module, owners):
+            continue
         if isinstance(module, _LAYERS) and _feeds_only_a_norm(node, modules):
             continue
         if isinstance(module, _LAYERS + _NORMS) and getattr(module, "weight", None) is not None:

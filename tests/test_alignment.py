@@ -52,6 +52,46 @@ def test_tied_weights_are_transported_once_and_stay_tied():
     assert fused.head.weight is fused.wte.weight
 
 
+class SharedLayer(nn.Module):
+    """Two Linear layers holding one weight Parameter (``l2.weight = l1.weight``): the rows and
+    columns of that weight, so the units before, between and after them, are one space."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.l1, self.l2, self.out = (
+            nn.Linear(5, 8), nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        )  # fmt: skip
+        self.l2.weight = self.l1.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.l1(torch.relu(self.inp(x))))
+        return self.out(torch.relu(self.l2(h)))
+
+
+def test_a_parameter_shared_by_two_layers_ties_their_spaces_and_stays_shared():
+    from helpers import permuted
+
+    torch.manual_seed(0)
+    a, b = SharedLayer().eval(), SharedLayer().eval()
+    x = torch.randn(64, 5)
+    graph = otfuse.spaces(a, x[:2])
+    assert len(graph.transportable()) == 1  # inp, l1 and l2 write the same units
+    aligned = otfuse.align(b, a, example_input=x[:2])
+    assert aligned.l2.weight is aligned.l1.weight
+    torch.testing.assert_close(aligned(x), b(x), atol=1e-5, rtol=1e-5)  # was off by 0.1
+    planted, _ = permuted(a, x[:2], seed=3)
+    assert not torch.equal(planted.inp.weight, a.inp.weight)
+    fused = otfuse.fuse([a, planted], "paper-wts", example_input=x[:2]).model
+    torch.testing.assert_close(fused(x), a(x), atol=1e-5, rtol=1e-5)
+    # the data recipe leaves the shared layers to the others (one REPAIR or refit would change
+    # both uses); it failed with a KeyError before
+    fused = otfuse.fuse([a, b], data=x).model
+    assert fused.l2.weight is fused.l1.weight
+    assert torch.isfinite(fused(x)).all()
+    itself = otfuse.fuse([a, planted], data=x).model
+    torch.testing.assert_close(itself(x), a(x), atol=1e-4, rtol=1e-4)
+
+
 def test_average_states_is_the_weighted_sum_and_shares_tied_entries():
     torch.manual_seed(0)
     a, b = torch.randn(5, 3), torch.randn(5, 3)

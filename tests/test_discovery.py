@@ -85,14 +85,14 @@ class Untraceable(nn.Module):
         return x
 
 
-class WithLSTM(nn.Module):
+class WithCell(nn.Module):
     def __init__(self):
         super().__init__()
-        self.rnn = nn.GRU(4, 8, batch_first=True)
+        self.cell = nn.GRUCell(4, 8)
         self.fc = nn.Linear(8, 2)
 
     def forward(self, x):
-        return self.fc(self.rnn(x)[0])
+        return self.fc(self.cell(x))
 
 
 class SplitsUnits(nn.Module):
@@ -124,9 +124,9 @@ def test_untraceable_model_is_a_clear_error():
     "model, x, pattern",
     [
         (
-            WithLSTM(),
-            torch.randn(2, 3, 4),
-            "module 'rnn' \\(GRU\\) is not supported.*otfuse.register_rule\\(GRU, rule\\)",
+            WithCell(),
+            torch.randn(2, 4),
+            "module 'cell' \\(GRUCell\\) is not supported.*otfuse.register_rule\\(GRUCell, rule\\)",
         ),
         (SplitsUnits(), torch.randn(2, 4), "indexing selects some of the units"),
         (UnknownOp(), torch.randn(2, 4), "cumsum"),
@@ -238,3 +238,228 @@ def test_transposed_convolution_opens_a_space_on_its_weights_second_axis():
         torch.testing.assert_close(fused.model(x), model(x), atol=1e-4, rtol=1e-4)
     with pytest.raises(UnsupportedOpError, match="grouped ConvTranspose2d"):
         otfuse.spaces(Decoder(groups=2), x)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # the legacy weight_norm API
+@pytest.mark.parametrize(
+    "wrap", ["weight_norm", "spectral_norm", "legacy_weight_norm", "legacy_spectral"]
+)
+def test_a_parametrised_weight_is_refused_in_one_line_naming_the_module(wrap):
+    from torch.nn.utils import parametrizations
+
+    wrappers = {
+        "weight_norm": parametrizations.weight_norm,
+        "spectral_norm": parametrizations.spectral_norm,
+        "legacy_weight_norm": nn.utils.weight_norm,
+        "legacy_spectral": nn.utils.spectral_norm,
+    }
+
+    def make() -> nn.Module:
+        model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+        wrappers[wrap](model[0])
+        return model.eval()
+
+    models, x = [make(), make()], torch.randn(4, 6)
+    for call in (
+        lambda: otfuse.spaces(models[0], x),
+        lambda: otfuse.fuse(models, "paper-wts", example_input=x),
+        lambda: otfuse.fuse(models, data=torch.randn(32, 6)),
+    ):
+        with pytest.raises(UnsupportedOpError, match=r"module '0' .*on each model first") as info:
+            call()
+        assert "\n" not in str(info.value)
+
+
+def _preserves_and_recovers(model, other, x, recipes=("paper-wts", "data")):
+    """``other`` aligned to ``model`` computes what ``other`` does, and fusing ``model`` with a
+    copy of it under a planted permutation gives ``model`` back with each recipe."""
+    aligned = otfuse.align(other, model, example_input=x[:2])
+    torch.testing.assert_close(aligned(x), other(x), atol=1e-5, rtol=1e-5)
+    twin = permuted(model, x[:2], seed=1)[0]
+    for recipe in recipes:
+        fused = otfuse.fuse([model, twin], recipe, example_input=x[:2], data=x).model
+        torch.testing.assert_close(fused(x), model(x), atol=1e-4, rtol=1e-4)
+    return twin
+
+
+class SpatialGate(nn.Module):
+    """CBAM's spatial attention: one gate per position (N, 1, H, W) scales every channel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.gate, self.fc = (
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.Conv2d(2, 1, 7, padding=3),
+            nn.Linear(8, 3),
+        )
+
+    def forward(self, x):
+        h = F.relu(self.c1(x))
+        pooled = torch.cat([h.mean(1, keepdim=True), h.amax(1, keepdim=True)], 1)
+        return self.fc((h * torch.sigmoid(self.gate(pooled))).mean((2, 3)))
+
+
+class AttentionPool(nn.Module):
+    """Attention pooling over tokens: one score per token (N, T, 1) weighs every unit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.score, self.b = nn.Linear(6, 16), nn.Linear(16, 1), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.b((torch.softmax(self.score(h), dim=1) * h).sum(1))
+
+
+@pytest.mark.parametrize("cls, shape", [(SpatialGate, (3, 8, 8)), (AttentionPool, (5, 6))])
+def test_a_single_unit_broadcast_along_the_units_is_a_fixed_gate(cls, shape):
+    from otfuse.discovery import discover_exported
+
+    torch.manual_seed(0)
+    model, other, x = cls().eval(), cls().eval(), torch.randn(32, *shape)
+    graph = otfuse.spaces(model, x[:2])  # was "joins units of different sizes (8 and 1)"
+    assert [s.size for s in graph.transportable()] == [8 if cls is SpatialGate else 16]
+    assert _members(discover_exported(model, x[:2])) == _members(graph)  # the ATen rules agree
+    _preserves_and_recovers(model, other, x)
+
+
+class SlopesAndInstanceNorm(nn.Module):
+    """PReLU with one slope per channel and with one shared slope, an affine InstanceNorm, and
+    functional 3-D pooling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.a1 = nn.Conv2d(3, 8, 3, padding=1), nn.PReLU(8)
+        self.n1 = nn.InstanceNorm2d(8, affine=True)
+        self.c2, self.a2, self.fc = nn.Conv2d(8, 6, 3, padding=1), nn.PReLU(), nn.Linear(6, 3)
+        with torch.no_grad():
+            self.a1.weight.uniform_(-0.5, 0.5)
+            self.n1.weight.uniform_(0.5, 1.5)
+            self.n1.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x):
+        h = self.a2(self.c2(self.n1(self.a1(self.c1(x))))).unsqueeze(2)
+        return self.fc(F.avg_pool3d(h, (1, 2, 2)).mean((2, 3, 4)))
+
+
+def test_per_channel_slopes_and_instance_norms_join_the_channels():
+    from otfuse.discovery import discover_exported
+
+    torch.manual_seed(0)
+    model, other, x = (
+        SlopesAndInstanceNorm().eval(),
+        SlopesAndInstanceNorm().eval(),
+        torch.randn(16, 3, 8, 8),
+    )
+    graph = otfuse.spaces(model, x[:2])  # PReLU and InstanceNorm2d were refused
+    first = graph.transportable()[0]
+    assert {(m.param, m.axis) for m in first.members} >= {
+        ("a1.weight", 0),
+        ("n1.weight", 0),
+        ("n1.bias", 0),
+    }
+    assert _members(discover_exported(model, x[:2])) == _members(graph)  # the ATen rules agree
+    _preserves_and_recovers(model, other, x)
+
+
+class CosineHead(nn.Module):
+    """Features divided by their norm over the units (a cosine classifier's input)."""
+
+    def __init__(self, explicit: bool = False) -> None:
+        super().__init__()
+        self.explicit = explicit
+        self.a, self.head = nn.Linear(6, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        if self.explicit:
+            return self.head(h / torch.linalg.vector_norm(h, dim=1, keepdim=True))
+        return self.head(F.normalize(h, dim=1))
+
+
+@pytest.mark.parametrize("explicit", [False, True])
+def test_dividing_by_the_norm_over_the_units_keeps_them(explicit):
+    torch.manual_seed(0)
+    model, x = CosineHead(explicit).eval(), torch.randn(32, 6)
+    graph = otfuse.spaces(model, x[:2])  # F.normalize was refused
+    assert [s.size for s in graph.transportable()] == [16]
+    _preserves_and_recovers(model, CosineHead(explicit).eval(), x)
+
+
+class Recurrent(nn.Module):
+    """A Linear, then an RNN / GRU / LSTM read by its output (mean over time) or final state."""
+
+    def __init__(self, cell: str, layers: int = 1, bidirectional: bool = False, state=False):
+        super().__init__()
+        self.state = state
+        self.inp = nn.Linear(5, 12)
+        self.rnn = getattr(nn, cell)(12, 10, layers, batch_first=True, bidirectional=bidirectional)
+        self.head = nn.Linear(20 if bidirectional else 10, 3)
+
+    def forward(self, x):
+        out, final = self.rnn(torch.tanh(self.inp(x)))
+        if self.state:
+            return self.head((final[0] if isinstance(final, tuple) else final)[-1])
+        return self.head(out.mean(1))
+
+
+@pytest.mark.parametrize(
+    "cell, layers, bidirectional, state",
+    [("LSTM", 1, False, False), ("GRU", 1, False, True), ("RNN", 1, False, False),
+     ("LSTM", 2, False, False), ("GRU", 2, True, False), ("LSTM", 1, False, True)],
+)  # fmt: skip
+def test_recurrent_layers_open_one_space_per_layer_and_direction(
+    cell, layers, bidirectional, state
+):
+    torch.manual_seed(0)
+    make = lambda: Recurrent(cell, layers, bidirectional, state).eval()  # noqa: E731
+    model, other, x = make(), make(), torch.randn(24, 7, 5)
+    graph = otfuse.spaces(model, x[:2])  # nn.LSTM / GRU / RNN were refused
+    assert [s.size for s in graph.transportable()] == [12] + [10] * layers * (1 + bidirectional)
+    twin = _preserves_and_recovers(model, other, x, ("paper-wts", "paper-acts", "data"))
+    assert not torch.equal(twin.rnn.weight_hh_l0, model.rnn.weight_hh_l0)
+
+
+def test_recurrent_states_that_mix_layers_or_are_not_zeros_are_refused():
+    x = torch.randn(2, 7, 5)
+    with pytest.raises(UnsupportedOpError, match="final states of a 2-layer LSTM"):
+        otfuse.spaces(Recurrent("LSTM", 2, state=True), x)
+
+    class Started(Recurrent):
+        def forward(self, x):
+            make = torch.zeros if self.state == "zeros" else torch.ones
+            h0 = make(1, x.shape[0], 10)
+            return self.head(self.rnn(torch.tanh(self.inp(x)), h0)[0].mean(1))
+
+    assert [s.size for s in otfuse.spaces(Started("GRU", state="zeros"), x).transportable()] == [
+        12,
+        10,
+    ]
+    with pytest.raises(UnsupportedOpError, match="initial states other than zeros"):
+        otfuse.spaces(Started("GRU"), x)
+
+
+class MaxOverTime(nn.Module):
+    """A text CNN's max-over-time pooling by ``torch.max(x, dim)`` (values by index or by name)."""
+
+    def __init__(self, named: bool = False, argmax_units: bool = False) -> None:
+        super().__init__()
+        self.named, self.argmax_units = named, argmax_units
+        self.conv, self.fc = nn.Conv1d(4, 8, 3), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        if self.argmax_units:
+            return self.fc(h.mean(2)) + torch.max(h, dim=1)[1].float().mean(1, keepdim=True)
+        pooled = torch.max(h, dim=2).values if self.named else h.max(2)[0]
+        return self.fc(torch.max(pooled, -0.5 * pooled))  # elementwise, of two tensors
+
+
+@pytest.mark.parametrize("named", [False, True])
+def test_max_along_an_axis_keeps_the_units_and_refuses_their_argmax(named):
+    torch.manual_seed(0)
+    model, other, x = MaxOverTime(named).eval(), MaxOverTime(named).eval(), torch.randn(32, 4, 9)
+    assert [s.size for s in otfuse.spaces(model, x[:2]).transportable()] == [8]  # was refused
+    _preserves_and_recovers(model, other, x)
+    with pytest.raises(UnsupportedOpError, match="indices of an extremum over the units"):
+        otfuse.spaces(MaxOverTime(argmax_units=True), x[:2])

@@ -11,6 +11,9 @@ from __future__ import annotations
 import torch
 import torch.fx
 from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from otfuse.discovery.export import discover_exported
 from otfuse.discovery.layout import (
@@ -58,6 +61,8 @@ __all__ = [
     "registered_rules",
     "tracked_input",
     "unregister_rule",
+    "parameter_owners",
+    "shares_parameters",
 ]
 
 
@@ -68,6 +73,47 @@ def module_calls(gm: torch.fx.GraphModule) -> dict[str, int]:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
     return calls
+
+
+def shares_parameters(module: nn.Module, owners: dict[int, int]) -> bool:
+    """Whether one of ``module``'s own parameters is also another module's (a shared ``Parameter``,
+    tied weights); ``owners`` counts the modules owning each parameter (:func:`parameter_owners`)."""
+    return any(owners[id(p)] > 1 for p in module.parameters(recurse=False))
+
+
+def parameter_owners(root: nn.Module) -> dict[int, int]:
+    """For every parameter under ``root`` (by ``id``), how many modules hold it as their own."""
+    owners: dict[int, int] = {}
+    for module in root.modules():
+        for p in module.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    return owners
+
+
+def refuse_reparametrized(model: nn.Module) -> None:
+    """Raise :class:`UnsupportedOpError` when a module's weight is computed from other tensors by
+    ``weight_norm`` or ``spectral_norm`` (either API): its ``state_dict`` holds those tensors
+    (``parametrizations.weight.original0``, ``weight_g``, ...), not the weight whose units are
+    aligned. The message names the module and how to remove the parametrisation."""
+    legacy = (WeightNorm, SpectralNorm)
+    for name, module in model.named_modules():
+        where = f"module '{name or type(model).__name__}' ({type(module).__name__})"
+        if parametrize.is_parametrized(module):
+            tensors = ", ".join(module.parametrizations)
+            raise UnsupportedOpError(
+                f"{where} has a parametrised {tensors} (weight_norm, spectral_norm, ...); fuse the "
+                f"plain weights: torch.nn.utils.parametrize.remove_parametrizations(module, "
+                f"'{next(iter(module.parametrizations))}') on each model first"
+            )
+        hook = next((h for h in module._forward_pre_hooks.values() if isinstance(h, legacy)), None)
+        if hook is not None:
+            remove = (
+                "remove_weight_norm" if isinstance(hook, WeightNorm) else "remove_spectral_norm"
+            )
+            raise UnsupportedOpError(
+                f"{where} has a {hook.name} computed by {type(hook).__name__}; fuse the plain "
+                f"weights: torch.nn.utils.{remove}(module) on each model first"
+            )
 
 
 def discover(model: nn.Module, example_input: torch.Tensor | tuple) -> SpaceGraph:
@@ -92,6 +138,7 @@ def discover(model: nn.Module, example_input: torch.Tensor | tuple) -> SpaceGrap
             both captures fail, the fx capture's reason, then torch.export's).
         OtfuseError: the model cannot be traced or does not accept ``example_input``.
     """
+    refuse_reparametrized(model)
     try:
         return discover_traced(model, example_input)
     except OtfuseError as fx_error:
@@ -114,6 +161,7 @@ def discover_traced(model: nn.Module, example_input: torch.Tensor | tuple) -> Sp
         wrapped_functions=REGISTRY.wrapped_functions(),
     )
     builder = SpaceBuilder(gm)
+    builder.know_tied(model)
     for node in gm.graph.nodes:
         builder.info[node] = _visit(builder, node)
     return builder.build()

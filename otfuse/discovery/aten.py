@@ -37,8 +37,10 @@ from otfuse.discovery.aten_layers import (
     nonlinearity,
     padding,
     pooling,
+    prelu,
     reduction,
     unary,
+    vector_norm,
 )
 from otfuse.discovery.aten_shapes import (
     attention,
@@ -77,7 +79,11 @@ ATEN_RULES: dict[object, Rule] = {
     **{p: conv_transpose for p in _packets("conv_transpose1d conv_transpose2d conv_transpose3d")},
     **{p: embedding for p in _packets("embedding")},
     **{p: layer_norm for p in _packets("layer_norm rms_norm")},
-    **{p: batch_norm for p in _packets("batch_norm _native_batch_norm_legit_no_training")},
+    **{
+        p: batch_norm
+        for p in _packets("batch_norm _native_batch_norm_legit_no_training instance_norm")
+    },
+    **{p: prelu for p in _packets("prelu")},
     **{p: group_norm for p in _packets("group_norm")},
     **{p: attention for p in _packets("scaled_dot_product_attention")},
     **{
@@ -98,7 +104,8 @@ ATEN_RULES: dict[object, Rule] = {
     **{
         p: pooling
         for p in _packets(
-            "max_pool1d max_pool2d avg_pool1d avg_pool2d adaptive_avg_pool1d adaptive_avg_pool2d "
+            "max_pool1d max_pool2d max_pool3d avg_pool1d avg_pool2d avg_pool3d adaptive_avg_pool1d "
+            "adaptive_avg_pool2d adaptive_avg_pool3d "
             "upsample_nearest1d upsample_nearest2d upsample_nearest3d _upsample_nearest_exact1d "
             "_upsample_nearest_exact2d _upsample_nearest_exact3d upsample_linear1d "
             "upsample_bilinear2d _upsample_bilinear2d_aa upsample_bicubic2d upsample_trilinear3d"
@@ -119,6 +126,7 @@ ATEN_RULES: dict[object, Rule] = {
         )
     },
     **{p: reduction for p in _packets("mean sum amax amin var std logsumexp")},
+    **{p: vector_norm for p in _packets("linalg_vector_norm")},
     **{p: transpose for p in _packets("transpose t swapaxes")},
     **{p: permute for p in _packets("permute")},
     **{p: unsqueeze for p in _packets("unsqueeze")},

@@ -128,7 +128,8 @@ def _norm(b: SpaceBuilder, node: torch.fx.Node, normalized: int, params: list) -
 
 
 def batch_norm(b: SpaceBuilder, node: torch.fx.Node) -> object:
-    """``batch_norm`` / ``_native_batch_norm_legit_no_training``: weight, bias and statistics on axis 1."""
+    """``batch_norm`` / ``_native_batch_norm_legit_no_training`` / ``instance_norm`` (the same
+    arguments): weight, bias and statistics on axis 1."""
     x = info_of(b, node.args[0])
     if isinstance(x, TRACKED) and (not isinstance(x, Feature) or x.axis != 1):
         raise UnsupportedOpError(f"{label(node)}: the units are not on the channel axis")
@@ -138,9 +139,22 @@ def batch_norm(b: SpaceBuilder, node: torch.fx.Node) -> object:
             if view is not None:
                 b.add_member(view.name, param_axis(node, view, 0), x.layout, "norm")
         b.tag(node, x, "norm")
-    if node.target.overloadpacket is aten.batch_norm:
+    if node.target.overloadpacket in (aten.batch_norm, aten.instance_norm):
         return x
     return (x, None, None)
+
+
+def prelu(b: SpaceBuilder, node: torch.fx.Node) -> object:
+    """``prelu(x, W)``: one slope per channel (axis 1) joins the units, or one for all."""
+    x, slope = info_of(b, node.args[0]), weight(b, node, 1, "weight")
+    if isinstance(x, Feature) and slope is not None and shape_of(node.args[1])[0] > 1:
+        if x.axis != 1:
+            raise UnsupportedOpError(f"{label(node)}: the units are not on the channel axis")
+        b.add_member(slope.name, param_axis(node, slope, 0), x.layout, "norm")
+    elif isinstance(x, TRACKED) and not isinstance(x, Feature):
+        raise UnsupportedOpError(f"{label(node)}: the units are not on the channel axis")
+    b.tag(node, x, "post")
+    return x
 
 
 def group_norm(b: SpaceBuilder, node: torch.fx.Node) -> object:
@@ -196,7 +210,8 @@ def elementwise(b: SpaceBuilder, node: torch.fx.Node) -> object:
 
     A parameter broadcast along the units joins their space (``norm``); a tensor that is neither
     (a constant, a mask) but varies along the units fixes them: the space, or for heads the dims
-    (rotary ``cos``/``sin``) or the heads.
+    (rotary ``cos``/``sin``) or the heads. An operand with a single unit broadcast along another's
+    units (an attention weight per token, a spatial gate) does not join them: its unit stays fixed.
     """
     out_shape = shape_of(node)
     if out_shape is None:
@@ -208,6 +223,10 @@ def elementwise(b: SpaceBuilder, node: torch.fx.Node) -> object:
             shift = ndim - len(shape_of(a))
             where = {i: i + shift for i in range(len(shape_of(a)))}
             operands.append((move(info_of(b, a), where, ndim), (1,) * shift + shape_of(a)))
+    for i, (info, shape) in enumerate(operands):
+        if isinstance(info, Feature) and shape[info.axis] == 1 < out_shape[info.axis]:
+            b.fix(info.layout)  # one unit broadcast along the others' units: a gate, a weight
+            operands[i] = (None, (1,) * ndim)  # varies along none of the output's units
     tracked = [info for info, _ in operands if isinstance(info, TRACKED)]
     if not tracked:
         views = [info for info, _ in operands if isinstance(info, ParamView)]
@@ -272,14 +291,24 @@ def constant(b: SpaceBuilder, node: torch.fx.Node, shape: tuple, out: object) ->
 # -- reductions ------------------------------------------------------------------------------------
 def reduction(b: SpaceBuilder, node: torch.fx.Node) -> object:
     """``mean/sum/amax(x, dims, keepdim)``: over the units it is permutation-invariant (None)."""
+    return _reduce(b, node, 1)
+
+
+def vector_norm(b: SpaceBuilder, node: torch.fx.Node) -> object:
+    """``linalg_vector_norm(x, ord, dims, keepdim)`` (``F.normalize``): a reduction."""
+    return _reduce(b, node, 2)
+
+
+def _reduce(b: SpaceBuilder, node: torch.fx.Node, dim_arg: int) -> object:
+    """A reduction whose dims are argument ``dim_arg`` and keepdim the next one."""
     x = info_of(b, node.args[0])
     if not isinstance(x, TRACKED):
         return None
     ndim = len(shape_of(node.args[0]))
-    dims = arg(node, 1, "dim")
+    dims = arg(node, dim_arg, "dim")
     dims = range(ndim) if dims is None else (dims if isinstance(dims, (list, tuple)) else [dims])
     dims = {d % ndim for d in dims}
-    keep = bool(arg(node, 2, "keepdim", False))
+    keep = bool(arg(node, dim_arg + 1, "keepdim", False))
     if isinstance(x, Feature) and x.axis in dims:
         return None
     if dims & tracked_axes(x):

@@ -18,6 +18,7 @@ from otfuse.discovery.rules import (
     conv_transpose,
     elementwise,
     embedding,
+    extremum,
     getitem,
     group_norm,
     layer_norm,
@@ -28,6 +29,8 @@ from otfuse.discovery.rules import (
     passthrough,
     permute,
     pooling,
+    prelu,
+    recurrent,
     reduction,
     reshape,
     stack,
@@ -39,6 +42,9 @@ MODULE_RULES: list[tuple[tuple[type, ...], Rule]] = [
     ((nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), conv_transpose),
     ((nn.Embedding,), embedding),
     ((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d), batch_norm),
+    ((nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d), batch_norm),
+    ((nn.PReLU,), prelu),
+    ((nn.RNN, nn.GRU, nn.LSTM), recurrent),
     ((nn.LayerNorm,), layer_norm),
     ((nn.GroupNorm,), group_norm),
     (
@@ -131,6 +137,7 @@ _NONLINEAR = [
 ]
 _PASSTHROUGH = [
     F.dropout,
+    F.normalize,  # divides by a norm over the units (unchanged by their order) or per unit
     torch.exp,
     torch.abs,
     torch.neg,
@@ -184,10 +191,13 @@ _ELEMENTWISE = [
 _POOLING = [
     F.max_pool1d,
     F.max_pool2d,
+    F.max_pool3d,
     F.avg_pool1d,
     F.avg_pool2d,
+    F.avg_pool3d,
     F.adaptive_avg_pool1d,
     F.adaptive_avg_pool2d,
+    F.adaptive_avg_pool3d,
     F.adaptive_max_pool1d,
     F.adaptive_max_pool2d,
     F.interpolate,  # resampling of the axes after the units' (upsampling), like pooling
@@ -229,6 +239,7 @@ FUNCTION_RULES: dict[object, Rule] = {
     **{t: permute for t in _PERMUTE},
     **{t: reduction for t in _REDUCTION},
     **{t: non_tensor for t in _NON_TENSOR},
+    **{t: extremum for t in (torch.max, torch.min, "max", "min")},
     torch.cat: concatenate,
     torch.concat: concatenate,
     torch.stack: stack,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager, redirect_stderr
 from io import StringIO
@@ -183,14 +182,6 @@ def _first_line(exc: Exception) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def aliases(model: nn.Module) -> dict[str, tuple[str, ...]]:
-    """For every ``state_dict`` name, the other names of the same tensor (tied weights)."""
-    names: dict[int, list[str]] = defaultdict(list)
-    for key, tensor in model.state_dict(keep_vars=True).items():
-        names[id(tensor)].append(key)
-    return {k: tuple(n for n in group if n != k) for group in names.values() for k in group}
-
-
 def discover_exported(model: nn.Module, example_input: torch.Tensor | tuple) -> SpaceGraph:
     """The neuron spaces of ``model`` from its ``torch.export`` graph (see :func:`export_graph`).
 
@@ -200,10 +191,8 @@ def discover_exported(model: nn.Module, example_input: torch.Tensor | tuple) -> 
     """
     gm = modularize(export_graph(model, example_input), model)
     b = SpaceBuilder(gm)
-    b.aliases = aliases(model)
+    b.know_tied(model)
     b.weights = {name for name, _ in model.named_parameters(remove_duplicate=False)}
-    order = {k: i for i, k in enumerate(b.aliases)}
-    b.canonical = {k: min((k, *others), key=order.get) for k, others in b.aliases.items()}
     for node in gm.graph.nodes:
         b.info[node] = _visit(b, node, b.canonical)
     graph = b.build(capture="export")

@@ -22,7 +22,7 @@ import torch.fx
 from torch import nn
 
 from otfuse.discovery.layout import Layout, Role, Segment
-from otfuse.discovery.walker import Feature, Info, ParamRef, SpaceBuilder, shape_of
+from otfuse.discovery.walker import Feature, Info, ParamRef, SpaceBuilder, Unusable, shape_of
 from otfuse.errors import UnsupportedOpError
 
 Rule = Callable[[SpaceBuilder, torch.fx.Node], Info]
@@ -45,7 +45,10 @@ def describe(b: SpaceBuilder, node: torch.fx.Node) -> str:
 
 
 def info_of(b: SpaceBuilder, arg: object) -> Info:
-    return b.info.get(arg) if isinstance(arg, torch.fx.Node) else None
+    info = b.info.get(arg) if isinstance(arg, torch.fx.Node) else None
+    if isinstance(info, Unusable):
+        raise UnsupportedOpError(f"{where(arg)}: {info.reason}")
+    return info
 
 
 def tracked_input(b: SpaceBuilder, node: torch.fx.Node) -> Info:
@@ -194,6 +197,64 @@ def conv(b: SpaceBuilder, node: torch.fx.Node) -> Info:
     return open_space(b, node, c_out, 1, groups=g)
 
 
+def recurrent(b: SpaceBuilder, node: torch.fx.Node) -> Info:
+    """``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM`` on units of the input's last axis.
+
+    Every layer and direction opens a space of ``hidden_size`` units: the rows of its
+    ``weight_ih`` and ``weight_hh`` and its biases hold them once per gate (LSTM: i, f, g, o; GRU:
+    r, z, n), the columns of ``weight_hh`` read them back, and the next layer's ``weight_ih`` reads
+    the previous layer's (both directions, concatenated). Permuting a layer's hidden units this way
+    leaves the recurrence's function unchanged. The output (..., directions x hidden) holds the last
+    layer's units. The final states hold one tensor per layer and direction: with one layer and one
+    direction they are that layer's units, otherwise using them is refused. Initial states other than
+    zeros are refused (they would have to be permuted too).
+    """
+    mod: nn.RNNBase = b.modules[node.target]
+    kind = type(mod).__name__
+    if getattr(mod, "proj_size", 0):
+        raise UnsupportedOpError(f"{where(node)}: {kind} with proj_size is not supported")
+    _require_zero_states(b, node, kind)
+    x = tracked_input(b, node)
+    require_axis(node, x, -1, len(shape_of(node.args[0])), kind)
+    gates = 4 if isinstance(mod, nn.LSTM) else 3 if isinstance(mod, nn.GRU) else 1
+    reads = x.layout if isinstance(x, Feature) else None
+    for layer in range(mod.num_layers):
+        layouts = []
+        for suffix in [f"_l{layer}", f"_l{layer}_reverse"][: 2 if mod.bidirectional else 1]:
+            own = Layout.of(b.new_space(mod.hidden_size, f"{node.target}{suffix}"))
+            prefix, gated = str(node.target), own.repeated(outer=gates)
+            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                if getattr(mod, f"{name}{suffix}", None) is not None:
+                    b.add_member(f"{prefix}.{name}{suffix}", 0, gated, "producer")
+            b.add_member(f"{prefix}.weight_hh{suffix}", 1, own, "consumer")
+            if reads is not None:
+                b.add_member(f"{prefix}.weight_ih{suffix}", 1, reads, "consumer")
+            layouts.append(own)
+        reads = Layout(tuple(seg for layout in layouts for seg in layout.segments))
+    out = Feature(len(shape_of(node.args[0])) - 1, reads)
+    if mod.num_layers == 1 and not mod.bidirectional:
+        state: Info = out  # (1, ..., hidden): the units on the last axis too
+    else:
+        state = Unusable(
+            f"the final states of a {mod.num_layers}-layer{' bidirectional' if mod.bidirectional else ''} "
+            f"{kind} hold several layers' units on one axis; use its output instead"
+        )
+    return (out, (state, state)) if isinstance(mod, nn.LSTM) else (out, state)
+
+
+def _require_zero_states(b: SpaceBuilder, node: torch.fx.Node, kind: str) -> None:
+    """An RNN's initial states, when given, must be zeros (``torch.zeros``, ``zeros_like``,
+    ``new_zeros``): any other value would have to be permuted with the hidden units."""
+    flat: list[torch.fx.Node] = []
+    torch.fx.node.map_arg((node.args[1:], node.kwargs), flat.append)
+    for value in flat:
+        if value.target not in (torch.zeros, torch.zeros_like, "new_zeros"):
+            raise UnsupportedOpError(
+                f"{where(node)}: {kind} given initial states other than zeros (they would have "
+                "to be permuted with its hidden units)"
+            )
+
+
 def conv_transpose(b: SpaceBuilder, node: torch.fx.Node) -> Info:
     """ConvTranspose (groups=1), weight (in, out, k...): opens a space of ``out`` units on axis 1,
     produced by the weight's axis 1 and the bias; the weight's axis 0 reads the input's units."""
@@ -219,12 +280,24 @@ def embedding(b: SpaceBuilder, node: torch.fx.Node) -> Info:
 
 # -- normalisation layers: per-unit parameters join the incoming space --------------------------
 def batch_norm(b: SpaceBuilder, node: torch.fx.Node) -> Info:
+    """BatchNorm and InstanceNorm: weight, bias and running statistics per channel (axis 1)."""
     x = tracked_input(b, node)
     require_axis(node, x, 1, len(shape_of(node)), "BatchNorm")
     if isinstance(x, Feature):
         names = ("weight", "bias", "running_mean", "running_var")
         b.add_module_members(str(node.target), names, 0, x.layout, "norm")
         b.tag(node, x, "norm")
+    return x
+
+
+def prelu(b: SpaceBuilder, node: torch.fx.Node) -> Info:
+    """``nn.PReLU``: one slope per channel (axis 1) joins the units; a single slope is shared."""
+    x = tracked_input(b, node)
+    if b.modules[node.target].num_parameters > 1:
+        require_axis(node, x, 1, len(shape_of(node)), "PReLU")
+        if isinstance(x, Feature):
+            b.add_member(f"{node.target}.weight", 0, x.layout, "norm")
+    b.tag(node, x, "post")
     return x
 
 
@@ -288,7 +361,10 @@ def padding(b: SpaceBuilder, node: torch.fx.Node) -> Info:
 
 # -- elementwise binary ops and residual sums ----------------------------------------------------
 def elementwise(b: SpaceBuilder, node: torch.fx.Node) -> Info:
-    """``a + b``, ``a * b`` ...: broadcast operands index the same units, so their spaces merge."""
+    """``a + b``, ``a * b`` ...: broadcast operands index the same units, so their spaces merge.
+
+    An operand with a single unit broadcast along another's units (an attention weight per token,
+    a spatial gate (N, 1, H, W)) does not join them: its one unit stays fixed."""
     out_shape = shape_of(node)
     if out_shape is None:
         return None
@@ -300,7 +376,11 @@ def elementwise(b: SpaceBuilder, node: torch.fx.Node) -> Info:
     for a in operands:
         info = info_of(b, a)
         if isinstance(info, Feature):
-            features.append(Feature(info.axis + ndim - len(shape_of(a)), info.layout))
+            feature = Feature(info.axis + ndim - len(shape_of(a)), info.layout)
+            if shape_of(a)[info.axis] == 1 < out_shape[feature.axis]:
+                b.fix(info.layout)  # one unit broadcast along the others' units: a gate, a weight
+                continue
+            features.append(feature)
     if not features:
         return None
     out = merge_operands(b, node, operands, features)
@@ -389,6 +469,22 @@ def reduction(b: SpaceBuilder, node: torch.fx.Node) -> Info:
     return Feature(x.axis if keepdim else x.axis - sum(d < x.axis for d in dims), x.layout)
 
 
+def extremum(b: SpaceBuilder, node: torch.fx.Node) -> Info:
+    """``torch.max`` / ``torch.min``: of two tensors, elementwise; of one over all axes, a number;
+    along ``dim``, (values, indices) as :func:`reduction` gives, where the indices of an extremum
+    over the units name a unit and so depend on their order (using them is refused)."""
+    other = node.kwargs.get("other", node.args[1] if len(node.args) > 1 else None)
+    if isinstance(other, torch.fx.Node):
+        return elementwise(b, node)
+    values = reduction(b, node)
+    if "dim" not in node.kwargs and len(node.args) < 2:
+        return values
+    x = tracked_input(b, node)
+    over_units = isinstance(x, Feature) and values is None
+    indices = Unusable("the indices of an extremum over the units") if over_units else values
+    return (values, indices)
+
+
 def concatenate(b: SpaceBuilder, node: torch.fx.Node) -> Info:
     """``torch.cat``: along the unit axis the layouts are concatenated, elsewhere they merge."""
     tensors = node.args[0]
@@ -445,6 +541,10 @@ def getitem(b: SpaceBuilder, node: torch.fx.Node) -> Info:
     x = info_of(b, node.args[0])
     if isinstance(x, ParamRef):
         raise UnsupportedOpError(f"{where(node)}: indexes parameter '{x.name}'")
+    if isinstance(x, tuple):  # an item of a module's tuple output
+        if not isinstance(node.args[1], int):
+            raise UnsupportedOpError(f"{where(node)}: slices a tuple of values with units")
+        return x[node.args[1]]
     if not isinstance(x, Feature):
         return None
     index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
@@ -483,6 +583,9 @@ def attribute(b: SpaceBuilder, node: torch.fx.Node) -> Info:
         return None
     if name in ("T", "mT"):
         return permute(b, node)
-    if isinstance(info_of(b, node.args[0]), (Feature, ParamRef)):
+    x = info_of(b, node.args[0])
+    if isinstance(x, tuple) and name in ("values", "indices") and len(x) == 2:
+        return x[0] if name == "values" else x[1]  # torch.max(x, dim)'s named fields
+    if isinstance(x, (Feature, ParamRef, tuple)):
         raise UnsupportedOpError(f"{where(node)}: attribute '{name}' of a tensor with units")
     return None

@@ -47,7 +47,16 @@ class ParamRef:
     name: str
 
 
-Info = Feature | ParamRef | None
+@dataclass(frozen=True)
+class Unusable:
+    """A traced value whose units cannot be described (the final states of a multi-layer or
+    bidirectional RNN hold several spaces' units on one axis): using it is refused."""
+
+    reason: str
+
+
+# a value's units; a module's tuple output (an RNN's output and final states) is a tuple of them
+Info = Feature | ParamRef | Unusable | tuple | None
 
 
 class SpaceBuilder:
@@ -78,6 +87,19 @@ class SpaceBuilder:
         self.dims_fixed: set[int] = set()
         self.heads_fixed: set[int] = set()
         self.aliases: dict[str, tuple[str, ...]] = {}  # parameter -> its other state_dict names
+        self.canonical: dict[str, str] = {}  # state_dict name -> the first name of its tensor
+
+    def know_tied(self, model: nn.Module) -> None:
+        """Learn ``model``'s tied tensors (one tensor under several ``state_dict`` names: a shared
+        ``Parameter``, tied embeddings): each is recorded under its first name, and its other
+        names are given the same members when the graph is built."""
+        names: dict[int, list[str]] = {}
+        for key, tensor in model.state_dict(keep_vars=True).items():
+            names.setdefault(id(tensor), []).append(key)
+        self.aliases = {
+            k: tuple(n for n in group if n != k) for group in names.values() for k in group
+        }
+        self.canonical = {k: group[0] for group in names.values() for k in group}
 
     # -- spaces ---------------------------------------------------------------------------------
     def new_space(self, size: int, name: str, fixed: bool = False) -> int:
@@ -212,6 +234,7 @@ class SpaceBuilder:
     ) -> None:
         """Record that axis ``axis`` of ``param`` lies in ``layout``. A parameter used twice (a
         module called twice, a tied weight) indexes the same units each time: the layouts merge."""
+        param = self.canonical.get(param, param)
         known = self._member_at.get((param, axis))
         if known is not None:
             self.merge_layouts(known.layout, layout, f"parameter '{param}' used twice")
