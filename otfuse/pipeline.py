@@ -301,6 +301,7 @@ def _label(candidate: Mapping[str, object]) -> str:
 
 def _result(context: FusionContext, inputs: str) -> FusionResult:
     clock = context.clock
+    _modes_of(context.models[context.anchor], context.fused)
     return FusionResult(
         model=context.fused,
         config=context.config,
@@ -314,6 +315,15 @@ def _result(context: FusionContext, inputs: str) -> FusionResult:
         inputs=inputs,
         traces=context.cache.traces,
     )
+
+
+def _modes_of(anchor: nn.Module, fused: nn.Module) -> None:
+    """Give the fused model the anchor's train/eval mode, module by module (the stages run it in
+    eval mode)."""
+    mine, theirs = list(fused.modules()), list(anchor.modules())
+    if len(mine) == len(theirs):
+        for fused_module, anchor_module in zip(mine, theirs):
+            fused_module.training = anchor_module.training
 
 
 def align(

@@ -463,3 +463,44 @@ def test_max_along_an_axis_keeps_the_units_and_refuses_their_argmax(named):
     _preserves_and_recovers(model, other, x)
     with pytest.raises(UnsupportedOpError, match="indices of an extremum over the units"):
         otfuse.spaces(MaxOverTime(argmax_units=True), x[:2])
+
+
+class MixerBlock(nn.Module):
+    """MLP-Mixer: a token-mixing MLP (Linear layers along the tokens, the channels on axis 1),
+    then a channel MLP, each with a LayerNorm over the channels and a residual."""
+
+    def __init__(self, tokens: int = 16, dim: int = 12) -> None:
+        super().__init__()
+        self.n1, self.t1, self.t2 = nn.LayerNorm(dim), nn.Linear(tokens, 24), nn.Linear(24, tokens)
+        self.n2, self.c1, self.c2 = nn.LayerNorm(dim), nn.Linear(dim, 20), nn.Linear(20, dim)
+
+    def forward(self, x):  # (N, T, C)
+        mixed = self.t2(F.gelu(self.t1(self.n1(x).transpose(1, 2)))).transpose(1, 2)
+        x = x + mixed
+        return x + self.c2(F.gelu(self.c1(self.n2(x))))
+
+
+class Mixer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch, self.block, self.head = (
+            nn.Conv2d(1, 12, 7, stride=7),
+            MixerBlock(),
+            nn.Linear(12, 4),
+        )
+
+    def forward(self, x):
+        return self.head(self.block(self.patch(x).flatten(2).transpose(1, 2)).mean(1))
+
+
+def test_a_linear_along_the_positions_lets_the_units_pass():
+    from otfuse.discovery import discover_exported
+
+    torch.manual_seed(0)
+    model, other, x = Mixer().eval(), Mixer().eval(), torch.randn(32, 1, 28, 28)
+    graph = otfuse.spaces(model, x[:2])  # token mixing was refused ("not on the last axis")
+    assert [s.size for s in graph.transportable()] == [12, 20]
+    assert _members(discover_exported(model, x[:2])) == _members(graph)  # the ATen rules agree
+    twin = _preserves_and_recovers(model, other, x)
+    assert not torch.equal(twin.block.c1.weight, model.block.c1.weight)
+    assert torch.equal(twin.block.t1.weight, model.block.t1.weight)  # hidden tokens: by position

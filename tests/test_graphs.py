@@ -117,4 +117,10 @@ def test_data_recipe_with_tuple_outputs_and_models_keep_their_mode():
     models = [TwoHeads().train(), TwoHeads().train()]
     result = otfuse.fuse(models, data=torch.randn(64, 10))
     assert all(m.training for m in models)
+    # the fused model comes back in the anchor's mode, as paper-wts and align give it
+    assert all(m.training for m in result.model.modules())
+    models[0].eval()
+    assert not any(
+        m.training for m in otfuse.fuse(models, data=torch.randn(64, 10)).model.modules()
+    )
     assert all(torch.isfinite(t).all() for t in result.model(torch.randn(2, 10)))

@@ -44,9 +44,11 @@ def _dense(b, node, x_arg: int, w, bias, *, reads: int, writes: int) -> object:
     if w is None or len(w.axes) != 2:
         return unsupported_with(b, node)
     x, ndim = info_of(b, node.args[x_arg]), len(shape_of(node))
-    if isinstance(x, Feature):
-        if x.axis != len(shape_of(node.args[x_arg])) - 1:
+    if isinstance(x, Feature) and x.axis != len(shape_of(node.args[x_arg])) - 1:
+        if len(shape_of(node.args[x_arg])) != ndim:
             raise UnsupportedOpError(f"{label(node)}: the units are not on the last axis")
+        return x  # mixes positions (MLP-Mixer's token mixing): the units pass through
+    if isinstance(x, Feature):
         b.add_member(w.name, param_axis(node, w, reads), x.layout, "consumer")
     elif isinstance(x, TRACKED):
         raise UnsupportedOpError(f"{label(node)}: a projection of split heads")

@@ -70,10 +70,14 @@ def require_axis(node: torch.fx.Node, info: Info, axis: int, ndim: int, what: st
 
 # -- layers that open a new space ----------------------------------------------------------------
 def linear(b: SpaceBuilder, node: torch.fx.Node) -> Info:
+    """``nn.Linear`` on the units (last axis) opens a space of ``out_features`` units; on another
+    axis (MLP-Mixer's token mixing) it mixes positions and the units pass through, its own outputs
+    (hidden tokens) matched by position, not aligned."""
     mod: nn.Linear = b.modules[node.target]
     x = tracked_input(b, node)
     ndim = len(shape_of(node))
-    require_axis(node, x, -1, ndim, "Linear")
+    if isinstance(x, Feature) and x.axis != ndim - 1:
+        return x  # mixes positions (MLP-Mixer's token mixing): the units pass through
     if isinstance(x, Feature):
         b.add_member(f"{node.target}.weight", 1, x.layout, "consumer")
     return open_space(b, node, mod.out_features, ndim - 1)
