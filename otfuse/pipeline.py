@@ -29,7 +29,7 @@ from otfuse.discovery import SpaceGraph
 from otfuse.errors import DataError, OtfuseError
 from otfuse.modes import evaluating
 from otfuse.stages import run_stages, stage_names
-from otfuse.synthesis import can_synthesize, synthesize_inputs
+from otfuse.synthesis import can_synthesize, scores_of, synthesize_inputs
 from otfuse.transport import TransportPlan
 from otfuse.validation import (
     check_anchor,
@@ -286,12 +286,12 @@ def _cut(names: Sequence[str]) -> int:
 def _log_probs(
     model: nn.Module, x: torch.Tensor, tau: float = 1.0, *, output: object = None
 ) -> torch.Tensor | None:
-    """Log-softmax of ``model``'s output on ``x`` (eval mode; ``output`` when the caller has it as
-    one tensor) divided by ``tau``, or None when the output is not a single tensor."""
+    """Log-softmax of ``model``'s scores on ``x`` (eval mode; ``output`` when the caller has it as
+    one tensor; :func:`otfuse.synthesis.scores_of`) divided by ``tau``, or None when it has none."""
     out = output
     if not isinstance(out, torch.Tensor):  # a graph's output may be flattened: run the model
         with torch.no_grad(), evaluating([model]):
-            out = model(x)
+            out = scores_of(model(x))
     return torch.log_softmax(out / tau, dim=-1) if isinstance(out, torch.Tensor) else None
 
 

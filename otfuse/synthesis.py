@@ -36,7 +36,7 @@ text that the parents themselves consider likely (:func:`sample_sequences`).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -57,11 +57,22 @@ def tracked_batchnorms(model: nn.Module) -> list[_BatchNorm]:
     ]
 
 
+def scores_of(output: object) -> torch.Tensor | None:
+    """A model's scores: its output when that is one tensor, else the output's ``logits`` (a
+    Hugging Face ``ModelOutput``, or a mapping with that key); None when it has neither."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = (
+        output.get("logits") if isinstance(output, Mapping) else getattr(output, "logits", None)
+    )
+    return logits if isinstance(logits, torch.Tensor) else None
+
+
 def class_count(model: nn.Module, example_input: torch.Tensor) -> int:
     """C when ``model`` maps ``example_input`` to class scores (N, C) with C >= 2, else 0."""
     try:
         with evaluating([model]), torch.no_grad():
-            out = model(example_input)
+            out = scores_of(model(example_input))
     except Exception:  # noqa: BLE001 - any failure means: not a plain classifier on this input
         return 0
     shaped = isinstance(out, torch.Tensor) and out.ndim == 2 and out.shape[1] >= 2
@@ -78,7 +89,7 @@ def is_causal_lm(model: nn.Module, example_input: object) -> bool:
     changed[:, -1] = (x[:, -1] + 1) % max(int(x.max()) + 1, 2)
     try:
         with evaluating([model]), torch.no_grad():
-            out, other = model(x), model(changed)
+            out, other = scores_of(model(x)), scores_of(model(changed))
     except Exception:  # noqa: BLE001 - any failure means: not a language model on this input
         return False
     if not (isinstance(out, torch.Tensor) and out.shape[:2] == x.shape and out.ndim == 3):
@@ -197,11 +208,13 @@ def synthesize_inputs(
                 seen.clear()
                 optimizer.zero_grad()
                 with _autocast(x, precision):
-                    outputs = [model(x) for model in models]
+                    outputs = [scores_of(model(x)) for model in models]
                 loss = statistics_loss(seen) + smoothness * total_variation(x)
                 loss = loss + prior * x.pow(2).mean()
                 if labels is not None:
-                    loss = loss + sum(F.cross_entropy(_at_least_float32(o), labels) for o in outputs)
+                    loss = loss + sum(
+                        F.cross_entropy(_at_least_float32(o), labels) for o in outputs
+                    )
                 loss.backward()
                 optimizer.step()
     finally:
@@ -245,9 +258,11 @@ def sample_sequences(
     are not modified."""
     generator = torch.Generator().manual_seed(seed)
     with evaluating(models):
-        vocab = models[0](torch.zeros(1, 1, dtype=torch.long)).shape[-1]
+        vocab = scores_of(models[0](torch.zeros(1, 1, dtype=torch.long))).shape[-1]
         x = torch.randint(0, vocab, (num_samples, 1), generator=generator)
         for _ in tqdm(range(length - 1), desc="sample", disable=not progress, leave=False):
-            probs = sum(torch.softmax(m(x)[:, -1].double(), dim=-1) for m in models) / len(models)
+            probs = sum(
+                torch.softmax(scores_of(m(x))[:, -1].double(), dim=-1) for m in models
+            ) / len(models)
             x = torch.cat([x, torch.multinomial(probs, 1, generator=generator)], dim=1)
     return x

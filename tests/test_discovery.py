@@ -504,3 +504,25 @@ def test_a_linear_along_the_positions_lets_the_units_pass():
     twin = _preserves_and_recovers(model, other, x)
     assert not torch.equal(twin.block.c1.weight, model.block.c1.weight)
     assert torch.equal(twin.block.t1.weight, model.block.t1.weight)  # hidden tokens: by position
+
+
+class PadsTokens(nn.Module):
+    """Zero padding on the units' axis next to real padding of the tokens (as Swin pads (B, H, W, C))."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(8, 16), nn.Linear(16, 3)
+
+    def forward(self, x):  # (B, T, 8)
+        return self.l2(F.pad(torch.relu(self.l1(x)), (0, 0, 0, 2))).mean(1)
+
+
+def test_zero_padding_of_the_units_axis_is_no_padding():
+    from otfuse.discovery import discover_exported
+
+    torch.manual_seed(0)
+    model, other, x = PadsTokens().eval(), PadsTokens().eval(), torch.randn(32, 5, 8)
+    graph = otfuse.spaces(model, x[:2])  # was "padding axis 2 would add units"
+    assert [s.size for s in graph.transportable()] == [16]
+    assert _members(discover_exported(model, x[:2])) == _members(graph)  # the ATen rules agree
+    _preserves_and_recovers(model, other, x)

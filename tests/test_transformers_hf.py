@@ -121,3 +121,22 @@ def test_alignment_of_an_independent_model_keeps_its_function(captured, name):
     aligned = align_on(graph, other, model)
     assert max_diff(aligned, other) > 0.1
     torch.testing.assert_close(logits(aligned, x), logits(other, x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "vit"])
+def test_the_python_default_synthesises_inputs_for_hugging_face_models(name):
+    # their output is a ModelOutput: the data-free recipe fell back to weight matching silently
+    x = MODELS[name][1]
+    result = otfuse.fuse([make(name, 0), make(name, 1)], example_input=x)
+    assert result.inputs == "synthesized" and "synthesize" in result.timings
+    assert result.config.stages and result.selected is not None
+    assert torch.isfinite(logits(result.model, x)).all()
+
+
+def test_a_decoder_that_returns_its_cache_is_refused_with_the_setting_to_change():
+    models = [make("llama", 0), make("llama", 1)]
+    for model in models:
+        model.config.use_cache = True
+    with pytest.raises(otfuse.OtfuseError, match=r"config.use_cache = False on each model") as info:
+        otfuse.fuse(models, "paper-wts", example_input=TOKENS)
+    assert "\n" not in str(info.value) and "pytree" not in str(info.value)

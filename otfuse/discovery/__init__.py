@@ -147,6 +147,13 @@ def discover(model: nn.Module, example_input: torch.Tensor | tuple) -> SpaceGrap
         try:
             return discover_exported(model, example_input)
         except OtfuseError as export_error:
+            config = getattr(model, "config", None)
+            if "Cache" in str(export_error) and getattr(config, "use_cache", False):
+                raise OtfuseError(
+                    f"{type(model).__name__} returns its key/value cache (config.use_cache is "
+                    "True), which fusion cannot capture; set model.config.use_cache = False on "
+                    "each model first"
+                ) from None
             unsupported = UnsupportedOpError in (type(fx_error), type(export_error))
             error = UnsupportedOpError if unsupported else OtfuseError
             raise error(f"{fx_error}; with torch.export: {export_error}") from None

@@ -22,6 +22,7 @@ from otfuse.discovery.aten_values import (
     unsupported_with,
     weight,
 )
+from otfuse.discovery.rules import pads_axis
 from otfuse.discovery.walker import Feature, SpaceBuilder, shape_of
 from otfuse.errors import UnsupportedOpError
 
@@ -193,10 +194,11 @@ def pooling(b: SpaceBuilder, node: torch.fx.Node) -> object:
 
 def padding(b: SpaceBuilder, node: torch.fx.Node) -> object:
     """``constant_pad_nd`` / ``reflection_pad*`` / ``replication_pad*``: pads the last
-    ``len(pad) // 2`` axes, which must all lie after the units' axis."""
-    x = info_of(b, node.args[0])
-    first_padded = len(shape_of(node)) - len(node.args[1]) // 2
-    if isinstance(x, TRACKED) and (not isinstance(x, Feature) or x.axis >= first_padded):
+    ``len(pad) // 2`` axes; the units' axis only by zero (:func:`rules.pads_axis`)."""
+    x, ndim = info_of(b, node.args[0]), len(shape_of(node))
+    if isinstance(x, TRACKED) and (
+        not isinstance(x, Feature) or pads_axis(node.args[1], ndim, x.axis)
+    ):
         raise UnsupportedOpError(f"{label(node)}: pads the axis of the units")
     return x if isinstance(x, Feature) else None
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.fx
@@ -347,20 +347,27 @@ def pooling(b: SpaceBuilder, node: torch.fx.Node) -> Info:
 
 def padding(b: SpaceBuilder, node: torch.fx.Node) -> Info:
     """``F.pad(x, pad)`` and the padding modules (``nn.ZeroPad2d``, ``nn.ReflectionPad1d`` ...): pad
-    the last ``len(pad) // 2`` axes, which must all lie after the units' axis (padding the units'
-    axis would add units). The ATen ops have their own rule (``aten_layers.padding``)."""
+    the last ``len(pad) // 2`` axes; the units' axis may be among them only with zero padding
+    (padding it would add units). The ATen ops have their own rule (``aten_layers.padding``)."""
     x = tracked_input(b, node)
     if node.op == "call_module":  # nn.ZeroPad2d, nn.ReflectionPad1d, ...: (left, right, top, ...)
         pad = b.modules[node.target].padding
     else:
         pad = node.kwargs.get("pad", node.args[1] if len(node.args) > 1 else ())
-    ndim = len(shape_of(node))
-    first_padded = ndim - len(pad) // 2
-    if isinstance(x, Feature) and x.axis >= first_padded:
+    if isinstance(x, Feature) and pads_axis(pad, len(shape_of(node)), x.axis):
         raise UnsupportedOpError(
             f"{where(node)}: padding axis {x.axis} would add units to the aligned axis"
         )
     return x
+
+
+def pads_axis(pad: Sequence[object], ndim: int, axis: int) -> bool:
+    """Whether ``pad`` (``F.pad``'s: before and after the last axis, then the one before, ...)
+    pads ``axis`` of an ``ndim``-dimensional tensor by anything but a literal zero on both sides."""
+    k = ndim - 1 - axis
+    return 2 * k < len(pad) and any(
+        not (isinstance(p, int) and p == 0) for p in pad[2 * k : 2 * k + 2]
+    )
 
 
 # -- elementwise binary ops and residual sums ----------------------------------------------------
