@@ -526,3 +526,27 @@ def test_zero_padding_of_the_units_axis_is_no_padding():
     assert [s.size for s in graph.transportable()] == [16]
     assert _members(discover_exported(model, x[:2])) == _members(graph)  # the ATen rules agree
     _preserves_and_recovers(model, other, x)
+
+
+class Bags(nn.Module):
+    """Bags of token ids (N, L) summed by ``nn.EmbeddingBag``, then an MLP."""
+
+    def __init__(self, mode: str = "mean") -> None:
+        super().__init__()
+        self.bag, self.fc, self.out = (
+            nn.EmbeddingBag(30, 12, mode=mode),
+            nn.Linear(12, 16),
+            nn.Linear(16, 3),
+        )
+
+    def forward(self, ids):
+        return self.out(torch.relu(self.fc(self.bag(ids))))
+
+
+@pytest.mark.parametrize("mode", ["mean", "max"])
+def test_an_embedding_bag_opens_a_space_like_an_embedding(mode):
+    torch.manual_seed(0)
+    model, other, ids = Bags(mode).eval(), Bags(mode).eval(), torch.randint(0, 30, (32, 5))
+    graph = otfuse.spaces(model, ids[:2])  # was refused
+    assert [s.size for s in graph.transportable()] == [12, 16]
+    _preserves_and_recovers(model, other, ids)

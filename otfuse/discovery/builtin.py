@@ -40,7 +40,7 @@ MODULE_RULES: list[tuple[tuple[type, ...], Rule]] = [
     ((nn.Linear,), linear),
     ((nn.Conv1d, nn.Conv2d, nn.Conv3d), conv),
     ((nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), conv_transpose),
-    ((nn.Embedding,), embedding),
+    ((nn.Embedding, nn.EmbeddingBag), embedding),
     ((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d), batch_norm),
     ((nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d), batch_norm),
     ((nn.PReLU,), prelu),
