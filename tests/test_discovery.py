@@ -85,14 +85,16 @@ class Untraceable(nn.Module):
         return x
 
 
-class WithCell(nn.Module):
+class WithBilinear(nn.Module):
     def __init__(self):
         super().__init__()
-        self.cell = nn.GRUCell(4, 8)
-        self.fc = nn.Linear(8, 2)
+        self.inp = nn.Linear(4, 8)
+        self.pair = nn.Bilinear(8, 8, 6)
+        self.fc = nn.Linear(6, 2)
 
     def forward(self, x):
-        return self.fc(self.cell(x))
+        h = self.inp(x)
+        return self.fc(self.pair(h, h))
 
 
 class SplitsUnits(nn.Module):
@@ -124,9 +126,9 @@ def test_untraceable_model_is_a_clear_error():
     "model, x, pattern",
     [
         (
-            WithCell(),
+            WithBilinear(),
             torch.randn(2, 4),
-            "module 'cell' \\(GRUCell\\) is not supported.*otfuse.register_rule\\(GRUCell, rule\\)",
+            "module 'pair' \\(Bilinear\\) is not supported.*otfuse.register_rule\\(Bilinear, rule\\)",
         ),
         (SplitsUnits(), torch.randn(2, 4), "indexing selects some of the units"),
         (UnknownOp(), torch.randn(2, 4), "cumsum"),
@@ -550,3 +552,71 @@ def test_an_embedding_bag_opens_a_space_like_an_embedding(mode):
     graph = otfuse.spaces(model, ids[:2])  # was refused
     assert [s.size for s in graph.transportable()] == [12, 16]
     _preserves_and_recovers(model, other, ids)
+
+
+class CellLoop(nn.Module):
+    """A recurrent cell stepped over time in a Python loop, its first state zeros or a Linear's
+    output (then the cell's units are that Linear's)."""
+
+    def __init__(self, cell: str, start: str = "none") -> None:
+        super().__init__()
+        self.start = start
+        self.inp, self.init = nn.Linear(5, 12), nn.Linear(5, 10)
+        self.cell, self.head = getattr(nn, cell)(12, 10), nn.Linear(10, 3)
+
+    def forward(self, x):  # (N, T, 5)
+        state = None
+        if self.start == "zeros":
+            state = x.new_zeros(x.shape[0], 10)
+        elif self.start == "linear":
+            state = torch.tanh(self.init(x[:, 0]))
+        if isinstance(self.cell, nn.LSTMCell) and state is not None:
+            state = (state, state)
+        lstm = isinstance(self.cell, nn.LSTMCell)
+        for t in range(4):  # fx unrolls a loop of fixed length
+            step = self.cell(torch.tanh(self.inp(x[:, t])), state)
+            state = (step[0], step[1]) if lstm else step
+        return self.head(state[0] if lstm else state)
+
+
+@pytest.mark.parametrize(
+    "cell, start",
+    [("GRUCell", "none"), ("LSTMCell", "zeros"), ("RNNCell", "linear"), ("LSTMCell", "linear")],
+)
+def test_a_recurrent_cell_stepped_in_a_loop_keeps_one_space(cell, start):
+    torch.manual_seed(0)
+    model, other, x = (
+        CellLoop(cell, start).eval(),
+        CellLoop(cell, start).eval(),
+        torch.randn(32, 4, 5),
+    )
+    graph = otfuse.spaces(model, x[:2])  # cells were refused
+    assert [s.size for s in graph.transportable()] == ([12, 10] if start != "linear" else [10, 12])
+    twin = _preserves_and_recovers(model, other, x, ("paper-wts", "paper-acts", "data"))
+    assert not torch.equal(twin.cell.weight_hh, model.cell.weight_hh)
+
+
+class CellOverTime(CellLoop):
+    """The same cell stepped over ``x.shape[1]`` steps: torch.fx cannot trace it, torch.export can."""
+
+    def forward(self, x):
+        lstm = isinstance(self.cell, nn.LSTMCell)
+        h = torch.zeros(x.shape[0], 10)
+        state = (h, torch.zeros_like(h)) if lstm else h
+        for t in range(x.shape[1]):
+            state = self.cell(torch.tanh(self.inp(x[:, t])), state)
+        return self.head(state[0] if lstm else state)
+
+
+@pytest.mark.parametrize("cell", ["GRUCell", "LSTMCell", "RNNCell"])
+def test_a_recurrent_cell_over_the_inputs_length_is_captured_by_torch_export(cell):
+    from otfuse.discovery import discover_exported
+
+    torch.manual_seed(0)
+    model, other, x = CellOverTime(cell).eval(), CellOverTime(cell).eval(), torch.randn(32, 4, 5)
+    graph = otfuse.spaces(model, x[:2])
+    assert graph.capture == "export" and [s.size for s in graph.transportable()] == [12, 10]
+    fixed = CellLoop(cell, "zeros").eval()  # fx, on the fixed-length loop: the same spaces
+    assert _members(discover_exported(fixed, x[:2])) == _members(otfuse.spaces(fixed, x[:2]))
+    twin = _preserves_and_recovers(model, other, x, ("paper-wts", "paper-acts", "data"))
+    assert not torch.equal(twin.cell.weight_hh, model.cell.weight_hh)

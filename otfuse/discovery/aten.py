@@ -38,6 +38,7 @@ from otfuse.discovery.aten_layers import (
     padding,
     pooling,
     prelu,
+    recurrent_cell,
     reduction,
     unary,
     vector_norm,
@@ -84,6 +85,7 @@ ATEN_RULES: dict[object, Rule] = {
         for p in _packets("batch_norm _native_batch_norm_legit_no_training instance_norm")
     },
     **{p: prelu for p in _packets("prelu")},
+    **{p: recurrent_cell for p in _packets("rnn_tanh_cell rnn_relu_cell gru_cell lstm_cell")},
     **{p: group_norm for p in _packets("group_norm")},
     **{p: attention for p in _packets("scaled_dot_product_attention")},
     **{

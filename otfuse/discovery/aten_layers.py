@@ -22,6 +22,7 @@ from otfuse.discovery.aten_values import (
     unsupported_with,
     weight,
 )
+from otfuse.discovery.layout import Layout
 from otfuse.discovery.rules import pads_axis
 from otfuse.discovery.walker import Feature, SpaceBuilder, shape_of
 from otfuse.errors import UnsupportedOpError
@@ -319,3 +320,46 @@ def _reduce(b: SpaceBuilder, node: torch.fx.Node, dim_arg: int) -> object:
         raise UnsupportedOpError(f"{label(node)}: reduces over heads or their dims")
     order = [i for i in range(ndim) if keep or i not in dims]
     return by_order(x, order, node, "reduction")
+
+
+# -- recurrent cells -------------------------------------------------------------------------------
+def recurrent_cell(b: SpaceBuilder, node: torch.fx.Node) -> object:
+    """``rnn_tanh_cell`` / ``rnn_relu_cell`` / ``gru_cell`` / ``lstm_cell(x, hx, w_ih, w_hh,
+    b_ih, b_hh)``, as :func:`otfuse.discovery.rules.recurrent_cell` describes: one space per cell
+    (keyed by its ``w_ih``) over all its calls, the gates as repeats of the weights' rows, the
+    state zeros or the cell's own units."""
+    w_ih, w_hh = weight(b, node, 2, "w_ih"), weight(b, node, 3, "w_hh")
+    if w_ih is None or w_hh is None:
+        return unsupported_with(b, node)
+    x, ndim = info_of(b, node.args[0]), len(shape_of(node.args[0]))
+    if isinstance(x, TRACKED) and (not isinstance(x, Feature) or x.axis != ndim - 1):
+        raise UnsupportedOpError(f"{label(node)}: the units are not on the last axis")
+    name = node.target.overloadpacket.__name__
+    first = w_ih.name not in b.module_spaces
+    if first:
+        b.module_spaces[w_ih.name] = b.new_space(shape_of(node.args[3])[1], w_ih.name)
+    own = Layout.of(b.module_spaces[w_ih.name])
+    if first:
+        gated = own.repeated(outer={"lstm_cell": 4, "gru_cell": 3}.get(name, 1))
+        for i, key in ((2, "w_ih"), (3, "w_hh"), (4, "b_ih"), (5, "b_hh")):
+            view = weight(b, node, i, key)
+            if view is not None:
+                b.add_member(view.name, param_axis(node, view, 0), gated, "producer")
+        b.add_member(w_hh.name, param_axis(node, w_hh, 1), own, "consumer")
+    if isinstance(x, Feature):
+        b.add_member(w_ih.name, param_axis(node, w_ih, 1), x.layout, "consumer")
+    states = node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]]
+    for state in states:
+        info = info_of(b, state)
+        if isinstance(info, Feature) and info.axis == len(shape_of(state)) - 1:
+            b.merge_layouts(info.layout, own, label(node))
+        elif info is not None or "zeros" not in str(getattr(state, "target", "")):
+            raise UnsupportedOpError(
+                f"{label(node)}: a recurrent cell given a state that is neither zeros nor a "
+                "cell's output"
+            )
+    out = Feature(ndim - 1, own)
+    if name == "lstm_cell":
+        return (out, out)
+    b.tag(node, out, "post")
+    return out

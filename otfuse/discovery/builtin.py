@@ -31,6 +31,7 @@ from otfuse.discovery.rules import (
     pooling,
     prelu,
     recurrent,
+    recurrent_cell,
     reduction,
     reshape,
     stack,
@@ -45,6 +46,7 @@ MODULE_RULES: list[tuple[tuple[type, ...], Rule]] = [
     ((nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d), batch_norm),
     ((nn.PReLU,), prelu),
     ((nn.RNN, nn.GRU, nn.LSTM), recurrent),
+    ((nn.RNNCell, nn.GRUCell, nn.LSTMCell), recurrent_cell),
     ((nn.LayerNorm,), layer_norm),
     ((nn.GroupNorm,), group_norm),
     (

@@ -246,6 +246,47 @@ def recurrent(b: SpaceBuilder, node: torch.fx.Node) -> Info:
     return (out, (state, state)) if isinstance(mod, nn.LSTM) else (out, state)
 
 
+def recurrent_cell(b: SpaceBuilder, node: torch.fx.Node) -> Info:
+    """``nn.RNNCell`` / ``nn.GRUCell`` / ``nn.LSTMCell``, usually called once per time step in a
+    loop: one space of ``hidden_size`` units for the module (every call), held by the rows of its
+    ``weight_ih``, ``weight_hh`` and biases once per gate and read by ``weight_hh``'s columns. The
+    state passed in must be zeros or the cell's own earlier output (the same units); the new state
+    (h, and c for an LSTM cell) holds the cell's units."""
+    mod: nn.RNNCellBase = b.modules[node.target]
+    kind, prefix = type(mod).__name__, str(node.target)
+    x = tracked_input(b, node)
+    require_axis(node, x, -1, len(shape_of(node.args[0])), kind)
+    first = prefix not in b.module_spaces
+    if first:
+        b.module_spaces[prefix] = b.new_space(mod.hidden_size, prefix)
+    own = Layout.of(b.module_spaces[prefix])
+    if first:
+        gated = own.repeated(
+            outer=4 if isinstance(mod, nn.LSTMCell) else 3 if isinstance(mod, nn.GRUCell) else 1
+        )
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            if getattr(mod, name, None) is not None:
+                b.add_member(f"{prefix}.{name}", 0, gated, "producer")
+        b.add_member(f"{prefix}.weight_hh", 1, own, "consumer")
+    if isinstance(x, Feature):
+        b.add_member(f"{prefix}.weight_ih", 1, x.layout, "consumer")
+    states: list[torch.fx.Node] = []
+    torch.fx.node.map_arg((node.args[1:], node.kwargs), states.append)
+    for state in states:
+        info = info_of(b, state)
+        if isinstance(info, Feature) and info.axis == len(shape_of(state)) - 1:
+            b.merge_layouts(info.layout, own, where(node))
+        elif info is not None or state.target not in (torch.zeros, torch.zeros_like, "new_zeros"):
+            raise UnsupportedOpError(
+                f"{where(node)}: {kind} given a state that is neither zeros nor a cell's output"
+            )
+    out = Feature(len(shape_of(node.args[0])) - 1, own)
+    if isinstance(mod, nn.LSTMCell):
+        return (out, out)
+    b.tag(node, out, "post")
+    return out
+
+
 def _require_zero_states(b: SpaceBuilder, node: torch.fx.Node, kind: str) -> None:
     """An RNN's initial states, when given, must be zeros (``torch.zeros``, ``zeros_like``,
     ``new_zeros``): any other value would have to be permuted with the hidden units."""

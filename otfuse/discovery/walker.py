@@ -83,6 +83,9 @@ class SpaceBuilder:
         self.params_seen: set[str] = set()
         self.refined: dict[int, tuple[int, ...]] = {}  # space root -> the parts it was split into
         self.head_facts: list[tuple[int, int]] = []  # (space, number of heads)
+        self.module_spaces: dict[
+            str, int
+        ] = {}  # a module called in a loop (an RNN cell) -> its space
         self.head_links: list[tuple[int, int, int, int]] = []  # (a, ra, b, rb): see link_heads
         self.dims_fixed: set[int] = set()
         self.heads_fixed: set[int] = set()
