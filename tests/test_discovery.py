@@ -418,6 +418,9 @@ def test_recurrent_layers_open_one_space_per_layer_and_direction(
     model, other, x = make(), make(), torch.randn(24, 7, 5)
     graph = otfuse.spaces(model, x[:2])  # nn.LSTM / GRU / RNN were refused
     assert [s.size for s in graph.transportable()] == [12] + [10] * layers * (1 + bidirectional)
+    from otfuse.discovery import discover_exported
+
+    assert _members(discover_exported(model, x[:2])) == _members(graph)  # the ATen rule agrees
     twin = _preserves_and_recovers(model, other, x, ("paper-wts", "paper-acts", "data"))
     assert not torch.equal(twin.rnn.weight_hh_l0, model.rnn.weight_hh_l0)
 
@@ -620,3 +623,24 @@ def test_a_recurrent_cell_over_the_inputs_length_is_captured_by_torch_export(cel
     assert _members(discover_exported(fixed, x[:2])) == _members(otfuse.spaces(fixed, x[:2]))
     twin = _preserves_and_recovers(model, other, x, ("paper-wts", "paper-acts", "data"))
     assert not torch.equal(twin.cell.weight_hh, model.cell.weight_hh)
+
+
+class RecurrentOverTime(Recurrent):
+    """Reads every step of the output in a loop over ``x.shape[1]``: only torch.export captures it."""
+
+    def forward(self, x):
+        out, _ = self.rnn(torch.tanh(self.inp(x)))
+        total = out[:, 0]
+        for t in range(1, x.shape[1]):
+            total = total + out[:, t]
+        return self.head(total)
+
+
+def test_a_recurrent_layer_is_fused_through_torch_export_too(cell="LSTM"):
+    torch.manual_seed(0)
+    make = lambda: RecurrentOverTime(cell, 2, bidirectional=True).eval()  # noqa: E731
+    model, other, x = make(), make(), torch.randn(24, 6, 5)
+    graph = otfuse.spaces(model, x[:2])
+    assert graph.capture == "export" and [s.size for s in graph.transportable()] == [12] + [10] * 4
+    twin = _preserves_and_recovers(model, other, x, ("paper-wts", "paper-acts", "data"))
+    assert not torch.equal(twin.rnn.weight_hh_l1_reverse, model.rnn.weight_hh_l1_reverse)

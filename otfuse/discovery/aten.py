@@ -38,6 +38,7 @@ from otfuse.discovery.aten_layers import (
     padding,
     pooling,
     prelu,
+    recurrent,
     recurrent_cell,
     reduction,
     unary,
@@ -86,6 +87,7 @@ ATEN_RULES: dict[object, Rule] = {
     },
     **{p: prelu for p in _packets("prelu")},
     **{p: recurrent_cell for p in _packets("rnn_tanh_cell rnn_relu_cell gru_cell lstm_cell")},
+    **{p: recurrent for p in _packets("lstm gru rnn_tanh rnn_relu")},
     **{p: group_norm for p in _packets("group_norm")},
     **{p: attention for p in _packets("scaled_dot_product_attention")},
     **{

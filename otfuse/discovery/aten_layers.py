@@ -24,7 +24,7 @@ from otfuse.discovery.aten_values import (
 )
 from otfuse.discovery.layout import Layout
 from otfuse.discovery.rules import pads_axis
-from otfuse.discovery.walker import Feature, SpaceBuilder, shape_of
+from otfuse.discovery.walker import Feature, SpaceBuilder, Unusable, shape_of
 from otfuse.errors import UnsupportedOpError
 
 
@@ -363,3 +363,54 @@ def recurrent_cell(b: SpaceBuilder, node: torch.fx.Node) -> object:
         return (out, out)
     b.tag(node, out, "post")
     return out
+
+
+def recurrent(b: SpaceBuilder, node: torch.fx.Node) -> object:
+    """``lstm`` / ``gru`` / ``rnn_tanh`` / ``rnn_relu(x, hx, params, has_biases, num_layers,
+    dropout, train, bidirectional, batch_first)``: the spaces of
+    :func:`otfuse.discovery.rules.recurrent` (one per layer and direction, the gates as repeats of
+    the rows), from the flat parameter list (w_ih, w_hh[, b_ih, b_hh] per layer and direction)."""
+    name = node.target.overloadpacket.__name__
+    x, ndim = info_of(b, node.args[0]), len(shape_of(node.args[0]))
+    if isinstance(x, TRACKED) and (not isinstance(x, Feature) or x.axis != ndim - 1):
+        raise UnsupportedOpError(f"{label(node)}: the units are not on the last axis")
+    states = node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]]
+    if any(info_of(b, s) is not None or "zeros" not in str(s.target) for s in states):
+        raise UnsupportedOpError(f"{label(node)}: initial states other than zeros")
+    params, has_biases, layers, bidirectional = (
+        node.args[2],
+        node.args[3],
+        node.args[4],
+        node.args[7],
+    )
+    views = [info_of(b, p) for p in params]
+    if not all(isinstance(v, ParamView) for v in views):
+        return unsupported_with(b, node)
+    per, dirs = (4 if has_biases else 2), (2 if bidirectional else 1)
+    gates = {"lstm": 4, "gru": 3}.get(name, 1)
+    reads = x.layout if isinstance(x, Feature) else None
+    for layer in range(layers):
+        layouts = []
+        for d in range(dirs):
+            group = views[(layer * dirs + d) * per : (layer * dirs + d + 1) * per]
+            hidden = shape_of(params[(layer * dirs + d) * per + 1])[1]
+            own = Layout.of(b.new_space(hidden, group[0].name))
+            for view in group:
+                b.add_member(
+                    view.name, param_axis(node, view, 0), own.repeated(outer=gates), "producer"
+                )
+            b.add_member(group[1].name, param_axis(node, group[1], 1), own, "consumer")
+            if reads is not None:
+                b.add_member(group[0].name, param_axis(node, group[0], 1), reads, "consumer")
+            layouts.append(own)
+        reads = Layout(tuple(seg for layout in layouts for seg in layout.segments))
+    out = Feature(ndim - 1, reads)
+    state = (
+        out
+        if layers == 1 and dirs == 1
+        else Unusable(
+            f"the final states of a {layers}-layer{' bidirectional' if dirs == 2 else ''} recurrent "
+            "layer hold several layers' units on one axis; use its output instead"
+        )
+    )
+    return (out, state, state) if name == "lstm" else (out, state)

@@ -9,7 +9,7 @@ import torch
 import torch.fx
 
 from otfuse.discovery.layout import Layout
-from otfuse.discovery.walker import Feature, SpaceBuilder
+from otfuse.discovery.walker import Feature, SpaceBuilder, Unusable
 from otfuse.errors import UnsupportedOpError
 
 aten = torch.ops.aten
@@ -70,7 +70,10 @@ def label(node: torch.fx.Node) -> str:
 
 
 def info_of(b: SpaceBuilder, arg: object) -> object:
-    return b.info.get(arg) if isinstance(arg, torch.fx.Node) else None
+    info = b.info.get(arg) if isinstance(arg, torch.fx.Node) else None
+    if isinstance(info, Unusable):
+        raise UnsupportedOpError(f"{label(arg)}: {info.reason}")
+    return info
 
 
 def arg(node: torch.fx.Node, i: int, name: str, default: object = None) -> object:
