@@ -41,9 +41,9 @@ def vit():
     return transformers.ViTForImageClassification(config)
 
 
-def llama():
+def llama(kv_heads: int = 2):
     config = transformers.LlamaConfig(
-        vocab_size=50, max_position_embeddings=16, num_key_value_heads=2, use_cache=False,
+        vocab_size=50, max_position_embeddings=16, num_key_value_heads=kv_heads, use_cache=False,
         bos_token_id=0, eos_token_id=0, pad_token_id=0, initializer_range=0.2, **SMALL,
     )  # fmt: skip
     return transformers.LlamaForCausalLM(config)
@@ -54,6 +54,7 @@ MODELS = {
     "bert": (bert, TOKENS),
     "vit": (vit, PIXELS),
     "llama": (llama, TOKENS),
+    "llama-mqa": (lambda: llama(kv_heads=1), TOKENS),  # multi-query: one KV head
 }
 
 
@@ -91,8 +92,9 @@ def test_heads_and_stream_are_found(captured, name):
     assert len({s.heads.group for s in with_heads}) == 2  # one attention group per layer
     stream = graph.transportable()[0]
     assert sum(1 for m in stream.members if m.role == "norm") >= 4  # LayerNorm / RMSNorm weights
-    if name == "llama":
-        assert any(s.heads.repeat == 2 and s.heads.fixed_dims for s in with_heads)
+    if name.startswith("llama"):
+        repeat = 2 if name == "llama" else 4
+        assert any(s.heads.repeat == repeat and s.heads.fixed_dims for s in with_heads)
 
 
 @pytest.mark.parametrize("name", list(MODELS))

@@ -275,6 +275,10 @@ def reshape(b: SpaceBuilder, node: torch.fx.Node) -> object:
 
 def _reshape_feature(b, node, x: Feature, src, dst, s: list[int], d: list[int]) -> object:
     u = x.axis
+    if s == [u] and d == [u + 1] and len(dst) == len(src) + 1 and dst[u] == 1:
+        space = plain_space(node, x, "splits")  # (B, T, d) -> (B, T, 1, d): one head (multi-query)
+        b.set_heads(space, 1)
+        return Heads(space, 1, u, u + 1)
     if len(d) == 1:  # the units keep an axis of their own, maybe merged with others
         outer = math.prod(src[a] for a in s if a < u)
         inner = math.prod(src[a] for a in s if a > u)
@@ -299,6 +303,11 @@ def _reshape_feature(b, node, x: Feature, src, dst, s: list[int], d: list[int]) 
 
 
 def _reshape_heads(b, node, x: Heads, src, dst, block: dict) -> object:
+    if x.head_axis not in block:  # one head, its axis of size 1: it goes with the repeats after it
+        after = block.get(x.head_axis + 1)
+        if src[x.head_axis] != 1 or after is None or not set(after[0]) <= x.expanded:
+            raise UnsupportedOpError(f"{label(node)}: reshape {src} -> {dst} drops the head axis")
+        block = {**block, x.head_axis: ([x.head_axis, *after[0]], after[1])}
     hs, hd = block[x.head_axis]
     if x.dim_axis is not None and block[x.dim_axis][0] is hs:  # heads and dims merge: plain units
         if hs != [x.head_axis, x.dim_axis] or len(hd) != 1 or x.outer != 1 or x.loose:
