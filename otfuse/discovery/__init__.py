@@ -8,6 +8,8 @@ with the ATen rules of :mod:`otfuse.discovery.aten`.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx
 from torch import nn
@@ -181,10 +183,17 @@ def _visit(b: SpaceBuilder, node: torch.fx.Node) -> Info:
         return ParamRef(str(node.target))
     if node.op == "output":
         for arg in _flatten(node.args):
-            info = info_of(b, arg)
-            if isinstance(info, Feature):
-                b.fix(info.layout)
+            for info in _flatten(info_of(b, arg)):  # a module's tuple output returned as it is
+                if isinstance(info, Feature):
+                    b.fix(info.layout)
         return None
+    cell = node.op == "call_module" and isinstance(b.modules[node.target], nn.RNNCellBase)
+    if (
+        node.target not in (operator.getitem, getattr)
+        and not cell
+        and any(isinstance(b.info.get(a), tuple) for a in node.all_input_nodes)
+    ):  # a tuple of values with units (an RNN's output) is only indexed, or an LSTM cell's state
+        raise UnsupportedOpError(f"{where(node)}: uses a tuple of values with units as one value")
     rule = rule_for(b, node)
     return rule(b, node) if rule is not None else _unknown(b, node)
 

@@ -49,6 +49,12 @@ def _dense(b, node, x_arg: int, w, bias, *, reads: int, writes: int) -> object:
     if isinstance(x, Feature) and x.axis != len(shape_of(node.args[x_arg])) - 1:
         if len(shape_of(node.args[x_arg])) != ndim:
             raise UnsupportedOpError(f"{label(node)}: the units are not on the last axis")
+        n_in, n_out = shape_of(node.args[x_arg])[-1], shape_of(node)[-1]
+        axes = [(w, reads, n_in), (w, writes, n_out)]
+        axes += [(bias, len(bias.axes) - 1, n_out)] if bias is not None else []
+        for view, j, size in axes:  # fixed: a use of the same weight along units cannot move them
+            fixed = Layout.of(b.new_space(size, label(node), fixed=True))
+            b.add_member(view.name, param_axis(node, view, j), fixed, "norm")
         return x  # mixes positions (MLP-Mixer's token mixing): the units pass through
     if isinstance(x, Feature):
         b.add_member(w.name, param_axis(node, w, reads), x.layout, "consumer")
@@ -387,6 +393,8 @@ def recurrent(b: SpaceBuilder, node: torch.fx.Node) -> object:
     if not all(isinstance(v, ParamView) for v in views):
         return unsupported_with(b, node)
     per, dirs = (4 if has_biases else 2), (2 if bidirectional else 1)
+    if len(params) != layers * dirs * per:  # e.g. an LSTM with proj_size: weight_hr as well
+        raise UnsupportedOpError(f"{label(node)}: a recurrent layer with projections (proj_size)")
     gates = {"lstm": 4, "gru": 3}.get(name, 1)
     reads = x.layout if isinstance(x, Feature) else None
     for layer in range(layers):

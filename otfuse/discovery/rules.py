@@ -76,8 +76,13 @@ def linear(b: SpaceBuilder, node: torch.fx.Node) -> Info:
     mod: nn.Linear = b.modules[node.target]
     x = tracked_input(b, node)
     ndim = len(shape_of(node))
-    if isinstance(x, Feature) and x.axis != ndim - 1:
-        return x  # mixes positions (MLP-Mixer's token mixing): the units pass through
+    if isinstance(x, Feature) and x.axis != ndim - 1:  # mixes positions (MLP-Mixer's token mixing)
+        for name, axis in (("weight", 0), ("weight", 1), ("bias", 0)):
+            tensor = getattr(mod, name, None)
+            if tensor is not None:  # fixed: a use of the same weight along units cannot move them
+                fixed = Layout.of(b.new_space(tensor.shape[axis], str(node.target), fixed=True))
+                b.add_member(f"{node.target}.{name}", axis, fixed, "norm")
+        return x  # the units pass through
     if isinstance(x, Feature):
         b.add_member(f"{node.target}.weight", 1, x.layout, "consumer")
     return open_space(b, node, mod.out_features, ndim - 1)
@@ -274,12 +279,17 @@ def recurrent_cell(b: SpaceBuilder, node: torch.fx.Node) -> Info:
     torch.fx.node.map_arg((node.args[1:], node.kwargs), states.append)
     for state in states:
         info = info_of(b, state)
-        if isinstance(info, Feature) and info.axis == len(shape_of(state)) - 1:
-            b.merge_layouts(info.layout, own, where(node))
-        elif info is not None or state.target not in (torch.zeros, torch.zeros_like, "new_zeros"):
-            raise UnsupportedOpError(
-                f"{where(node)}: {kind} given a state that is neither zeros nor a cell's output"
-            )
+        for part in info if isinstance(info, tuple) else (info,):  # (h, c) of an LSTM cell
+            if isinstance(part, Feature) and part.axis == len(shape_of(node.args[0])) - 1:
+                b.merge_layouts(part.layout, own, where(node))
+            elif part is not None or state.target not in (
+                torch.zeros,
+                torch.zeros_like,
+                "new_zeros",
+            ):
+                raise UnsupportedOpError(
+                    f"{where(node)}: {kind} given a state that is neither zeros nor a cell's output"
+                )
     out = Feature(len(shape_of(node.args[0])) - 1, own)
     if isinstance(mod, nn.LSTMCell):
         return (out, out)
