@@ -282,11 +282,7 @@ def recurrent_cell(b: SpaceBuilder, node: torch.fx.Node) -> Info:
         for part in info if isinstance(info, tuple) else (info,):  # (h, c) of an LSTM cell
             if isinstance(part, Feature) and part.axis == len(shape_of(node.args[0])) - 1:
                 b.merge_layouts(part.layout, own, where(node))
-            elif part is not None or state.target not in (
-                torch.zeros,
-                torch.zeros_like,
-                "new_zeros",
-            ):
+            elif part is not None or state.target not in ZEROS:
                 raise UnsupportedOpError(
                     f"{where(node)}: {kind} given a state that is neither zeros nor a cell's output"
                 )
@@ -297,13 +293,17 @@ def recurrent_cell(b: SpaceBuilder, node: torch.fx.Node) -> Info:
     return out
 
 
+#: how a traced state of zeros is made (an RNN's initial state that need not be permuted)
+ZEROS = (torch.zeros, torch.zeros_like, "new_zeros")
+
+
 def _require_zero_states(b: SpaceBuilder, node: torch.fx.Node, kind: str) -> None:
     """An RNN's initial states, when given, must be zeros (``torch.zeros``, ``zeros_like``,
     ``new_zeros``): any other value would have to be permuted with the hidden units."""
     flat: list[torch.fx.Node] = []
     torch.fx.node.map_arg((node.args[1:], node.kwargs), flat.append)
     for value in flat:
-        if value.target not in (torch.zeros, torch.zeros_like, "new_zeros"):
+        if value.target not in ZEROS:
             raise UnsupportedOpError(
                 f"{where(node)}: {kind} given initial states other than zeros (they would have "
                 "to be permuted with its hidden units)"
