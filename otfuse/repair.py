@@ -32,12 +32,13 @@ import torch
 import torch.fx
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
 
 from otfuse.capture import run_with_hooks
 from otfuse.discovery import SpaceGraph, module_calls, parameter_owners, shares_parameters
 from otfuse.modes import evaluating
 
-_NORMS = (_BatchNorm, nn.LayerNorm, nn.GroupNorm)
+_NORMS = (_BatchNorm, _InstanceNorm, nn.LayerNorm, nn.GroupNorm)
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 

@@ -361,6 +361,9 @@ def test_per_channel_slopes_and_instance_norms_join_the_channels():
         ("n1.bias", 0),
     }
     assert _members(discover_exported(model, x[:2])) == _members(graph)  # the ATen rules agree
+    from otfuse.repair import correction_points
+
+    assert "n1" in {p.node for p in correction_points(graph)}  # REPAIR corrects at the norm
     _preserves_and_recovers(model, other, x)
 
 
