@@ -359,7 +359,7 @@ def recurrent_cell(b: SpaceBuilder, node: torch.fx.Node) -> object:
         info = info_of(b, state)
         if isinstance(info, Feature) and info.axis == len(shape_of(state)) - 1:
             b.merge_layouts(info.layout, own, label(node))
-        elif info is not None or "zeros" not in str(getattr(state, "target", "")):
+        elif info is not None or not _zeros(state):
             raise UnsupportedOpError(
                 f"{label(node)}: a recurrent cell given a state that is neither zeros nor a "
                 "cell's output"
@@ -381,7 +381,7 @@ def recurrent(b: SpaceBuilder, node: torch.fx.Node) -> object:
     if isinstance(x, TRACKED) and (not isinstance(x, Feature) or x.axis != ndim - 1):
         raise UnsupportedOpError(f"{label(node)}: the units are not on the last axis")
     states = node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]]
-    if any(info_of(b, s) is not None or "zeros" not in str(s.target) for s in states):
+    if any(info_of(b, s) is not None or not _zeros(s) for s in states):
         raise UnsupportedOpError(f"{label(node)}: initial states other than zeros")
     params, has_biases, layers, bidirectional = (
         node.args[2],
@@ -422,3 +422,8 @@ def recurrent(b: SpaceBuilder, node: torch.fx.Node) -> object:
         )
     )
     return (out, state, state) if name == "lstm" else (out, state)
+
+
+def _zeros(value: object) -> bool:
+    """Whether a recurrent state is made by a zeros op (``zeros``, ``new_zeros``, ``zeros_like``)."""
+    return "zeros" in str(getattr(value, "target", ""))

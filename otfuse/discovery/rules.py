@@ -225,19 +225,12 @@ def recurrent(b: SpaceBuilder, node: torch.fx.Node) -> Info:
     _require_zero_states(b, node, kind)
     x = tracked_input(b, node)
     require_axis(node, x, -1, len(shape_of(node.args[0])), kind)
-    gates = 4 if isinstance(mod, nn.LSTM) else 3 if isinstance(mod, nn.GRU) else 1
     reads = x.layout if isinstance(x, Feature) else None
     for layer in range(mod.num_layers):
         layouts = []
         for suffix in [f"_l{layer}", f"_l{layer}_reverse"][: 2 if mod.bidirectional else 1]:
             own = Layout.of(b.new_space(mod.hidden_size, f"{node.target}{suffix}"))
-            prefix, gated = str(node.target), own.repeated(outer=gates)
-            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
-                if getattr(mod, f"{name}{suffix}", None) is not None:
-                    b.add_member(f"{prefix}.{name}{suffix}", 0, gated, "producer")
-            b.add_member(f"{prefix}.weight_hh{suffix}", 1, own, "consumer")
-            if reads is not None:
-                b.add_member(f"{prefix}.weight_ih{suffix}", 1, reads, "consumer")
+            _recurrent_members(b, mod, str(node.target), suffix, own, reads)
             layouts.append(own)
         reads = Layout(tuple(seg for layout in layouts for seg in layout.segments))
     out = Feature(len(shape_of(node.args[0])) - 1, reads)
@@ -261,20 +254,10 @@ def recurrent_cell(b: SpaceBuilder, node: torch.fx.Node) -> Info:
     kind, prefix = type(mod).__name__, str(node.target)
     x = tracked_input(b, node)
     require_axis(node, x, -1, len(shape_of(node.args[0])), kind)
-    first = prefix not in b.module_spaces
-    if first:
+    if prefix not in b.module_spaces:  # its first call
         b.module_spaces[prefix] = b.new_space(mod.hidden_size, prefix)
     own = Layout.of(b.module_spaces[prefix])
-    if first:
-        gated = own.repeated(
-            outer=4 if isinstance(mod, nn.LSTMCell) else 3 if isinstance(mod, nn.GRUCell) else 1
-        )
-        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
-            if getattr(mod, name, None) is not None:
-                b.add_member(f"{prefix}.{name}", 0, gated, "producer")
-        b.add_member(f"{prefix}.weight_hh", 1, own, "consumer")
-    if isinstance(x, Feature):
-        b.add_member(f"{prefix}.weight_ih", 1, x.layout, "consumer")
+    _recurrent_members(b, mod, prefix, "", own, x.layout if isinstance(x, Feature) else None)
     states: list[torch.fx.Node] = []
     torch.fx.node.map_arg((node.args[1:], node.kwargs), states.append)
     for state in states:
@@ -291,6 +274,28 @@ def recurrent_cell(b: SpaceBuilder, node: torch.fx.Node) -> Info:
         return (out, out)
     b.tag(node, out, "post")
     return out
+
+
+def _recurrent_members(
+    b: SpaceBuilder, mod: nn.Module, prefix: str, suffix: str, own: Layout, reads: Layout | None
+) -> None:
+    """The members of one recurrent layer (or cell) whose hidden units are ``own``: the rows of
+    ``weight_ih``, ``weight_hh`` and the biases hold them once per gate (LSTM: i, f, g, o; GRU: r,
+    z, n), ``weight_hh``'s columns read them back, ``weight_ih``'s columns read ``reads``. A
+    parameter axis already recorded (a cell's later calls) merges with itself."""
+    gates = (
+        4
+        if isinstance(mod, (nn.LSTM, nn.LSTMCell))
+        else 3
+        if isinstance(mod, (nn.GRU, nn.GRUCell))
+        else 1
+    )
+    for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+        if getattr(mod, f"{name}{suffix}", None) is not None:
+            b.add_member(f"{prefix}.{name}{suffix}", 0, own.repeated(outer=gates), "producer")
+    b.add_member(f"{prefix}.weight_hh{suffix}", 1, own, "consumer")
+    if reads is not None:
+        b.add_member(f"{prefix}.weight_ih{suffix}", 1, reads, "consumer")
 
 
 #: how a traced state of zeros is made (an RNN's initial state that need not be permuted)
