@@ -21,8 +21,8 @@ followed only by a BatchNorm (eval mode, an affine map per unit) is fitted to th
 *normalised* outputs through that map, and a shift that the layer cannot hold (no bias) goes to
 the BatchNorm's bias. The architecture never changes.
 
-Where the model ends in class scores (its output, of shape (N, C), is a Linear layer's), the target
-of that layer can follow the parents' *prediction ensemble* instead of their average logits
+Where the model ends in class scores (its output, of shape (N, C), or (N, ..., C) per position as
+a language model's next-token logits, is a Linear layer's), the target of that layer can follow the parents' *prediction ensemble* instead of their average logits
 (``targets="ensemble"``): the log of the weighted average of their probabilities, shifted per row
 to the mean of the average logits,
 
@@ -463,17 +463,20 @@ def _descend(error: Callable[[float], float], ridges: Sequence[float]) -> int:
 
 def class_scores(gm: torch.fx.GraphModule, points: Sequence[FitPoint]) -> FitPoint | None:
     """The fit point whose target is the model's output when that output is class scores: a
-    single tensor of shape (N, C), C >= 2, from a Linear layer (or the BatchNorm after it); else
-    None."""
+    single tensor of shape (N, C), or per position (N, ..., C) as a language model's next-token
+    logits, C >= 2, from a Linear layer; else None. A graph captured by ``torch.export`` returns
+    its one output in a tuple, which is looked through."""
     output = next(n for n in gm.graph.nodes if n.op == "output")
     value = output.args[0]
+    if isinstance(value, (tuple, list)) and len(value) == 1:
+        value = value[0]
     if not isinstance(value, torch.fx.Node):
         return None
     shape = getattr(value.meta.get("tensor_meta"), "shape", None)
     modules = dict(gm.named_modules())
     for point in points:
         if point.target == value.name and isinstance(modules[point.module], nn.Linear):
-            return point if shape is not None and len(shape) == 2 and shape[1] >= 2 else None
+            return point if shape is not None and len(shape) >= 2 and shape[-1] >= 2 else None
     return None
 
 

@@ -15,6 +15,7 @@ from otfuse.capture import GraphCache
 from otfuse.cli import options
 from otfuse.cli.common import UsageError
 from otfuse.config import RECIPES, ConfigError, FusionConfig
+from otfuse.discovery import discover_exported
 from otfuse.refit import class_scores, ensemble_target, fit_points, layer_targets
 from otfuse.repair import correction_points, reset_batchnorm
 
@@ -136,3 +137,44 @@ def test_the_targets_option_is_validated_and_a_flag():
     assert options.given_options(args) == {"targets": "ensemble"}
     with pytest.raises(UsageError, match="--targets: 'logits' is not one of average, ensemble"):
         fuse.choices["fuse"].parse_args(["--targets", "logits"])
+
+
+class TokenClassifier(nn.Module):
+    """Token ids (N, T) to per-position class scores (N, T, C), as a language model's head."""
+
+    def __init__(self, seed: int, vocab: int = 11, width: int = 16) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = nn.Embedding(vocab, width)
+        self.hidden = nn.Linear(width, width)
+        self.head = nn.Linear(width, vocab)
+        with torch.no_grad():
+            self.head.weight.mul_(30.0)  # confident, and unlike another seed's
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.hidden(self.embed(ids))))
+
+
+def test_per_position_class_scores_follow_the_ensemble_too():
+    parents, ids, w = (
+        [TokenClassifier(0), TokenClassifier(1)],
+        torch.randint(0, 11, (60, 8)),
+        [0.7, 0.3],
+    )
+    gm = GraphCache(ids[:2]).graph(parents[0]).graph_module
+    assert class_scores(gm, fit_points(gm)).node == "head"
+    kl = {}
+    for targets in ("average", "ensemble"):
+        fused = otfuse.fuse(parents, data=ids, weights=w, stages=REFIT, targets=targets).model
+        kl[targets] = kl_to_ensemble(fused, parents, w, ids)
+    assert kl["ensemble"] < 0.5 * kl["average"], kl
+
+
+@pytest.mark.parametrize("name", ["mlp", "vgg"])
+def test_the_class_scores_of_an_exported_graph_are_found(name):
+    """torch.export's graph returns its output in a one-element tuple; before, the ensemble target
+    was silently skipped for every model captured that way (Hugging Face models, most GPTs)."""
+    graph = discover_exported(build(name), example(name, n=2))
+    assert graph.capture == "export"
+    point = class_scores(graph.graph_module, fit_points(graph.graph_module))
+    assert point is not None and point.features > 1
