@@ -89,7 +89,7 @@ FULL = (
              TrainConfig(epochs=5, batch_size=128, lr=2e-3, weight_decay=0.05, **_ADAMW),
              60_000, None, 400),
     PairSpec("char-GPT", "chargpt", {"context": 64, "dim": 128, "depth": 4, "heads": 4},
-             TrainConfig(epochs=1, batch_size=32, lr=3e-3, weight_decay=0.1, **_ADAMW),
+             TrainConfig(epochs=1, batch_size=32, lr=3e-3, weight_decay=0.1, warmup=0.1, **_ADAMW),
              32 * 800, 512, 400, finetune_lr_share=0.1, text=True),
 )  # fmt: skip
 QUICK = (
@@ -97,7 +97,7 @@ QUICK = (
              TrainConfig(epochs=1, batch_size=64, lr=3e-3, weight_decay=0.05, **_ADAMW),
              4000, 2000, 100),
     PairSpec("char-GPT", "chargpt", {"context": 32, "dim": 32, "depth": 2, "heads": 2},
-             TrainConfig(epochs=1, batch_size=32, lr=3e-3, weight_decay=0.1, **_ADAMW),
+             TrainConfig(epochs=1, batch_size=32, lr=3e-3, weight_decay=0.1, warmup=0.1, **_ADAMW),
              32 * 60, 128, 100, finetune_lr_share=0.1, text=True),
 )  # fmt: skip
 
