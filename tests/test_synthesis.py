@@ -205,3 +205,37 @@ def test_batchnorm_models_whose_output_is_not_one_tensor_are_synthesised_for():
         x = synthesize_inputs(models, torch.zeros(2, 3, 8, 8), num_samples=8, steps=3,
                               precision=precision)  # fmt: skip
         assert x.shape == (8, 3, 8, 8) and torch.isfinite(x).all()
+
+
+class TinyAttentionClassifier(nn.Module):
+    """Tokens from an image's rows, one self-attention layer, class scores."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.qkv, self.head = nn.Linear(8, 16), nn.Linear(16, 48), nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x.flatten(1, 2))  # (N, 8 rows, 16)
+        q, k, v = self.qkv(h).view(len(x), 8, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.head(h + a.transpose(1, 2).flatten(2)).mean(1)
+
+
+def test_attention_runs_in_float32_inside_bfloat16_synthesis_and_the_rest_in_bfloat16():
+    """On the CPU, autocast's bfloat16 attention backward is several times slower than float32's
+    (README, Speed): synthesis keeps attention in float32, the Linear layers in bfloat16."""
+    from otfuse.synthesis import _autocast
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 17, 16).bfloat16() for _ in range(3))
+    x = torch.randn(4, 1, 8, 8)
+    with _autocast(x, "bfloat16"):
+        out = sdpa(q, k, v, is_causal=True)
+        assert nn.Linear(4, 4)(torch.randn(2, 4)).dtype == torch.bfloat16
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, sdpa(q.float(), k.float(), v.float(), is_causal=True).bfloat16())
+    model = TinyAttentionClassifier().eval()
+    synthetic = synthesize_inputs([model], x, num_samples=8, steps=3, precision="bfloat16")
+    assert synthetic.dtype == torch.float32 and torch.isfinite(synthetic).all()
