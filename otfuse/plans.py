@@ -37,7 +37,7 @@ def transport_member(
     sizes: Mapping[int, int],
     outgoing: Outgoing = "average",
 ) -> torch.Tensor:
-    """Contract the parts of ``member``'s axis that hold ``space`` with the plan.
+    r"""Contract the parts of ``member``'s axis that hold ``space`` with the plan.
 
     Producer and norm axes use the corrected plan :math:`\hat T = T\,\mathrm{diag}(1/\nu)` (each
     anchor unit is a convex combination of B's units). Consumer axes use it too with

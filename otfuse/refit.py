@@ -28,8 +28,8 @@ to the mean of the average logits,
 
 .. math::
 
-    Z = \log \sum_k w_k \operatorname{softmax}(Z_k) + c\,\mathbf{1}^\top, \qquad
-    c = \operatorname{mean}_j \Big(\sum_k w_k Z_k - \log \sum_k w_k \operatorname{softmax}(Z_k)\Big)_j,
+    Z = \\log \\sum_k w_k \\operatorname{softmax}(Z_k) + c\\,\\mathbf{1}^\\top, \\qquad
+    c = \\operatorname{mean}_j \\Big(\\sum_k w_k Z_k - \\log \\sum_k w_k \\operatorname{softmax}(Z_k)\\Big)_j,
 
 whose softmax is exactly the ensemble's (a shift per row changes no probability) and which is the
 logit average itself where the parents agree. A parent that never saw a class gives it very low

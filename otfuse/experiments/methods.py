@@ -110,7 +110,7 @@ METHODS = [
 
 
 class LogitAverage(nn.Module):
-    """The weighted average of the members' logits, :math:`\sum_k w_k z_k` (K times the cost): its
+    r"""The weighted average of the members' logits, :math:`\sum_k w_k z_k` (K times the cost): its
     softmax is the normalised weighted geometric mean of their probabilities, what refit with
     ``targets="average"`` fits at the class scores."""
 
