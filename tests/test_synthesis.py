@@ -72,7 +72,9 @@ def test_synthesis_is_seeded():
 def test_classifiers_get_inputs_they_recognise_as_the_assigned_classes():
     models = [build("mlp", seed=0)]  # no BatchNorm: the class term
     x = example("mlp")
-    synthetic = synthesize_inputs(models, x, num_samples=50)
+    # light smoothing: this untrained fixture's class directions are pixel noise, which the default
+    # CLASS_SMOOTHNESS (chosen on trained models) smooths away
+    synthetic = synthesize_inputs(models, x, num_samples=50, smoothness=0.05)
     noise = torch.randn(synthetic.shape, generator=torch.Generator().manual_seed(0))
     labels = torch.arange(50) % 5
     for model in models:
@@ -239,3 +241,23 @@ def test_attention_runs_in_float32_inside_bfloat16_synthesis_and_the_rest_in_bfl
     model = TinyAttentionClassifier().eval()
     synthetic = synthesize_inputs([model], x, num_samples=8, steps=3, precision="bfloat16")
     assert synthetic.dtype == torch.float32 and torch.isfinite(synthetic).all()
+
+
+def test_the_smoothing_weight_follows_the_objective():
+    """TV weighs CLASS_SMOOTHNESS with the class term alone and STATISTICS_SMOOTHNESS with the
+    BatchNorm statistics, unless given."""
+    from otfuse.synthesis import CLASS_SMOOTHNESS, STATISTICS_SMOOTHNESS
+
+    assert CLASS_SMOOTHNESS > STATISTICS_SMOOTHNESS
+    for name, weight in (("mlp", CLASS_SMOOTHNESS), ("resnet", STATISTICS_SMOOTHNESS)):
+        models, x = [build(name, seed=0), build(name, seed=1)], example(name, n=2)
+        if name == "resnet":
+            for model in models:
+                reset_batchnorm(model, example(name, n=32), batch_size=32)
+        runs = {
+            s: synthesize_inputs(models, x, num_samples=6, steps=3, smoothness=s,
+                                 precision="float32")
+            for s in (None, weight, 10 * weight)
+        }  # fmt: skip
+        assert torch.equal(runs[None], runs[weight]), name
+        assert not torch.equal(runs[None], runs[10 * weight]), name
