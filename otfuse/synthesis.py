@@ -39,7 +39,7 @@ text that the parents themselves consider likely (:func:`sample_sequences`).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -251,44 +251,49 @@ def native_bfloat16(device: torch.device) -> bool:
     return False
 
 
-def _autocast(x: torch.Tensor, precision: str) -> contextlib.AbstractContextManager:
+@contextlib.contextmanager
+def _autocast(x: torch.Tensor, precision: str) -> Iterator[None]:
     """bfloat16 autocast on ``x``'s device for ``precision`` (see :func:`synthesize_inputs`); on
     the CPU, attention stays in float32 (:class:`Float32Attention`)."""
-    if precision == "float32" or x.dtype != torch.float32:
-        return contextlib.nullcontext()
-    if precision == "auto" and not native_bfloat16(x.device):
-        return contextlib.nullcontext()
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch.autocast(x.device.type, dtype=torch.bfloat16))
-    if x.device.type == "cpu":
-        stack.enter_context(Float32Attention())
-    return stack
+    lower = precision == "bfloat16" or (precision == "auto" and native_bfloat16(x.device))
+    if x.dtype != torch.float32 or not lower:
+        yield
+        return
+    attention = Float32Attention() if x.device.type == "cpu" else contextlib.nullcontext()
+    with torch.autocast(x.device.type, dtype=torch.bfloat16), attention:
+        yield
 
 
 class Float32Attention(TorchFunctionMode):
-    """Runs ``F.scaled_dot_product_attention`` in float32 inside a bfloat16 autocast region.
+    """Runs attention in float32 inside a bfloat16 autocast region: ``F.scaled_dot_product_attention``
+    and ``nn.MultiheadAttention``'s ``F.multi_head_attention_forward`` (whole, projections too).
 
     On the CPUs of this project (AMX), autocast sends attention to the bfloat16 flash-attention
     kernel, whose backward took 18 ms per call for a small ViT (64 images, 17 tokens, 4 heads of
     16), 80% of a synthesis step: 109 ms a step against 22 ms in float32, and 24 ms with attention
-    alone in float32 (README, Speed). The result is cast back to the query's dtype.
+    alone in float32 (README, Speed). Lower-precision tensors are computed in float32, and the
+    result is cast back to the query's dtype.
     """
+
+    FUNCTIONS = (F.scaled_dot_product_attention, F.multi_head_attention_forward)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is not F.scaled_dot_product_attention:
+        if func not in self.FUNCTIONS:
             return func(*args, **kwargs)
-        dtype = args[0].dtype if args and isinstance(args[0], torch.Tensor) else None
+        query = args[0] if args else kwargs.get("query")
         with torch.autocast("cpu", enabled=False):
-            args = tuple(_float32(a) for a in args)
-            kwargs = {k: _float32(v) for k, v in kwargs.items()}
-            out = func(*args, **kwargs)
-        return out.to(dtype) if dtype is not None else out
+            out = func(*map(_float32, args), **{k: _float32(v) for k, v in kwargs.items()})
+        if not isinstance(query, torch.Tensor):
+            return out
+        cast = lambda t: t.to(query.dtype) if isinstance(t, torch.Tensor) else t  # noqa: E731
+        return tuple(map(cast, out)) if isinstance(out, tuple) else cast(out)
 
 
 def _float32(value: object) -> object:
-    """A floating-point tensor in float32; anything else (masks of booleans, flags) as it is."""
-    if isinstance(value, torch.Tensor) and value.is_floating_point():
+    """A bfloat16 or float16 tensor in float32; anything else (float32 and float64 tensors, masks
+    of booleans, flags) as it is."""
+    if isinstance(value, torch.Tensor) and value.dtype in (torch.bfloat16, torch.float16):
         return value.float()
     return value
 

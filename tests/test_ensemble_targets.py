@@ -173,7 +173,7 @@ def test_per_position_class_scores_follow_the_ensemble_too():
 @pytest.mark.parametrize("name", ["mlp", "vgg"])
 def test_the_class_scores_of_an_exported_graph_are_found(name):
     """torch.export's graph returns its output in a one-element tuple; before, the ensemble target
-    was silently skipped for every model captured that way (Hugging Face models, most GPTs)."""
+    was silently skipped for every model captured that way (models fx cannot trace)."""
     graph = discover_exported(build(name), example(name, n=2))
     assert graph.capture == "export"
     point = class_scores(graph.graph_module, fit_points(graph.graph_module))

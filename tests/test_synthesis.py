@@ -238,6 +238,13 @@ def test_attention_runs_in_float32_inside_bfloat16_synthesis_and_the_rest_in_bfl
         assert nn.Linear(4, 4)(torch.randn(2, 4)).dtype == torch.bfloat16
     assert out.dtype == torch.bfloat16
     assert torch.equal(out, sdpa(q.float(), k.float(), v.float(), is_causal=True).bfloat16())
+    with _autocast(x, "bfloat16"):  # keyword arguments, and nn.MultiheadAttention's path
+        by_name = sdpa(query=q, key=k, value=v, is_causal=True)
+        attention = nn.MultiheadAttention(16, 2, batch_first=True).eval()
+        tokens = torch.randn(3, 17, 16)
+        mixed, _ = attention(tokens, tokens, tokens, need_weights=False)
+    assert torch.equal(by_name, out)
+    assert torch.equal(mixed, attention(tokens, tokens, tokens, need_weights=False)[0])
     model = TinyAttentionClassifier().eval()
     synthetic = synthesize_inputs([model], x, num_samples=8, steps=3, precision="bfloat16")
     assert synthetic.dtype == torch.float32 and torch.isfinite(synthetic).all()
