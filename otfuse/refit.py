@@ -22,9 +22,10 @@ followed only by a BatchNorm (eval mode, an affine map per unit) is fitted to th
 the BatchNorm's bias. The architecture never changes.
 
 Where the model ends in class scores (its output, of shape (N, C), or (N, ..., C) per position as
-a language model's next-token logits, is a Linear layer's), the target of that layer can follow the parents' *prediction ensemble* instead of their average logits
-(``targets="ensemble"``): the log of the weighted average of their probabilities, shifted per row
-to the mean of the average logits,
+a language model's next-token logits, is a Linear layer's), the target of that layer can follow
+the parents' *prediction ensemble* instead of their average logits (``targets="ensemble"``): the
+log of the weighted average of their probabilities, shifted per row to the mean of the average
+logits,
 
 .. math::
 
