@@ -291,10 +291,10 @@ class Float32Attention(TorchFunctionMode):
 
 
 def _float32(value: object) -> object:
-    """A bfloat16 or float16 tensor in float32; anything else (float32 and float64 tensors, masks
-    of booleans, flags) as it is."""
-    if isinstance(value, torch.Tensor) and value.dtype in (torch.bfloat16, torch.float16):
-        return value.float()
+    """A floating-point tensor at least in float32 (:func:`_at_least_float32`); anything else
+    (masks of booleans, flags) as it is."""
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return _at_least_float32(value)
     return value
 
 
