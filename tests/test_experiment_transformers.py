@@ -104,6 +104,18 @@ def test_quick_experiment_writes_its_report_with_every_row(quick):
         assert [e["method"] for e in pair["finetuned"]] == [*FINETUNED, REFERENCE]
         assert len(pair["targets"]) == 2
         assert all(0.0 <= r["accuracy"] <= 100.0 for r in pair["rows"])
+    vit, gpt = results["pairs"]["vit"], results["pairs"]["chargpt"]
+    assert vit["budgets"] == []
+    tuned = {e["method"]: e["loss"] for e in gpt["finetuned"]}
+    base, longer = gpt["budgets"]  # the base share (from the fine-tuned table), then 20%
+    assert (base["share"], longer["share"]) == (0.1, 0.2) and longer["steps"] == 2 * base["steps"]
+    assert (base["data_loss"], base["reference_loss"]) == (tuned["recipe: data"], tuned[REFERENCE])
+    best = min(r["loss"] for r in gpt["rows"][:2])
+    reached = [b["share"] for b in gpt["budgets"] if b["data_loss"] <= best]
+    verdict = f"reaches the better parent ({best:.4f}) after {100 * reached[0]:.0f}%" if reached \
+        else f"does not reach the better parent ({best:.4f}) within 20%"  # fmt: skip
+    assert "### Fine-tuning budget" in (out / "report.md").read_text()
+    assert verdict in (out / "report.md").read_text()
 
 
 def test_data_recipe_on_briefly_trained_char_gpts_beats_vanilla_averaging(quick):
