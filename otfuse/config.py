@@ -36,7 +36,7 @@ from otfuse.transport import SolverName
 Mode = Literal["wts", "acts"]
 Outgoing = Literal["average", "sum"]
 StageName = Literal["bn_reset", "repair", "refit"]
-Targets = Literal["average", "ensemble"]
+Targets = Literal["average", "ensemble", "confident"]
 SynthesisPrecision = Literal["auto", "float32", "bfloat16"]
 RecipeName = Literal["paper-wts", "paper-acts", "data", "data-free", "custom"]
 
@@ -85,8 +85,9 @@ class FusionConfig:
     stages: tuple[StageName, ...] = _option(tuple, "stages after averaging, in order (need data)")
     targets: Targets = _option(
         "average",
-        "refit's target for class scores: the parents' average logits, or the log of their "
-        "prediction ensemble (ensemble)",
+        "refit's target for class scores: the parents' average logits, the log of their "
+        "prediction ensemble (ensemble), or of that ensemble with each parent weighted per input "
+        "by its confidence (confident)",
     )
     synthesize: int = _option(
         0, "without data: synthesise this many inputs from the models (0: off)"

@@ -16,7 +16,13 @@ from otfuse.cli import options
 from otfuse.cli.common import UsageError
 from otfuse.config import RECIPES, ConfigError, FusionConfig
 from otfuse.discovery import discover_exported
-from otfuse.refit import class_scores, ensemble_target, fit_points, layer_targets
+from otfuse.refit import (
+    CONFIDENCE_SHARPNESS,
+    class_scores,
+    ensemble_target,
+    fit_points,
+    layer_targets,
+)
 from otfuse.repair import correction_points, reset_batchnorm
 
 REFIT = ("bn_reset", "repair", "refit")
@@ -125,6 +131,52 @@ def test_models_without_class_scores_are_refitted_to_the_average():
     assert max_state_diff(fused["average"], fused["ensemble"]) == 0.0
 
 
+def test_the_confident_target_weighs_each_parent_per_input_by_its_entropy():
+    """pi_k(x) ~ w_k exp(-beta H(p_k(x))): checked against the formula on random parents, and on
+    inputs where one parent is sure and the other unsure the sure one wins at any weight."""
+    a, b, x = build("mlp", seed=0), build("mlp", seed=1), example("mlp", n=40)
+    cache, w = GraphCache(x[:2]), (0.8, 0.2)
+    graphs = [cache.graph(m) for m in (a, b)]
+    gm = cache.graph(build("mlp", seed=2)).graph_module
+    with torch.no_grad():
+        got = layer_targets(gm, graphs, w, x, targets="confident").values["fc3"].softmax(-1)
+    probs = [outputs(m, x).double().softmax(-1) for m in (a, b)]
+    entropy = [-(p * p.log()).sum(-1, keepdim=True) for p in probs]
+    pi = torch.stack([wk * (-CONFIDENCE_SHARPNESS * h).exp() for wk, h in zip(w, entropy)])
+    pi = pi / pi.sum(0)
+    torch.testing.assert_close(got, (pi[0] * probs[0] + pi[1] * probs[1]).float())
+    ensemble = layer_targets(gm, graphs, w, x, targets="ensemble").values["fc3"].softmax(-1)
+    assert (got - ensemble).abs().max() > 1e-3  # not the plain ensemble
+
+    sure, unsure = confident("mlp", 0), build("mlp", seed=1)
+    with torch.no_grad():
+        unsure.fc3.weight.mul_(1e-3)  # near-uniform probabilities on every input
+    graphs = [cache.graph(m) for m in (sure, unsure)]
+    for w in ((0.5, 0.5), (0.2, 0.8)):
+        with torch.no_grad():
+            target = {t: layer_targets(gm, graphs, w, x, targets=t).values["fc3"]
+                      for t in ("confident", "ensemble")}  # fmt: skip
+        gap = {t: (v.softmax(-1) - outputs(sure, x).softmax(-1)).abs().max() for t, v in
+               target.items()}  # fmt: skip
+        assert torch.equal(target["confident"].argmax(-1), outputs(sure, x).argmax(-1))
+        assert gap["confident"] < 0.3 * gap["ensemble"], gap
+
+
+def test_refit_to_the_confident_target_keeps_a_parent_that_is_sure():
+    """A sure parent at weight 0.2 beside a near-uniform one: the fused model's probabilities stay
+    close to the sure parent's with confident targets, not with the ensemble's (KL halves)."""
+    sure, unsure, x = confident("mlp", 0), build("mlp", seed=1), example("mlp", n=200)
+    with torch.no_grad():
+        unsure.fc3.weight.mul_(1e-3)
+    kl = {}
+    for targets in ("ensemble", "confident"):
+        fused = otfuse.fuse([sure, unsure], data=x, weights=[0.2, 0.8], stages=REFIT,
+                            targets=targets, example_input=x[:2]).model  # fmt: skip
+        want, got = (torch.log_softmax(outputs(m, x), -1) for m in (sure, fused))
+        kl[targets] = float((want.exp() * (want - got)).sum(-1).mean())  # KL(sure || fused)
+    assert kl["confident"] < 0.5 * kl["ensemble"], kl
+
+
 def test_the_targets_option_is_validated_and_a_flag():
     assert FusionConfig().targets == "average"
     assert FusionConfig(targets="ensemble").replace(num_samples=3).targets == "ensemble"
@@ -135,6 +187,7 @@ def test_the_targets_option_is_validated_and_a_flag():
     fuse = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     args = fuse.choices["fuse"].parse_args(["--targets", "ensemble"])
     assert options.given_options(args) == {"targets": "ensemble"}
+    assert fuse.choices["fuse"].parse_args(["--targets", "confident"]).targets == "confident"
     with pytest.raises(UsageError, match="--targets: 'logits' is not one of average, ensemble"):
         fuse.choices["fuse"].parse_args(["--targets", "logits"])
 

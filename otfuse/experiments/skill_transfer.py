@@ -15,12 +15,13 @@ swept over :math:`w_A \\in \\{0, 0.1, \\dots, 1\\}`:
   :math:`\\sum_k w_k z_k` (both K times the cost of one model), vanilla averaging (no alignment);
 * OT fusion by the paper's ``paper-wts``, and by the recipes ``data`` (an unlabeled sample of
   :data:`NUM_SAMPLES` training images) and ``data-free`` (no data), each with refit's class-score
-  targets ``average`` (the logit average) and ``ensemble`` (the log of the prediction ensemble,
-  :mod:`otfuse.refit`).
+  targets ``average`` (the logit average), ``ensemble`` (the log of the prediction ensemble) and
+  ``confident`` (of the ensemble with each parent weighted per input by its confidence,
+  :math:`\pi_k(x) \propto w_k e^{-\beta H(p_k(x))}`; :mod:`otfuse.refit`).
 
 Each model is scored on the whole test set and on the special class's test images (its recall).
 The inputs that ``data-free`` synthesises depend on the parents alone, so they are made once per set
-of parents (:func:`synthesized`) and serve every weight and both targets (the same fused models as
+of parents (:func:`synthesized`) and serve every weight and every target (the same fused models as
 fusing without data; their times leave the synthesis out).
 
 **Four parents of a Dirichlet split** (:func:`otfuse.experiments.splits.dirichlet_split`,
@@ -51,6 +52,7 @@ from otfuse.experiments.plots import Panel, Series, describe, grid, line_plot, p
 from otfuse.experiments.report import Target, bar_chart, write_report, write_results
 from otfuse.experiments.splits import class_counts, dirichlet_split
 from otfuse.pipeline import synthesized_inputs
+from otfuse.refit import CONFIDENCE_SHARPNESS
 from otfuse.training import predict_logits
 
 SPECIAL_CLASSES = (4, 6)  # Fashion-MNIST "coat", "shirt"
@@ -65,14 +67,16 @@ DIRICHLET_ALPHA = 0.1
 
 # label -> options of otfuse.fuse; recipe "data" is given the unlabeled sample
 OT_METHODS = {
+    "OT data, targets confident": {"recipe": "data", "targets": "confident"},
     "OT data, targets ensemble": {"recipe": "data", "targets": "ensemble"},
     "OT data, targets average": {"recipe": "data", "targets": "average"},
+    "OT data-free, targets confident": {"recipe": "data-free", "targets": "confident"},
     "OT data-free, targets ensemble": {"recipe": "data-free", "targets": "ensemble"},
     "OT data-free, targets average": {"recipe": "data-free", "targets": "average"},
     "OT paper-wts": {"recipe": "paper-wts"},
 }
 BASELINES = ("prediction ensemble", "logit average", "vanilla average")
-CHECKED = "OT data, targets ensemble"  # the method the targets are checked on
+CHECKED = "OT data, targets confident"  # the method the targets are checked on
 
 
 def synthesized(parents: Sequence[nn.Module], sample: torch.Tensor, quick: bool) -> torch.Tensor:
@@ -441,10 +445,12 @@ def write_outputs(out: Path, results: dict) -> None:
         "of the special class; different seeds. A is the anchor. Prediction ensemble and logit "
         "average cost two models. OT recipes `data` (unlabeled sample of "
         f"{results['num_samples']} training images) and `data-free`, each with refit's class-score "
-        "targets `average` (the logit average) and `ensemble` (the log of the prediction "
-        "ensemble), and the paper's `paper-wts`. Cells are accuracy on the whole test set / recall "
+        "targets `average` (the logit average), `ensemble` (the log of the prediction "
+        "ensemble) and `confident` (the ensemble with each parent weighted per input by "
+        f"exp(-{CONFIDENCE_SHARPNESS:g} x the entropy of its prediction), times its weight), and "
+        "the paper's `paper-wts`. Cells are accuracy on the whole test set / recall "
         "of the special class (%). `data-free` synthesises its inputs once per set of parents, for "
-        f"every weight and both targets. torch threads: {results['torch_threads']}; total "
+        f"every weight and every target. torch threads: {results['torch_threads']}; total "
         f"{results['seconds']:.0f} s.",
     ]
     for key, pair in results["pairs"].items():

@@ -60,7 +60,7 @@ class FederatedSettings:
     # -- server --
     strategy: str = "otfuse"  # otfuse or fedavg
     recipe: str = "data-free"  # otfuse recipe
-    targets: str = "average"  # refit's class-score targets: average or ensemble
+    targets: str = "average"  # refit's class-score targets: average, ensemble or confident
     synthesize: int = 0  # data-free: inputs to synthesise (0: the recipe's)
     server_samples: int = 0  # unlabeled training images the server holds for the data recipe
     guard: bool = True  # keep FedAvg's average when it is closer to the clients' ensemble
@@ -79,7 +79,7 @@ class FederatedSettings:
         _check_choice("partition", self.partition, SCHEMES)
         _check_choice("strategy", self.strategy, STRATEGIES)
         _check_choice("init", self.init, INITS)
-        _check_choice("targets", self.targets, ("average", "ensemble"))
+        _check_choice("targets", self.targets, ("average", "ensemble", "confident"))
         if self.strategy == "otfuse":
             config = self.fusion_config()  # an unknown recipe fails here, not in round 1
             if config.needs_data and not config.synthesize and not self.server_samples:
