@@ -721,3 +721,32 @@ def test_an_lstm_cell_may_take_its_own_tuple_state_back():
     graph = otfuse.spaces(model, x[:2])
     assert graph.capture == "fx" and [s.size for s in graph.transportable()] == [4, 5]
     _preserves_and_recovers(model, other, x)
+
+
+class InPlaceResidual(nn.Module):
+    """A residual block written in place (``out += h``, ``out.mul_(...)``, ``h.sigmoid_()``) with a
+    shape check that torch.fx cannot trace (as Hugging Face's ResNet): captured by torch.export,
+    whose graph keeps the in-place ATen ops (``add_``, ``mul_``, ``sigmoid_``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.conv = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.gate, self.fc = nn.Conv2d(8, 8, 1), nn.Linear(8, 4)
+
+    def forward(self, x):
+        if x.shape[1] != 3:
+            raise ValueError("expected 3 channels")
+        h = F.relu(self.stem(x))
+        out = self.conv(h)
+        out += h
+        out.mul_(self.gate(h).sigmoid_())
+        return self.fc(F.relu(out).mean((2, 3)))
+
+
+def test_in_place_arithmetic_in_an_exported_graph_is_fused():
+    torch.manual_seed(0)
+    model, other, x = InPlaceResidual().eval(), InPlaceResidual().eval(), torch.randn(24, 3, 6, 6)
+    graph = otfuse.spaces(model, x[:2])
+    assert graph.capture == "export" and [s.size for s in graph.transportable()] == [8]  # one stream
+    twin = _preserves_and_recovers(model, other, x, ("paper-wts", "paper-acts", "data"))
+    assert not torch.equal(twin.conv.weight, model.conv.weight)

@@ -142,3 +142,35 @@ def test_a_decoder_that_returns_its_cache_is_refused_with_the_setting_to_change(
     with pytest.raises(otfuse.OtfuseError, match=r"config.use_cache = False on each model") as info:
         otfuse.fuse(models, "paper-wts", example_input=TOKENS)
     assert "\n" not in str(info.value) and "pytree" not in str(info.value)
+
+
+def hf_resnet(seed: int):
+    """Hugging Face's ResNet: its embedder checks the channels (torch.fx cannot trace it) and its
+    blocks add the shortcut in place (``hidden_state += residual``, ATen ``add_``)."""
+    torch.manual_seed(seed)
+    config = transformers.ResNetConfig(
+        num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+        layer_type="basic", num_labels=5,
+    )  # fmt: skip
+    model = transformers.ResNetForImageClassification(config).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 1.5)
+                module.weight.uniform_(0.5, 1.5)
+    return model
+
+
+def test_hugging_face_resnet_with_in_place_shortcuts_is_fused():
+    model, other, x = hf_resnet(0), hf_resnet(1), torch.randn(4, 3, 32, 32)
+    graph = otfuse.spaces(model, x[:2])
+    assert graph.capture == "export" and len(graph.transportable()) >= 3
+    planted = plant(model, graph, seed=1)
+    assert max_diff(planted, model) > 0.1
+    torch.testing.assert_close(logits(planted, x), logits(model, x), atol=1e-4, rtol=1e-4)
+    assert max_diff(align_on(graph, planted, model), model) < 1e-6
+    aligned = align_on(graph, other, model)
+    torch.testing.assert_close(logits(aligned, x), logits(other, x), atol=1e-4, rtol=1e-4)
+    fused = otfuse.fuse([model, other], "paper-wts", example_input=x[:2]).model
+    assert logits(fused, x).shape == (4, 5)

@@ -94,7 +94,7 @@ ATEN_RULES: dict[object, Rule] = {
         p: nonlinearity
         for p in _packets(
             "relu relu_ gelu silu tanh sigmoid elu leaky_relu hardswish mish softplus hardtanh "
-            "relu6"
+            "relu6 gelu_ silu_ tanh_ sigmoid_ elu_ leaky_relu_ hardswish_ mish_ hardtanh_"
         )
     },
     **{
@@ -102,7 +102,8 @@ ATEN_RULES: dict[object, Rule] = {
         for p in _packets(
             "dropout alias clone contiguous detach to _to_copy type_as lift_fresh_copy neg exp "
             "rsqrt sqrt abs cos sin erf log reciprocal square softmax _softmax log_softmax "
-            "_log_softmax clamp clamp_min clamp_max"
+            "_log_softmax clamp clamp_min clamp_max neg_ exp_ rsqrt_ sqrt_ abs_ clamp_ "
+            "clamp_min_ clamp_max_"
         )
     },
     **{
@@ -126,7 +127,7 @@ ATEN_RULES: dict[object, Rule] = {
         p: elementwise
         for p in _packets(
             "add sub rsub mul div pow where masked_fill maximum minimum eq ne lt le gt ge "
-            "logical_and logical_or bitwise_and __and__ __or__"
+            "logical_and logical_or bitwise_and __and__ __or__ add_ sub_ mul_ div_ masked_fill_"
         )
     },
     **{p: reduction for p in _packets("mean sum amax amin var std logsumexp")},
