@@ -35,6 +35,7 @@ from otfuse.validation import (
     check_anchor,
     check_fits,
     check_models,
+    check_token_ids,
     data_does_not_fit,
     example_input_for,
     model_device,
@@ -132,6 +133,7 @@ def fuse(
     device = model_device(anchor)  # everything runs where the models are, in their precision
     sample, example = to_device(sample, device), to_device(example, device)
     sample, example = to_model_dtype(sample, anchor), to_model_dtype(example, anchor)
+    check_token_ids(sample, example, anchor)
     if sample is not None:
         check_fits(sample, example, anchor)
     cache = GraphCache(example)
@@ -357,6 +359,7 @@ def align(
     example = example_input_for(anchor, example_input, sample)
     device = model_device(anchor)
     sample, example = to_device(sample, device), to_device(example, device)
+    check_token_ids(sample, example, anchor)
     if sample is not None:
         check_fits(sample, example, anchor)
     if config.mode == "acts" and sample is None:

@@ -161,6 +161,36 @@ def check_fits(inputs: torch.Tensor, example: torch.Tensor | tuple, model: nn.Mo
     raise DataError(_mismatch(tuple(inputs.shape[1:]), tuple(example.shape[1:]), model))
 
 
+def check_token_ids(
+    sample: torch.Tensor | None, example: torch.Tensor | tuple, model: nn.Module
+) -> None:
+    """Where the models take token ids (an integer ``example`` and an ``nn.Embedding``): ``sample``
+    holds integers too, and every id of both lies in ``0 .. V - 1``, ``V`` the largest
+    embedding's size (a lookup outside it fails deep in the model, or reads the wrong row)."""
+    sizes = [m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)]
+    if not sizes or not isinstance(example, torch.Tensor) or not _is_integer(example):
+        return
+    if sample is not None and not _is_integer(sample):
+        raise DataError(
+            f"data holds {str(sample.dtype).replace('torch.', '')} values; the models take token "
+            "ids (integers), as the example input does"
+        )
+    for what, ids in (("data", sample), ("example input", example)):
+        if ids is None or ids.numel() == 0:
+            continue
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= max(sizes):
+            bad = low if low < 0 else high
+            raise DataError(
+                f"{what} holds token id {bad}, outside the models' vocabulary of {max(sizes)} "
+                f"tokens (ids 0..{max(sizes) - 1})"
+            )
+
+
+def _is_integer(x: torch.Tensor) -> bool:
+    return not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool
+
+
 def _mismatch(got: tuple[int, ...], expected: tuple[int, ...], model: nn.Module) -> str:
     layer = next((m for m in model.modules() if isinstance(m, _LAYERS)), None)
     if len(got) == len(expected) >= 2 and got[1:] == expected[1:] and got[0] != expected[0]:

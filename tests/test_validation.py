@@ -100,3 +100,39 @@ def test_every_kind_of_data_gives_the_same_fusion(wrap):
     fused = otfuse.fuse(models, "paper-acts", data=wrap(x), num_samples=12).model.state_dict()
     for key, value in reference.items():
         torch.testing.assert_close(fused[key], value)
+
+
+class TinyLM(torch.nn.Module):
+    """Token ids (N, T) to next-token scores (N, T, 13)."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed, self.hidden = torch.nn.Embedding(13, 8), torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(8, 13)
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.hidden(self.embed(ids))))
+
+
+@pytest.mark.parametrize(
+    ("data", "example_ids", "message"),
+    [
+        (torch.randn(16, 5), None, "data holds float32 values; the models take token ids"),
+        (torch.randint(13, 20, (16, 5)), None, "data holds token id 1[3-9], outside the models' "
+         r"vocabulary of 13 tokens \(ids 0..12\)"),
+        (torch.full((16, 5), -1), None, "data holds token id -1, outside"),
+        (None, torch.randint(13, 20, (2, 5)), "example input holds token id 1[3-9], outside"),
+    ],
+)  # fmt: skip
+def test_token_ids_outside_the_vocabulary_or_floats_are_one_line(data, example_ids, message):
+    models = [TinyLM(0), TinyLM(1)]
+    x = torch.randint(0, 13, (2, 5)) if example_ids is None else example_ids
+    for call in (
+        lambda: otfuse.fuse(models, "paper-wts", data=data, example_input=x),
+        lambda: otfuse.align(models[1], models[0], data=data, example_input=x),
+    ):
+        with pytest.raises(DataError, match=message):
+            call()
+    ok = otfuse.fuse(models, "data", data=torch.randint(0, 13, (16, 5)), example_input=x[:2] % 13)
+    assert ok.model(x % 13).shape == (2, 5, 13)
