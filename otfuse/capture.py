@@ -59,13 +59,29 @@ def rebind(graph: SpaceGraph, model: nn.Module) -> SpaceGraph:
     values: dict[torch.fx.Node, torch.fx.Node] = {}
     out = copied.graph_copy(graph.graph_module.graph, values)
     copied.output(out)
-    root = model if graph.capture == "fx" else _exported_root(graph.graph_module, model)
+    original = graph.graph_module
+    own = graph.capture == "fx" and all(_has_attr(model, n.target) for n in _attrs_read(original))
+    root = model if own else _exported_root(original, model)
     gm = torch.fx.GraphModule(root, copied, class_name=type(model).__name__)
     return SpaceGraph(graph.spaces, gm, set(graph.param_names), graph.capture)
 
 
+def _attrs_read(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "get_attr"]
+
+
+def _has_attr(module: nn.Module, target: str) -> bool:
+    try:
+        _attr(module, target)
+    except AttributeError:
+        return False
+    return True
+
+
 def _exported_root(original: torch.fx.GraphModule, model: nn.Module) -> dict[str, Any]:
-    """Every attribute the exported graph reads: ``model``'s tensors, else the original's."""
+    """Every attribute the graph reads: ``model``'s tensors, else the original's (an exported
+    graph's helpers, or the constants torch.fx made of tensors created in ``forward``, such as
+    ``_tensor_constant0`` for a ``torch.arange``)."""
     tensors = dict(model.named_parameters(remove_duplicate=False))
     tensors.update(model.named_buffers(remove_duplicate=False))
     root: dict[str, Any] = {}

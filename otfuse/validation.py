@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from otfuse.errors import DataError, OtfuseError
+from otfuse.modes import evaluating
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -164,11 +165,11 @@ def check_fits(inputs: torch.Tensor, example: torch.Tensor | tuple, model: nn.Mo
 def check_token_ids(
     sample: torch.Tensor | None, example: torch.Tensor | tuple, model: nn.Module
 ) -> None:
-    """Where the models take token ids (an integer ``example`` and an ``nn.Embedding``): ``sample``
-    holds integers too, and every id of both lies in ``0 .. V - 1``, ``V`` the largest
-    embedding's size (a lookup outside it fails deep in the model, or reads the wrong row)."""
-    sizes = [m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)]
-    if not sizes or not isinstance(example, torch.Tensor) or not _is_integer(example):
+    """Where the models look up their input in a vocabulary (the first ``nn.Embedding`` called with
+    the example's ids, :func:`input_vocabulary`): ``sample`` holds integers too, and every id of
+    both lies in ``0 .. V - 1`` (a lookup outside it fails deep in the model)."""
+    size = input_vocabulary(model, example)
+    if size is None:
         return
     if sample is not None and not _is_integer(sample):
         raise DataError(
@@ -179,12 +180,45 @@ def check_token_ids(
         if ids is None or ids.numel() == 0:
             continue
         low, high = int(ids.min()), int(ids.max())
-        if low < 0 or high >= max(sizes):
-            bad = low if low < 0 else high
+        if low < 0 or high >= size:
             raise DataError(
-                f"{what} holds token id {bad}, outside the models' vocabulary of {max(sizes)} "
-                f"tokens (ids 0..{max(sizes) - 1})"
+                f"{what} holds token id {low if low < 0 else high}, outside the models' "
+                f"vocabulary of {size} tokens (ids 0..{size - 1})"
             )
+
+
+class _Found(Exception):
+    pass
+
+
+def input_vocabulary(model: nn.Module, example: torch.Tensor | tuple) -> int | None:
+    """The size of the first ``nn.Embedding`` that ``model`` calls with the integer ``example``'s
+    own ids (in any shape), found by starting a forward pass that stops at that lookup; None for
+    other inputs, or when no embedding reads the input (a class or position table, ids the model
+    transforms first)."""
+    embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    if not embeddings or not isinstance(example, torch.Tensor) or not _is_integer(example):
+        return None
+    flat = example.reshape(-1)
+
+    def stop_at_lookup(module: nn.Module, args: tuple) -> None:
+        ids = args[0] if args else None
+        if isinstance(ids, torch.Tensor) and ids.numel() == flat.numel():
+            if torch.equal(ids.reshape(-1), flat):
+                raise _Found(module.num_embeddings)
+
+    handles = [m.register_forward_pre_hook(stop_at_lookup) for m in embeddings]
+    try:
+        with torch.no_grad(), evaluating([model]):
+            model(example)
+    except _Found as found:
+        return int(found.args[0])
+    except Exception:  # the model fails before any lookup of its input: tracing will say why
+        return None
+    finally:
+        for handle in handles:
+            handle.remove()
+    return None
 
 
 def _is_integer(x: torch.Tensor) -> bool:

@@ -103,16 +103,43 @@ def test_every_kind_of_data_gives_the_same_fusion(wrap):
 
 
 class TinyLM(torch.nn.Module):
-    """Token ids (N, T) to next-token scores (N, T, 13)."""
+    """Token ids (N, T) to next-token scores (N, T, 13), with a position table larger than the
+    vocabulary (as nanoGPT's ``wpe``), looked up after the tokens."""
 
     def __init__(self, seed: int) -> None:
         super().__init__()
         torch.manual_seed(seed)
+        self.positions = torch.nn.Embedding(32, 8)
         self.embed, self.hidden = torch.nn.Embedding(13, 8), torch.nn.Linear(8, 8)
         self.head = torch.nn.Linear(8, 13)
 
     def forward(self, ids):
-        return self.head(torch.relu(self.hidden(self.embed(ids))))
+        h = self.embed(ids) + self.positions(torch.arange(ids.shape[1]))
+        return self.head(torch.relu(self.hidden(h)))
+
+
+class ImagesWithAPositionTable(torch.nn.Module):
+    """uint8 pixels (N, 16) and a learned table indexed by position: not token ids."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.table, self.fc1, self.fc2 = (
+            torch.nn.Embedding(16, 1), torch.nn.Linear(16, 8), torch.nn.Linear(8, 3)
+        )  # fmt: skip
+
+    def forward(self, x):
+        h = x.float() / 255 + self.table(torch.arange(16)).squeeze(1)
+        return self.fc2(torch.relu(self.fc1(h)))
+
+
+def test_integer_inputs_that_no_embedding_looks_up_are_not_token_ids():
+    models, x = [ImagesWithAPositionTable(0), ImagesWithAPositionTable(1)], torch.full((2, 16), 250)
+    fused = otfuse.fuse(models, "paper-wts", example_input=x.to(torch.uint8)).model
+    assert fused(x.to(torch.uint8)).shape == (2, 3)
+    # torch.fx makes the arange a constant of the traced graph, which every parent's graph reads
+    twin = otfuse.fuse([models[0], models[0]], "paper-wts", example_input=x.to(torch.uint8))
+    torch.testing.assert_close(twin.model(x.to(torch.uint8)), models[0](x.to(torch.uint8)))
 
 
 @pytest.mark.parametrize(
