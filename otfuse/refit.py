@@ -43,11 +43,11 @@ weights on input :math:`x` are
 
 .. math::
 
-    \pi_k(x) \propto w_k \exp\big(-\beta\, H(p_k(x))\big), \qquad
-    H(p) = -\sum_c p_c \log p_c, \qquad
-    Z = \log \sum_k \pi_k(x) \operatorname{softmax}(Z_k) + c\,\mathbf{1}^\top,
+    \\pi_k(x) \\propto w_k \\exp\\big(-\\beta\\, H(p_k(x))\\big), \\qquad
+    H(p) = -\\sum_c p_c \\log p_c, \\qquad
+    Z = \\log \\sum_k \\pi_k(x) \\operatorname{softmax}(Z_k) + c\\,\\mathbf{1}^\\top,
 
-with :math:`\beta` = ``CONFIDENCE_SHARPNESS``, so a parent that is unsure of an input (a class it
+with :math:`\\beta` = ``CONFIDENCE_SHARPNESS``, so a parent that is unsure of an input (a class it
 never saw) gives way to one that is sure, whatever the scalar weights. With parents of equal
 confidence it is the prediction ensemble.
 

@@ -17,7 +17,7 @@ swept over :math:`w_A \\in \\{0, 0.1, \\dots, 1\\}`:
   :data:`NUM_SAMPLES` training images) and ``data-free`` (no data), each with refit's class-score
   targets ``average`` (the logit average), ``ensemble`` (the log of the prediction ensemble) and
   ``confident`` (of the ensemble with each parent weighted per input by its confidence,
-  :math:`\pi_k(x) \propto w_k e^{-\beta H(p_k(x))}`; :mod:`otfuse.refit`).
+  :math:`\\pi_k(x) \\propto w_k e^{-\\beta H(p_k(x))}`; :mod:`otfuse.refit`).
 
 Each model is scored on the whole test set and on the special class's test images (its recall).
 The inputs that ``data-free`` synthesises depend on the parents alone, so they are made once per set
