@@ -586,8 +586,9 @@ class _Collector:
     count: int  # input samples
     scores: str | None
     out: LayerTargets = field(default_factory=LayerTargets)
-    log_mixture: torch.Tensor | None = None  # float64, (rows, C): log sum_k pi_k p_k, unnormalised
-    log_total: torch.Tensor | None = None  # float64, (rows, 1) or (): log sum_k pi_k
+    # float64 (rows, C): log sum_k pi_k p_k with pi_k unnormalised; ensemble_target's shift per
+    # row removes the normaliser
+    log_mixture: torch.Tensor | None = None
     sharpness: float = 0.0
 
     def run(self, parent: SpaceGraph, weight: float, inputs: torch.Tensor) -> None:
@@ -619,23 +620,18 @@ class _Collector:
         values[point.node] = scaled if point.node not in values else values[point.node] + scaled
         if point.node == self.scores and weight > 0:
             log_p = torch.log_softmax(chosen.double(), dim=-1)
-            log_w = torch.tensor(math.log(weight), dtype=torch.float64, device=log_p.device)
-            if self.sharpness:
-                entropy = -torch.special.xlogy(log_p.exp(), log_p.exp()).sum(-1, keepdim=True)
-                log_w = log_w - self.sharpness * entropy
-            self.log_mixture = _log_add(self.log_mixture, log_w + log_p)
-            self.log_total = _log_add(self.log_total, log_w)
+            log_w = math.log(weight)
+            if self.sharpness:  # times exp(-sharpness * entropy), per row
+                p = log_p.exp()
+                log_w = log_w + self.sharpness * torch.special.xlogy(p, p).sum(-1, keepdim=True)
+            term, mixture = log_w + log_p, self.log_mixture
+            self.log_mixture = term if mixture is None else torch.logaddexp(mixture, term)
 
     def finish(self) -> LayerTargets:
         if self.log_mixture is not None:
             values = self.out.values
-            log_mixture = self.log_mixture - self.log_total
-            values[self.scores] = ensemble_target(log_mixture, values[self.scores])
+            values[self.scores] = ensemble_target(self.log_mixture, values[self.scores])
         return self.out
-
-
-def _log_add(total: torch.Tensor | None, term: torch.Tensor) -> torch.Tensor:
-    return term if total is None else torch.logaddexp(total, term)
 
 
 def _refit_layer(modules, point: FitPoint, x: torch.Tensor, target, rows, ridge, samples) -> None:
@@ -717,8 +713,8 @@ def refit_layers(
     for every layer, or candidates to choose from per layer by held-out error. ``targets="ensemble"``:
     where the model ends in class scores (:func:`class_scores`), their target is the log of the
     parents' weighted prediction ensemble (:func:`ensemble_target`); ``"confident"``: of that
-    ensemble with each parent weighted per input by its confidence (the module's docstring); elsewhere, and for models
-    without class scores, the average. ``goal``: those targets when the caller has them (from
+    ensemble with each parent weighted per input by its confidence (the module's docstring);
+    elsewhere, and for models without class scores, the average. ``goal``: those targets when the caller has them (from
     :func:`targets_from_rows`; then ``parents`` is not run, and ``max_rows``, ``seed`` and
     ``targets`` are those the goal was made with). Modifies the fused model's parameters in place.
     """
