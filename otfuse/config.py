@@ -87,7 +87,8 @@ class FusionConfig:
         "average",
         "refit's target for class scores: the parents' average logits, the log of their "
         "prediction ensemble (ensemble), or of that ensemble with each parent weighted per input "
-        "by its confidence (confident)",
+        "by its confidence, the layers before the class scores keeping every parent's features "
+        "alike (confident)",
     )
     synthesize: int = _option(
         0, "without data: synthesise this many inputs from the models (0: off)"

@@ -49,7 +49,12 @@ weights on input :math:`x` are
 
 with :math:`\\beta` = ``CONFIDENCE_SHARPNESS``, so a parent that is unsure of an input (a class it
 never saw) gives way to one that is sure, whatever the scalar weights. With parents of equal
-confidence it is the prediction ensemble.
+confidence it is the prediction ensemble. The weights then say whose *predictions* to trust, and
+the layers before the class scores keep every parent's features alike: their targets are the
+equal average of the aligned parents with a positive weight,
+:math:`Z = \\frac{1}{|\\{k: w_k > 0\\}|} \\sum_{k: w_k > 0} Z_k`, so that a model fused
+mostly towards a specialist still holds the generalist's features for the mixture to draw on
+(:func:`feature_weights`). With equal weights this is the weighted average as before.
 
 The idea of merging linear layers by regression on their inputs' statistics is RegMean (Jin et al.,
 "Dataless Knowledge Fusion by Merging Weights of Language Models", 2023); here it follows the
@@ -82,6 +87,19 @@ TargetRule = Literal["average", "ensemble", "confident"]
 # 4 is the smallest at which the rule beats both the ensemble and the logit average at every
 # weight on both pairs; on i.i.d. pairs every beta is within 0.05 points of the ensemble.
 CONFIDENCE_SHARPNESS = 4.0
+
+
+def feature_weights(weights: Sequence[float], targets: TargetRule) -> list[float]:
+    """The weights of the parents' rows in the targets of the layers before the class scores:
+    ``weights`` itself, or with ``targets="confident"`` equal over the parents with a positive
+    weight (the module's docstring). Measured on the skill-transfer experiment (coat pair, w_A
+    0.7 / 0.8 / 0.9: 86.64 / 86.64 / 86.15% against 85.95 / 85.52 / 84.67% with the weighted
+    average), and on a special class it was not chosen on (T-shirt, w_A 0.8 / 0.9: 86.83 /
+    86.21% against 85.17 / 84.47%)."""
+    if targets != "confident":
+        return [float(w) for w in weights]
+    used = sum(1 for w in weights if w > 0)
+    return [1.0 / used if w > 0 else 0.0 for w in weights]
 
 
 @dataclass(frozen=True)
@@ -543,9 +561,10 @@ def layer_targets(
     collector = target_collector(
         gm, points, len(inputs), max_rows=max_rows, seed=seed, targets=targets
     )
+    features = collector.feature_weights(weights, targets)
     with torch.no_grad(), evaluating([p.graph_module for p in parents]):
-        for parent, weight in zip(parents, weights, strict=True):
-            collector.run(parent, weight, inputs)
+        for parent, weight, feature in zip(parents, weights, features, strict=True):
+            collector.run(parent, weight, inputs, feature)
     return collector.finish()
 
 
@@ -591,12 +610,22 @@ class _Collector:
     log_mixture: torch.Tensor | None = None
     sharpness: float = 0.0
 
-    def run(self, parent: SpaceGraph, weight: float, inputs: torch.Tensor) -> None:
+    def feature_weights(self, weights: Sequence[float], targets: TargetRule) -> list[float]:
+        """Each parent's weight in the targets before the class scores (:func:`feature_weights`;
+        ``weights`` when the model has no class scores)."""
+        return feature_weights(weights, targets) if self.scores else [float(w) for w in weights]
+
+    def run(
+        self, parent: SpaceGraph, weight: float, inputs: torch.Tensor, feature: float | None = None
+    ) -> None:
+        """Add ``parent``'s rows on ``inputs``: ``weight`` at the class scores, ``feature``
+        (default ``weight``) before them."""
         modules = dict(parent.graph_module.named_modules())
 
         def hook(node: torch.fx.Node, value: torch.Tensor) -> None:
             point = self.points[node.name]
-            self.add(point, output_rows(modules[point.module], value.detach()), weight)
+            rows = output_rows(modules[point.module], value.detach())
+            self.add(point, rows, weight, feature)
 
         run_with_hooks(parent.graph_module, inputs, after=dict.fromkeys(self.points, hook))
 
@@ -609,14 +638,20 @@ class _Collector:
             self.out.samples[point.node] = rows[point.node] // max(1, every // self.count)
         return rows[point.node]
 
-    def add(self, point: FitPoint, every: torch.Tensor, weight: float) -> None:
-        """Add ``weight`` times a parent's chosen rows of ``every`` (all rows of the target)."""
-        self.accumulate(point, every[self.pick(point, len(every))], weight)
+    def add(
+        self, point: FitPoint, every: torch.Tensor, weight: float, feature: float | None = None
+    ) -> None:
+        """Add a parent's chosen rows of ``every`` (all rows of the target) (:meth:`accumulate`)."""
+        self.accumulate(point, every[self.pick(point, len(every))], weight, feature)
 
-    def accumulate(self, point: FitPoint, chosen: torch.Tensor, weight: float) -> None:
-        """Add ``weight`` times a parent's ``chosen`` rows (rows, units) of ``point``'s target."""
+    def accumulate(
+        self, point: FitPoint, chosen: torch.Tensor, weight: float, feature: float | None = None
+    ) -> None:
+        """Add a parent's ``chosen`` rows (rows, units) of ``point``'s target, times ``weight`` at
+        the class scores and ``feature`` (default ``weight``) before them."""
         values = self.out.values
-        scaled = weight * chosen  # in the model's own precision
+        own = weight if feature is None or point.node == self.scores else feature
+        scaled = own * chosen  # in the model's own precision
         values[point.node] = scaled if point.node not in values else values[point.node] + scaled
         if point.node == self.scores and weight > 0:
             log_p = torch.log_softmax(chosen.double(), dim=-1)
@@ -754,10 +789,11 @@ def targets_from_rows(
     plans are permutations."""
     points = fit_points(gm)
     collector = target_collector(gm, points, 1, targets=targets, chosen=chosen)
-    for rows, weight, order in zip(parent_rows, weights, orders, strict=True):
+    features = collector.feature_weights(weights, targets)
+    for rows, weight, feature, order in zip(parent_rows, weights, features, orders, strict=True):
         for point in points:
             values, permutation = rows[point.node], order.get(point.node)
             if permutation is not None:
                 values = values[:, permutation.to(values.device)]
-            collector.accumulate(point, values, weight)
+            collector.accumulate(point, values, weight, feature)
     return collector.finish()

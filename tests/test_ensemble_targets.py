@@ -20,6 +20,7 @@ from otfuse.refit import (
     CONFIDENCE_SHARPNESS,
     class_scores,
     ensemble_target,
+    feature_weights,
     fit_points,
     layer_targets,
 )
@@ -175,6 +176,43 @@ def test_refit_to_the_confident_target_keeps_a_parent_that_is_sure():
         want, got = (torch.log_softmax(outputs(m, x), -1) for m in (sure, fused))
         kl[targets] = float((want.exp() * (want - got)).sum(-1).mean())  # KL(sure || fused)
     assert kl["confident"] < 0.5 * kl["ensemble"], kl
+
+
+def test_the_confident_rule_keeps_every_parents_features_before_the_class_scores():
+    """With targets="confident" the weights decide whose predictions to trust: the class scores'
+    target is the confident mixture at those weights, and every layer before them targets the
+    equal average of the parents with a positive weight (a zero weight still drops a parent)."""
+    models, x = [build("mlp", seed=s) for s in range(3)], example("mlp", n=40)
+    cache = GraphCache(x[:2])
+    graphs = [cache.graph(m) for m in models]
+    gm = cache.graph(build("mlp", seed=3)).graph_module
+    head = class_scores(gm, fit_points(gm)).node
+
+    def values(weights, targets):
+        with torch.no_grad():
+            return layer_targets(gm, graphs, weights, x, targets=targets).values
+
+    got = values((0.7, 0.2, 0.1), "confident")
+    equal = values((1 / 3, 1 / 3, 1 / 3), "average")
+    weighted = values((0.7, 0.2, 0.1), "average")
+    for node in equal:
+        if node != head:
+            torch.testing.assert_close(got[node], equal[node])
+            assert (got[node] - weighted[node]).abs().max() > 1e-3
+    probs = [outputs(m, x).double().softmax(-1) for m in models]
+    entropy = [-(p * p.log()).sum(-1, keepdim=True) for p in probs]
+    pi = torch.stack([w * (-CONFIDENCE_SHARPNESS * h).exp()
+                      for w, h in zip((0.7, 0.2, 0.1), entropy)])  # fmt: skip
+    mixture = (pi / pi.sum(0) * torch.stack(probs)).sum(0)
+    torch.testing.assert_close(got[head].softmax(-1), mixture.float())
+
+    dropped = values((0.5, 0.5, 0.0), "confident")
+    halves = values((0.5, 0.5, 0.0), "average")
+    for node in halves:
+        if node != head:
+            torch.testing.assert_close(dropped[node], halves[node])
+    assert feature_weights([0.9, 0.1, 0.0], "confident") == [0.5, 0.5, 0.0]
+    assert feature_weights([0.9, 0.1], "ensemble") == [0.9, 0.1]
 
 
 def test_the_targets_option_is_validated_and_a_flag():

@@ -226,7 +226,7 @@ def test_gathered_patches_are_the_unfolded_rows(conv, shape):
 
 
 @pytest.mark.parametrize("name", list(FIXTURES))
-@pytest.mark.parametrize("targets", ["average", "ensemble"])
+@pytest.mark.parametrize("targets", ["average", "ensemble", "confident"])
 def test_refit_targets_from_recorded_parent_rows_equal_the_aligned_parents(
     name, targets, monkeypatch
 ):
@@ -240,7 +240,7 @@ def test_refit_targets_from_recorded_parent_rows_equal_the_aligned_parents(
     monkeypatch.setattr(
         FusionContext, "refit_targets", lambda self, gm: used.append(original(self, gm)) or used[-1]
     )
-    options = dict(data=x, example_input=x[:2], targets=targets)
+    options = dict(data=x, example_input=x[:2], targets=targets, weights=[0.6, 0.3, 0.1])
     fast = otfuse.fuse(models, "data", **options)
     assert used and all(u is not None for u in used), "equal widths: permutation plans"
     monkeypatch.setattr(FusionContext, "refit_targets", lambda self, gm: None)

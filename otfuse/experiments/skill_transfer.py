@@ -17,7 +17,8 @@ swept over :math:`w_A \\in \\{0, 0.1, \\dots, 1\\}`:
   :data:`NUM_SAMPLES` training images) and ``data-free`` (no data), each with refit's class-score
   targets ``average`` (the logit average), ``ensemble`` (the log of the prediction ensemble) and
   ``confident`` (of the ensemble with each parent weighted per input by its confidence,
-  :math:`\\pi_k(x) \\propto w_k e^{-\\beta H(p_k(x))}`; :mod:`otfuse.refit`).
+  :math:`\\pi_k(x) \\propto w_k e^{-\\beta H(p_k(x))}`, the layers before the class scores
+  fitted to the parents' equal average; :mod:`otfuse.refit`).
 
 Each model is scored on the whole test set and on the special class's test images (its recall).
 The inputs that ``data-free`` synthesises depend on the parents alone, so they are made once per set
@@ -447,7 +448,8 @@ def write_outputs(out: Path, results: dict) -> None:
         f"{results['num_samples']} training images) and `data-free`, each with refit's class-score "
         "targets `average` (the logit average), `ensemble` (the log of the prediction "
         "ensemble) and `confident` (the ensemble with each parent weighted per input by "
-        f"exp(-{CONFIDENCE_SHARPNESS:g} x the entropy of its prediction), times its weight), and "
+        f"exp(-{CONFIDENCE_SHARPNESS:g} x the entropy of its prediction), times its weight; the "
+        "layers before the class scores fitted to the parents' equal average), and "
         "the paper's `paper-wts`. Cells are accuracy on the whole test set / recall "
         "of the special class (%). `data-free` synthesises its inputs once per set of parents, for "
         f"every weight and every target. torch threads: {results['torch_threads']}; total "
