@@ -35,7 +35,7 @@ from otfuse.transport import SolverName
 
 Mode = Literal["wts", "acts"]
 Outgoing = Literal["average", "sum"]
-StageName = Literal["bn_reset", "repair", "refit"]
+StageName = Literal["bn_reset", "repair", "refit", "distill"]
 Targets = Literal["average", "ensemble", "confident"]
 SynthesisPrecision = Literal["auto", "float32", "bfloat16"]
 RecipeName = Literal["paper-wts", "paper-acts", "data", "data-free", "custom"]
@@ -90,6 +90,9 @@ class FusionConfig:
         "by its confidence, the layers before the class scores keeping every parent's features "
         "alike (confident)",
     )
+    distill_steps: int = _option(300, "distill stage: Adam steps towards the parents' mixture")
+    distill_lr: float = _option(3e-4, "distill stage: Adam's step size")
+    distill_batch: int = _option(128, "distill stage: inputs per step")
     synthesize: int = _option(
         0, "without data: synthesise this many inputs from the models (0: off)"
     )
@@ -235,7 +238,9 @@ def _check_ranges(c: FusionConfig) -> None:
         raise ConfigError(f"reg must be positive, not {c.reg}")
     if not c.synthesis_lr > 0:
         raise ConfigError(f"synthesis_lr must be positive, not {c.synthesis_lr}")
-    for name in ("num_samples", "max_sweeps", "synthesis_steps"):
+    if not c.distill_lr > 0:
+        raise ConfigError(f"distill_lr must be positive, not {c.distill_lr}")
+    for name in ("num_samples", "max_sweeps", "synthesis_steps", "distill_steps", "distill_batch"):
         if getattr(c, name) < 1:
             raise ConfigError(f"{name} must be at least 1, not {getattr(c, name)}")
     if c.synthesize < 0:

@@ -504,6 +504,29 @@ def class_scores(gm: torch.fx.GraphModule, points: Sequence[FitPoint]) -> FitPoi
     single tensor of shape (N, C), or per position (N, ..., C) as a language model's next-token
     logits, C >= 2, from a Linear layer; else None. A graph captured by ``torch.export`` returns
     its one output in a tuple, which is looked through."""
+    value = _output_scores(gm)
+    if value is None:
+        return None
+    modules = dict(gm.named_modules())
+    for point in points:
+        if point.target == value.name and isinstance(modules[point.module], nn.Linear):
+            return point
+    return None
+
+
+def scores_node(gm: torch.fx.GraphModule) -> torch.fx.Node | None:
+    """The node of the model's output when that output is class scores (:func:`class_scores`): a
+    Linear layer's call (its weight may be shared, e.g. tied to an embedding), else None."""
+    value = _output_scores(gm)
+    if value is None or value.op != "call_module":
+        return None
+    module = dict(gm.named_modules()).get(value.target)
+    return value if isinstance(module, nn.Linear) else None
+
+
+def _output_scores(gm: torch.fx.GraphModule) -> torch.fx.Node | None:
+    """The node of the model's one output (a graph captured by ``torch.export`` returns it in a
+    tuple, which is looked through) when its shape is (N, ..., C), C >= 2, else None."""
     output = next(n for n in gm.graph.nodes if n.op == "output")
     value = output.args[0]
     if isinstance(value, (tuple, list)) and len(value) == 1:
@@ -511,11 +534,7 @@ def class_scores(gm: torch.fx.GraphModule, points: Sequence[FitPoint]) -> FitPoi
     if not isinstance(value, torch.fx.Node):
         return None
     shape = getattr(value.meta.get("tensor_meta"), "shape", None)
-    modules = dict(gm.named_modules())
-    for point in points:
-        if point.target == value.name and isinstance(modules[point.module], nn.Linear):
-            return point if shape is not None and len(shape) >= 2 and shape[-1] >= 2 else None
-    return None
+    return value if shape is not None and len(shape) >= 2 and shape[-1] >= 2 else None
 
 
 def ensemble_target(log_mixture: torch.Tensor, average: torch.Tensor) -> torch.Tensor:

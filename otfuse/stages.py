@@ -2,7 +2,7 @@
 
 A fusion runs, in order::
 
-    align -> [refine] -> [to_average] -> average -> config.stages (bn_reset, repair, refit)
+    align -> [refine] -> [to_average] -> average -> config.stages (bn_reset, repair, refit, distill)
 
 * ``align``: Algorithm 1, every model to the anchor, costs from weights or activations
   (:mod:`otfuse.alignment`).
@@ -14,6 +14,8 @@ A fusion runs, in order::
   unit's mean and spread to the aligned parents' (REPAIR), re-solve every Linear/Conv layer by
   least squares (:mod:`otfuse.repair`, :mod:`otfuse.refit`); with ``targets="ensemble"`` refit
   fits the class scores to the log of the parents' prediction ensemble.
+* ``distill``: train the whole fused model for a few Adam steps on the sample, without labels,
+  towards the parents' mixture that ``targets`` names (:mod:`otfuse.distill`).
 
 Each stage declares the config fields it reads (``reads``) and whether it needs data; the registry
 ``STAGES`` maps names to them, so the config lists stages by name.
@@ -33,6 +35,7 @@ from otfuse.alignment import StateDict, align_state
 from otfuse.baselines import average_states, build_model
 from otfuse.consensus import align_to_average, align_to_consensus
 from otfuse.context import FusionContext
+from otfuse.distill import distill
 from otfuse.errors import DataError
 from otfuse.refinement import refine_plans
 from otfuse.refit import refit_layers
@@ -211,6 +214,28 @@ def refit(context: FusionContext) -> None:
         seed=context.config.seed,
         targets=context.config.targets,
         goal=goal,
+    )
+    context.fused.eval()
+
+
+@stage(
+    "distill",
+    reads=("seed", "targets", "distill_steps", "distill_lr", "distill_batch"),
+    needs_data=True,
+)
+def distill_stage(context: FusionContext) -> None:
+    """Train the fused model towards the parents' mixture on the sample (no labels)."""
+    config = context.config
+    distill(
+        context.fused_graph().graph_module,
+        [g.graph_module for g in context.graphs],
+        context.weights,
+        context.sample,
+        steps=config.distill_steps,
+        lr=config.distill_lr,
+        batch_size=config.distill_batch,
+        targets=config.targets,
+        seed=config.seed,
     )
     context.fused.eval()
 

@@ -14,7 +14,8 @@ swept over :math:`w_A \\in \\{0, 0.1, \\dots, 1\\}`:
 * the prediction ensemble :math:`\\sum_k w_k \\operatorname{softmax}(z_k)` and the logit average
   :math:`\\sum_k w_k z_k` (both K times the cost of one model), vanilla averaging (no alignment);
 * OT fusion by the paper's ``paper-wts``, and by the recipes ``data`` (an unlabeled sample of
-  :data:`NUM_SAMPLES` training images) and ``data-free`` (no data), each with refit's class-score
+  :data:`NUM_SAMPLES` training images; ``data 5k``: :data:`POOL_SAMPLES`, and ``+ distill`` the
+  stage :mod:`otfuse.distill` after refit) and ``data-free`` (no data), each with refit's class-score
   targets ``average`` (the logit average), ``ensemble`` (the log of the prediction ensemble) and
   ``confident`` (of the ensemble with each parent weighted per input by its confidence,
   :math:`\\pi_k(x) \\propto w_k e^{-\\beta H(p_k(x))}`, the layers before the class scores
@@ -60,6 +61,10 @@ SPECIAL_CLASSES = (4, 6)  # Fashion-MNIST "coat", "shirt"
 QUICK_SPECIAL_CLASSES = (4,)  # --quick: one pair, to stay under a minute
 FRAC_OTHERS_A = 0.1  # share of the other classes' examples that model A sees
 NUM_SAMPLES = 400  # unlabeled training inputs for the data recipe
+# unlabeled training inputs for the methods that say so (distillation needs more than refit); the
+# first NUM_SAMPLES of them are the data recipe's sample
+POOL_SAMPLES = 5000
+_DISTILL = ("bn_reset", "repair", "refit", "distill")
 FULL_WEIGHTS = tuple(round(0.1 * i, 1) for i in range(11))
 QUICK_WEIGHTS = (0.0, 0.5, 1.0)
 QUICK_EPOCHS = 5
@@ -68,6 +73,17 @@ DIRICHLET_ALPHA = 0.1
 
 # label -> options of otfuse.fuse; recipe "data" is given the unlabeled sample
 OT_METHODS = {
+    "OT data 5k + distill, targets confident": {
+        "recipe": "data",
+        "targets": "confident",
+        "num_samples": POOL_SAMPLES,
+        "stages": _DISTILL,
+    },
+    "OT data 5k, targets confident": {
+        "recipe": "data",
+        "targets": "confident",
+        "num_samples": POOL_SAMPLES,
+    },
     "OT data, targets confident": {"recipe": "data", "targets": "confident"},
     "OT data, targets ensemble": {"recipe": "data", "targets": "ensemble"},
     "OT data, targets average": {"recipe": "data", "targets": "average"},
@@ -77,7 +93,7 @@ OT_METHODS = {
     "OT paper-wts": {"recipe": "paper-wts"},
 }
 BASELINES = ("prediction ensemble", "logit average", "vanilla average")
-CHECKED = "OT data, targets confident"  # the method the issue's targets are checked on
+CHECKED = "OT data 5k + distill, targets confident"  # the method the issue's targets are checked on
 
 
 def synthesized(parents: Sequence[nn.Module], sample: torch.Tensor, quick: bool) -> torch.Tensor:
@@ -110,7 +126,8 @@ def build(
         model = otfuse.vanilla_average(parents, weights)
     else:
         options = run_options(OT_METHODS[label], quick)
-        data = {"data": sample, "data-free": synthetic}.get(options["recipe"])
+        pool = sample[: options.get("num_samples", NUM_SAMPLES)]
+        data = {"data": pool, "data-free": synthetic}.get(options["recipe"])
         if options["recipe"] == "data-free" and synthetic is not None:
             options["num_samples"] = len(synthetic)
         model = otfuse.fuse(
@@ -188,7 +205,7 @@ def run_pair(
     model_a, sec_a = train_parent(spec, data_a, 0, progress=progress, label=f"{name} A")
     model_b, sec_b = train_parent(spec, data_b, 1, progress=progress, label=f"{name} B")
     parents = [model_a, model_b]
-    sample = sample_inputs(train, NUM_SAMPLES, seed=0)
+    sample = sample_inputs(train, POOL_SAMPLES, seed=0)
     return {
         "special_class": special,
         "special_class_name": name,
@@ -240,7 +257,7 @@ def run_dirichlet(
         "equal weights": [1.0 / len(parts)] * len(parts),
         "weights by examples": _shares(sizes),
     }
-    sample = sample_inputs(train, NUM_SAMPLES, seed=0)
+    sample = sample_inputs(train, POOL_SAMPLES, seed=0)
     fused: dict[str, dict[str, dict]] = {}
     synthetic = _synthetic(methods, parents, sample, quick)
     jobs = [(w, label) for w in weightings for label in methods]
@@ -311,6 +328,7 @@ def run(
         "test_examples": len(test),
         "frac_others_a": FRAC_OTHERS_A,
         "num_samples": NUM_SAMPLES,
+        "pool_samples": POOL_SAMPLES,
         "weights_a": list(weights_a),
         "torch_threads": torch.get_num_threads(),
         "pairs": pairs,
@@ -450,7 +468,11 @@ def write_outputs(out: Path, results: dict) -> None:
         "ensemble) and `confident` (the ensemble with each parent weighted per input by "
         f"exp(-{CONFIDENCE_SHARPNESS:g} x the entropy of its prediction), times its weight; the "
         "layers before the class scores fitted to the parents' equal average), and "
-        "the paper's `paper-wts`. Cells are accuracy on the whole test set / recall "
+        "the paper's `paper-wts`. `data 5k`: the data recipe on "
+        f"{results.get('pool_samples', POOL_SAMPLES):,} unlabeled training images (the first "
+        f"{results['num_samples']} are the others' sample); `+ distill`: then the stage `distill` "
+        "(300 label-free Adam steps of the whole model towards the confident mixture on those "
+        "images). Cells are accuracy on the whole test set / recall "
         "of the special class (%). `data-free` synthesises its inputs once per set of parents, for "
         f"every weight and every target. torch threads: {results['torch_threads']}; total "
         f"{results['seconds']:.0f} s.",
