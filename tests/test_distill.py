@@ -1,6 +1,8 @@
 """The ``distill`` stage: a few label-free Adam steps of the fused model towards the parents'
 mixture on the sample (:mod:`otfuse.distill`)."""
 
+import argparse
+
 import pytest
 import torch
 from helpers import max_state_diff
@@ -10,7 +12,10 @@ from torch import nn
 from transformer_models import TinyGPT
 
 import otfuse
+from otfuse import cli
 from otfuse.capture import GraphCache
+from otfuse.cli import options
+from otfuse.cli.common import UsageError
 from otfuse.config import ConfigError, FusionConfig
 from otfuse.distill import output_tensor, teacher_log_probs
 from otfuse.refit import layer_targets
@@ -104,11 +109,20 @@ def test_models_without_class_scores_are_distilled_to_the_average_output():
     assert errors["distill"] < 0.7 * errors["repair"], errors
 
 
-def test_the_distill_options_are_validated():
+def test_the_distill_options_are_validated_and_flags():
     assert "distill" in FusionConfig(stages=DISTILL).stages
     for bad in ({"distill_lr": 0.0}, {"distill_steps": 0}, {"distill_batch": 0}):
         with pytest.raises(ConfigError):
             FusionConfig(**bad)
+    parser = cli.build_parser()
+    fuse = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    args = fuse.choices["fuse"].parse_args(
+        ["--stages", "refit,distill", "--distill-steps", "5", "--distill-lr", "0.001"]
+    )
+    given = options.given_options(args)
+    assert given == {"stages": ("refit", "distill"), "distill_steps": 5, "distill_lr": 0.001}
+    with pytest.raises(UsageError):
+        fuse.choices["fuse"].parse_args(["--stages", "refit,distil"])
 
 
 def test_output_tensor_reads_model_outputs():
