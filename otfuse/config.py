@@ -87,8 +87,8 @@ class FusionConfig:
         "average",
         "refit's target for class scores: the parents' average logits, the log of their "
         "prediction ensemble (ensemble), or of that ensemble with each parent weighted per input "
-        "by its confidence, the layers before the class scores keeping every parent's features "
-        "alike (confident)",
+        "by its confidence, refit fitting the layers before the class scores to every parent's "
+        "features alike (confident); distill aims at the same mixture",
     )
     distill_steps: int = _option(300, "distill stage: Adam steps towards the parents' mixture")
     distill_lr: float = _option(3e-4, "distill stage: Adam's step size")

@@ -13,12 +13,15 @@ Fusion in Federated Learning", NeurIPS 2020, distil an ensemble into a fused mod
     \\qquad q(x) = \\sum_k \\pi_k(x) \\operatorname{softmax}(z_k(x)),
 
 with the mixture weights of ``targets`` (:func:`teacher_log_probs`): the weights themselves
-(``ensemble``), or scaled per input by each parent's confidence (``confident``); with ``average``,
-:math:`q = \\operatorname{softmax}(\\sum_k w_k z_k)`. Class scores are the model's output along
-its last axis (:func:`otfuse.refit.scores_node`), e.g. a language model's next-token logits per
-position. A model whose output is not class scores is fitted to the parents' weighted average
-output by mean squared error. Adam with a constant step size on batches of the sample drawn with
-the config's seed; the model stays in eval mode (BatchNorm uses its statistics, no dropout).
+(``ensemble``), or scaled per input by each parent's confidence (``confident``). Class scores are
+the last axis of the model's output (N, ..., C), e.g. a language model's next-token logits per
+position. With ``targets="average"``, or an output that is not shaped as class scores, the model
+is fitted instead to the parents' weighted average output :math:`\\sum_k w_k z_k` by mean squared
+error (refit's own target; logit matching for a classifier). Adam with a constant step size on
+batches of the sample drawn with the config's seed, on float32 copies of half-precision
+parameters; every floating-point parameter of the fused model is trained (frozen ones too, their
+flags restored afterwards); the model stays in eval mode (BatchNorm keeps its statistics, no
+dropout).
 
 It needs many more inputs than the layer-wise stages: on the skill-transfer experiment's MLPs,
 300 steps on 5,000 unlabeled images gain 0.1-0.5 points over refit on the same images (w_A 0.5 to
@@ -27,6 +30,7 @@ It needs many more inputs than the layer-wise stages: on the skill-transfer expe
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -35,11 +39,13 @@ import torch.fx
 import torch.nn.functional as F
 
 from otfuse.modes import evaluating
-from otfuse.refit import CONFIDENCE_SHARPNESS, TargetRule, scores_node
+from otfuse.refit import CONFIDENCE_SHARPNESS, TargetRule, output_scores
 
 # teachers' outputs over the whole sample are kept when they hold at most this many numbers; above
 # it they are recomputed for each batch
 CACHED_TARGET_NUMBERS = 1 << 24
+# numbers of one output chunk when the whole sample is run without gradients
+CHUNK_NUMBERS = 1 << 22
 # a student this close to its goal on the whole sample (mean KL per row in nats, or squared error
 # relative to the goal's mean square) is left as it is: Adam would turn the rounding noise of a
 # zero gradient into steps of the full size (e.g. all the weight on one parent, or a model fused
@@ -58,15 +64,14 @@ def teacher_log_probs(
     used = [(z.float(), float(w)) for z, w in zip(scores, weights, strict=True) if w > 0]
     if targets == "average":
         return torch.log_softmax(sum(w * z for z, w in used), dim=-1)
-    terms = []
+    mixture = None
     for z, w in used:
         log_p = torch.log_softmax(z, dim=-1)
-        log_w = torch.full_like(log_p[..., :1], torch.log(torch.tensor(w)).item())
+        term = log_p + math.log(w)
         if targets == "confident":
             p = log_p.exp()
-            log_w = log_w + CONFIDENCE_SHARPNESS * torch.special.xlogy(p, p).sum(-1, keepdim=True)
-        terms.append(log_w + log_p)
-    mixture = torch.logsumexp(torch.stack(terms), dim=0)
+            term = term + CONFIDENCE_SHARPNESS * torch.special.xlogy(p, p).sum(-1, keepdim=True)
+        mixture = term if mixture is None else torch.logaddexp(mixture, term)
     return mixture - torch.logsumexp(mixture, dim=-1, keepdim=True)
 
 
@@ -88,9 +93,10 @@ def output_tensor(output: Any) -> torch.Tensor:
 
 def distill(
     student: torch.fx.GraphModule,
+    parameters: Sequence[torch.nn.Parameter],
     teachers: Sequence[torch.fx.GraphModule],
     weights: Sequence[float],
-    sample: Any,
+    sample: torch.Tensor,
     *,
     steps: int,
     lr: float,
@@ -98,102 +104,114 @@ def distill(
     targets: TargetRule = "average",
     seed: int = 0,
 ) -> list[float]:
-    """Train ``student`` (the fused model's graph; its parameters are the fused model's) for
-    ``steps`` Adam steps at ``lr`` on batches of ``batch_size`` inputs of ``sample`` (N, ...), a
-    tensor or a tuple of tensors, towards its ``teachers``' mixture (the module's docstring).
-    Returns the loss of each step (none when the student already matches, :data:`MATCHED`)."""
-    count = _count(sample)
-    scores = scores_node(student) is not None
-    batch_size = min(batch_size, count)
-    generator = torch.Generator().manual_seed(seed)
-    with evaluating(list(teachers)):
-        cached = _teacher_targets(teachers, weights, sample, targets, scores)
-        if _mismatch(student, teachers, weights, sample, cached, targets, scores) <= MATCHED:
+    """Train ``parameters`` (the fused model's, which its graph ``student`` computes with) for
+    ``steps`` Adam steps at ``lr`` on batches of ``batch_size`` inputs of ``sample`` (N, ...),
+    towards the ``teachers``' mixture (the module's docstring). Returns the loss of each step
+    (none when the student already matches, :data:`MATCHED`)."""
+    pairs = [(t, float(w)) for t, w in zip(teachers, weights, strict=True) if w > 0]
+    teachers, weights = [t for t, _ in pairs], [w for _, w in pairs]
+    goal = _Goal(teachers, weights, targets, output_scores(student) is not None)
+    with evaluating([student, *teachers]):
+        cached = goal.on_sample(sample)
+        if _mismatch(student, goal, sample, cached) <= MATCHED:
             return []
-        return _train(student, teachers, weights, sample, cached, steps=steps, lr=lr,
-                      batch_size=batch_size, targets=targets, scores=scores,
-                      generator=generator)  # fmt: skip
+        generator = torch.Generator().manual_seed(seed)
+        return _train(student, parameters, goal, sample, cached, steps, lr,
+                      min(batch_size, len(sample)), generator)  # fmt: skip
 
 
-def _train(student, teachers, weights, sample, cached, *, steps, lr, batch_size, targets, scores,
-           generator) -> list[float]:  # fmt: skip
-    count = _count(sample)
-    params = [p for p in student.parameters() if p.requires_grad and p.is_floating_point()]
-    optimizer = torch.optim.Adam(params, lr=lr)
-    losses = []
-    with torch.enable_grad(), evaluating([student]):
-        for _ in range(steps):
-            index = torch.randperm(count, generator=generator)[:batch_size]
-            batch = _rows(sample, index)
-            goal = (
-                cached[index]
-                if cached is not None
-                else _goal(teachers, weights, batch, targets, scores)
-            )
-            out = output_tensor(student(batch))
-            loss = _loss(out, goal.to(out.device), scores)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss.detach()))
-    for p in params:
-        p.grad = None
-    return losses
+class _Goal:
+    """What the student is fitted to: the teachers' log mixture on class scores, or their weighted
+    average output (``log_probs`` False)."""
+
+    def __init__(self, teachers, weights, targets: TargetRule, scores: bool) -> None:
+        self.teachers, self.weights, self.targets = teachers, weights, targets
+        self.log_probs = scores and targets != "average"
+
+    @torch.no_grad()
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        outs = [output_tensor(t(batch)) for t in self.teachers]
+        if self.log_probs:
+            return teacher_log_probs(outs, self.weights, self.targets)
+        return sum(w * o.float() for o, w in zip(outs, self.weights, strict=True))
+
+    def loss(self, out: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
+        """Mean KL(q || softmax(out)) per row, ``goal`` being log q, or the mean squared error."""
+        goal = goal.to(out.device)
+        if not self.log_probs:
+            return F.mse_loss(out.float(), goal)
+        log_q = torch.log_softmax(out.float(), dim=-1).reshape(-1, out.shape[-1])
+        return F.kl_div(log_q, goal.reshape(-1, out.shape[-1]), reduction="batchmean",
+                        log_target=True)  # fmt: skip
+
+    def on_sample(self, sample: torch.Tensor) -> torch.Tensor | None:
+        """The goal on the whole sample, computed in chunks, when it is small enough to keep."""
+        per_row = self(sample[:1])[0].numel()
+        if per_row * len(sample) > CACHED_TARGET_NUMBERS:
+            return None
+        return torch.cat([self(_pick(sample, i)) for i in _chunks(len(sample), per_row)])
+
+
+def _chunks(count: int, per_row: int) -> tuple[torch.Tensor, ...]:
+    return torch.arange(count).split(max(1, CHUNK_NUMBERS // max(1, per_row)))
 
 
 @torch.no_grad()
-def _mismatch(student, teachers, weights, sample, cached, targets, scores) -> float:
-    """The student's loss on the whole sample (relative to the goal's mean square without class
-    scores)."""
-    total, size, count = 0.0, 0.0, _count(sample)
-    with evaluating([student]):
-        for index in torch.arange(count).split(256):
-            batch = _rows(sample, index)
-            goal = (
-                cached[index]
-                if cached is not None
-                else _goal(teachers, weights, batch, targets, scores)
-            )
-            out = output_tensor(student(batch))
-            total += float(_loss(out, goal.to(out.device), scores)) * len(index)
-            size += float(goal.float().pow(2).mean()) * len(index) if not scores else len(index)
+def _mismatch(student, goal: _Goal, sample: torch.Tensor, cached) -> float:
+    """The student's loss on the whole sample (relative to the goal's mean square for squared
+    error)."""
+    total = size = 0.0
+    for index in _chunks(len(sample), output_tensor(student(sample[:1]))[0].numel()):
+        wanted = _pick(cached, index) if cached is not None else goal(_pick(sample, index))
+        out = output_tensor(student(_pick(sample, index)))
+        total += float(goal.loss(out, wanted)) * len(index)
+        size += len(index) * (1.0 if goal.log_probs else float(wanted.float().pow(2).mean()))
     return total / max(size, 1e-30)
 
 
-def _loss(out: torch.Tensor, goal: torch.Tensor, scores: bool) -> torch.Tensor:
-    if not scores:
-        return F.mse_loss(out.float(), goal)
-    log_q = torch.log_softmax(out.float(), dim=-1).reshape(-1, out.shape[-1])
-    goal = goal.reshape(-1, out.shape[-1])
-    return F.kl_div(log_q, goal, reduction="batchmean", log_target=True)
+def _pick(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return rows[index.to(rows.device)]
+
+
+def _train(student, parameters, goal: _Goal, sample, cached, steps, lr, batch_size, generator):
+    """Adam on float32 masters of ``parameters`` (the parameters themselves when float32 or
+    float64), every parameter's gradient switched on for the loop."""
+    params = [p for p in dict.fromkeys(parameters) if p.is_floating_point()]
+    flags = [p.requires_grad for p in params]
+    masters = [
+        p if p.dtype in (torch.float32, torch.float64) else p.detach().float() for p in params
+    ]
+    optimizer = torch.optim.Adam(masters, lr=lr)
+    losses = []
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            for _ in range(steps):
+                index = torch.randperm(len(sample), generator=generator)[:batch_size]
+                batch = _pick(sample, index)
+                wanted = _pick(cached, index) if cached is not None else goal(batch)
+                loss = goal.loss(output_tensor(student(batch)), wanted)
+                optimizer.zero_grad(set_to_none=True)
+                for p in params:
+                    p.grad = None
+                loss.backward()
+                _step(optimizer, params, masters)
+                losses.append(loss.detach())
+    finally:
+        for p, flag in zip(params, flags, strict=True):
+            p.requires_grad_(flag)
+            p.grad = None
+    return [float(v) for v in losses]
 
 
 @torch.no_grad()
-def _goal(teachers, weights, batch, targets: TargetRule, scores: bool) -> torch.Tensor:
-    """What the student is fitted to on ``batch``: the teachers' log mixture, or their weighted
-    average output."""
-    outs = [output_tensor(t(batch)) for t in teachers]
-    if scores:
-        return teacher_log_probs(outs, weights, targets)
-    return sum(float(w) * o.float() for o, w in zip(outs, weights, strict=True))
-
-
-def _teacher_targets(teachers, weights, sample, targets, scores) -> torch.Tensor | None:
-    """The goal on the whole sample, computed in chunks, when it is small enough to keep."""
-    first = _goal(teachers, weights, _rows(sample, torch.arange(min(2, _count(sample)))), targets,
-                  scores)  # fmt: skip
-    per_row = first[0].numel()
-    if per_row * _count(sample) > CACHED_TARGET_NUMBERS:
-        return None
-    chunks = torch.arange(_count(sample)).split(256)
-    return torch.cat([_goal(teachers, weights, _rows(sample, c), targets, scores) for c in chunks])
-
-
-def _count(sample: Any) -> int:
-    return len(sample[0] if isinstance(sample, tuple) else sample)
-
-
-def _rows(sample: Any, index: torch.Tensor) -> Any:
-    if isinstance(sample, tuple):
-        return tuple(s[index.to(s.device)] for s in sample)
-    return sample[index.to(sample.device)]
+def _step(optimizer: torch.optim.Optimizer, params, masters) -> None:
+    """One Adam step on the masters; half-precision parameters take their master's new value."""
+    for p, m in zip(params, masters, strict=True):
+        if m is not p:
+            m.grad = None if p.grad is None else p.grad.float()
+    optimizer.step()
+    for p, m in zip(params, masters, strict=True):
+        if m is not p:
+            p.copy_(m)

@@ -238,8 +238,9 @@ def _select(context: FusionContext, inputs: str) -> FusionResult:
         \\mathrm{KL}(\\bar p \\,\\Vert\\, p_{\\text{fused}}), \\qquad \\bar p = \\sum_k w_k\\, p_k,
         \\quad p = \\operatorname{softmax}(z / \\tau).
 
-    The candidates are compared before ``refit`` (the costly stage, a least-squares solve per
-    layer), which then runs on the chosen one only (:data:`SELECT_BEFORE`).
+    The candidates are compared before ``refit`` or ``distill`` (the costly stages: a
+    least-squares solve per layer, Adam steps), which then run on the chosen one only
+    (:data:`SELECT_BEFORE`).
     """
     sample = context.sample
     tau = SYNTHESIZED_TEMPERATURE if inputs == "synthesized" else 1.0
@@ -277,12 +278,13 @@ def _select(context: FusionContext, inputs: str) -> FusionResult:
     return result
 
 
-SELECT_BEFORE = "refit"  # candidates are compared before this stage (None: after every stage)
+# candidates are compared before the first of these stages (the costly ones), else after every stage
+SELECT_BEFORE = ("refit", "distill")
 
 
 def _cut(names: Sequence[str]) -> int:
-    """How many of ``names`` run per candidate: those before :data:`SELECT_BEFORE`."""
-    return names.index(SELECT_BEFORE) if SELECT_BEFORE in names else len(names)
+    """How many of ``names`` run per candidate: those before the first of :data:`SELECT_BEFORE`."""
+    return next((i for i, name in enumerate(names) if name in SELECT_BEFORE), len(names))
 
 
 def _log_probs(

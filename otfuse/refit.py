@@ -504,7 +504,7 @@ def class_scores(gm: torch.fx.GraphModule, points: Sequence[FitPoint]) -> FitPoi
     single tensor of shape (N, C), or per position (N, ..., C) as a language model's next-token
     logits, C >= 2, from a Linear layer; else None. A graph captured by ``torch.export`` returns
     its one output in a tuple, which is looked through."""
-    value = _output_scores(gm)
+    value = output_scores(gm)
     if value is None:
         return None
     modules = dict(gm.named_modules())
@@ -514,17 +514,7 @@ def class_scores(gm: torch.fx.GraphModule, points: Sequence[FitPoint]) -> FitPoi
     return None
 
 
-def scores_node(gm: torch.fx.GraphModule) -> torch.fx.Node | None:
-    """The node of the model's output when that output is class scores (:func:`class_scores`): a
-    Linear layer's call (its weight may be shared, e.g. tied to an embedding), else None."""
-    value = _output_scores(gm)
-    if value is None or value.op != "call_module":
-        return None
-    module = dict(gm.named_modules()).get(value.target)
-    return value if isinstance(module, nn.Linear) else None
-
-
-def _output_scores(gm: torch.fx.GraphModule) -> torch.fx.Node | None:
+def output_scores(gm: torch.fx.GraphModule) -> torch.fx.Node | None:
     """The node of the model's one output (a graph captured by ``torch.export`` returns it in a
     tuple, which is looked through) when its shape is (N, ..., C), C >= 2, else None."""
     output = next(n for n in gm.graph.nodes if n.op == "output")
@@ -552,8 +542,10 @@ class LayerTargets:
     Attributes:
         rows: the seeded rows (samples x positions) of the point's target node, sorted (rows,).
         samples: the input sample each of those rows comes from (rows,).
-        values: the target rows (rows, units): the weighted average of the aligned parents' rows, or
-            at the class scores with ``targets="ensemble"`` :func:`ensemble_target`.
+        values: the target rows (rows, units): the weighted average of the aligned parents' rows
+            (with ``targets="confident"``, before the class scores, the equal average:
+            :func:`feature_weights`), or at the class scores with ``targets="ensemble"`` or
+            ``"confident"`` :func:`ensemble_target`.
     """
 
     rows: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -574,8 +566,9 @@ def layer_targets(
     """Run every aligned parent on ``inputs`` and collect the targets of the fit points of ``gm``
     (the fused model's graph): at most ``max_rows`` rows per point, drawn with ``seed`` on the first
     parent's run. Rows are sample-major: the batch dimension comes first in every layer's output.
-    ``targets="ensemble"``: the class scores' target follows the prediction ensemble. The parents
-    run in eval mode, without gradients."""
+    ``targets="ensemble"``: the class scores' target follows the prediction ensemble;
+    ``"confident"``: the confident mixture, and the layers before it the parents' equal average
+    (:func:`feature_weights`). The parents run in eval mode, without gradients."""
     points = fit_points(gm)
     collector = target_collector(
         gm, points, len(inputs), max_rows=max_rows, seed=seed, targets=targets
@@ -767,8 +760,9 @@ def refit_layers(
     for every layer, or candidates to choose from per layer by held-out error. ``targets="ensemble"``:
     where the model ends in class scores (:func:`class_scores`), their target is the log of the
     parents' weighted prediction ensemble (:func:`ensemble_target`); ``"confident"``: of that
-    ensemble with each parent weighted per input by its confidence (the module's docstring);
-    elsewhere, and for models without class scores, the average. ``goal``: those targets when the caller has them (from
+    ensemble with each parent weighted per input by its confidence, and the layers before them
+    the equal average of the parents with a positive weight (the module's docstring); elsewhere,
+    and for models without class scores, the weighted average. ``goal``: those targets when the caller has them (from
     :func:`targets_from_rows`; then ``parents`` is not run, and ``max_rows``, ``seed`` and
     ``targets`` are those the goal was made with). Modifies the fused model's parameters in place.
     """

@@ -228,6 +228,7 @@ def distill_stage(context: FusionContext) -> None:
     config = context.config
     distill(
         context.fused_graph().graph_module,
+        list(context.fused.parameters()),
         [g.graph_module for g in context.graphs],
         context.weights,
         context.sample,

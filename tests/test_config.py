@@ -85,7 +85,7 @@ def test_every_field_has_help_and_the_flag_fields_are_named():
         assert f.metadata["help"]
     assert "candidates" not in {f.name for f in option_fields()}
     assert set(field_names()) >= {"mode", "stages", "weights", "anchor", "synthesize"}
-    assert choices("stages") == ("bn_reset", "repair", "refit")
+    assert choices("stages") == ("bn_reset", "repair", "refit", "distill")
     assert choices("num_samples") is None
 
 

@@ -5,6 +5,7 @@ import argparse
 
 import pytest
 import torch
+import torch.fx
 from helpers import max_state_diff
 from models import build, example
 from test_ensemble_targets import confident, outputs
@@ -13,11 +14,12 @@ from transformer_models import TinyGPT
 
 import otfuse
 from otfuse import cli
+from otfuse import distill as distill_module
 from otfuse.capture import GraphCache
 from otfuse.cli import options
 from otfuse.cli.common import UsageError
 from otfuse.config import ConfigError, FusionConfig
-from otfuse.distill import output_tensor, teacher_log_probs
+from otfuse.distill import _Goal, output_tensor, teacher_log_probs
 from otfuse.refit import layer_targets
 
 REFIT = ("bn_reset", "repair", "refit")
@@ -91,7 +93,7 @@ def test_a_transformer_is_distilled_per_token_and_its_tied_weights_stay_tied():
                             example_input=x[:2]).model  # fmt: skip
         got = torch.log_softmax(outputs(fused, x), -1)
         gaps[stages[-1]] = float((want.exp() * (want - got)).sum(-1).mean())
-        assert fused.head.weight is fused.wte.weight
+        assert fused.head.weight is fused.wte.weight  # still one tensor
     assert gaps["distill"] < 0.2 * gaps["refit"], gaps
 
 
@@ -145,3 +147,92 @@ def test_a_student_that_already_matches_is_left_as_it_is():
         for stages in (REFIT, DISTILL)
     }
     assert max_state_diff(fused["distill"], fused["refit"]) == 0.0
+
+
+def test_the_loss_is_the_kl_from_the_mixture_to_the_student():
+    """KL(q || student), not the reverse: checked against the formula."""
+    torch.manual_seed(0)
+    out, q = torch.randn(6, 5), torch.randn(6, 5).softmax(-1)
+    goal = _Goal([], [], "ensemble", scores=True)
+    want = (q * (q.log() - torch.log_softmax(out, -1))).sum(-1).mean()
+    torch.testing.assert_close(goal.loss(out, q.log()), want)
+    assert _Goal([], [], "average", scores=True).loss(out, q).item() == pytest.approx(
+        float((out - q).pow(2).mean())
+    )  # average targets: squared error to the average output
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_a_batchnorm_net_is_distilled_in_eval_mode(cached, monkeypatch):
+    """BatchNorm keeps its statistics (eval mode) and the model gets closer to the mixture, with
+    the teachers' outputs kept or recomputed per batch."""
+    if not cached:
+        monkeypatch.setattr(distill_module, "CACHED_TARGET_NUMBERS", 0)
+    parents, x, w = [confident("vgg", 0), confident("vgg", 1)], example("vgg", n=256), [0.6, 0.4]
+    want = teacher_log_probs([outputs(m, x) for m in parents], w, "confident")
+    fused = {}
+    for stages in (REFIT, DISTILL):
+        fused[stages[-1]] = otfuse.fuse(parents, data=x, weights=w, stages=stages,
+                                        targets="confident", num_samples=256,
+                                        example_input=x[:2]).model  # fmt: skip
+    buffers = {n: b for n, b in fused["refit"].named_buffers() if "running" in n}
+    assert buffers
+    for name, value in fused["distill"].named_buffers():
+        if name in buffers:
+            assert torch.equal(value, buffers[name]), name
+    assert kl(want, fused["distill"], x) < 0.8 * kl(want, fused["refit"], x)
+
+
+def test_half_precision_and_frozen_parents_are_distilled():
+    """bfloat16 parameters are trained through float32 copies (a 3e-4 step on bfloat16 would round
+    away) and frozen ones are trained too, their flags given back."""
+    parents, x, w = [confident("mlp", 0), confident("mlp", 1)], example("mlp", n=400), [0.7, 0.3]
+    for m in parents:
+        m.to(torch.bfloat16).requires_grad_(False)
+    xb = x.to(torch.bfloat16)
+    want = teacher_log_probs([outputs(m, xb).float() for m in parents], w, "confident")
+    fused = {}
+    for stages in (REFIT, DISTILL):
+        fused[stages[-1]] = otfuse.fuse(parents, data=xb, weights=w, stages=stages,
+                                        targets="confident", num_samples=400,
+                                        example_input=xb[:2]).model  # fmt: skip
+    model = fused["distill"]
+    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in model.parameters())
+    assert all(torch.isfinite(p.float()).all() for p in model.parameters())
+    gap = {k: kl(want, m, xb) for k, m in fused.items()}
+    assert gap["distill"] < 0.8 * gap["refit"], gap
+
+
+def test_confident_targets_without_class_scores_keep_the_weighted_features():
+    """The equal-feature rule needs class scores to act on: without them confident targets are the
+    weighted average everywhere."""
+
+    def net(seed):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 4, 1)).eval()
+
+    x = torch.randn(30, 3, 5, 5)
+    cache = GraphCache(x[:2])
+    graphs = [cache.graph(net(s)) for s in (0, 1)]
+    gm = cache.graph(net(2)).graph_module
+    with torch.no_grad():
+        got = layer_targets(gm, graphs, (0.8, 0.2), x, targets="confident").values
+        want = layer_targets(gm, graphs, (0.8, 0.2), x, targets="average").values
+    assert got.keys() == want.keys()
+    for node in want:
+        assert torch.equal(got[node], want[node])
+
+
+def test_bfloat16_steps_smaller_than_its_rounding_still_add_up():
+    """Adam at lr 1e-3 on a bfloat16 weight of 1.0 (spacing 2**-7 there): each step alone rounds
+    away; the float32 copies add them up."""
+    student = nn.Linear(4, 3, bias=False).to(torch.bfloat16)
+    teacher = nn.Linear(4, 3, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        student.weight.fill_(1.0)
+        teacher.weight.zero_()
+    graphs = [torch.fx.symbolic_trace(m) for m in (student, teacher)]
+    x = torch.randn(64, 4).to(torch.bfloat16)
+    losses = distill_module.distill(graphs[0], list(student.parameters()), graphs[1:], [1.0], x,
+                                    steps=20, lr=1e-3, batch_size=64)  # fmt: skip
+    assert len(losses) == 20
+    assert float(student.weight.detach().float().max()) < 0.99
