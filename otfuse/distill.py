@@ -14,14 +14,14 @@ Fusion in Federated Learning", NeurIPS 2020, distil an ensemble into a fused mod
 
 with the mixture weights of ``targets`` (:func:`teacher_log_probs`): the weights themselves
 (``ensemble``), or scaled per input by each parent's confidence (``confident``). Class scores are
-the last axis of the model's output (N, ..., C), e.g. a language model's next-token logits per
-position. With ``targets="average"``, or an output that is not shaped as class scores, the model
-is fitted instead to the parents' weighted average output :math:`\\sum_k w_k z_k` by mean squared
-error (refit's own target; logit matching for a classifier). Adam with a constant step size on
-batches of the sample drawn with the config's seed, on float32 copies of half-precision
-parameters; every floating-point parameter of the fused model is trained (frozen ones too, their
-flags restored afterwards); the model stays in eval mode (BatchNorm keeps its statistics, no
-dropout).
+the last axis of the model's output (N, ..., C) when an ``nn.Linear`` computes it, e.g. a language
+model's next-token logits per position. With ``targets="average"``, or an output that is not
+class scores, the model is fitted instead to the parents' weighted average output
+:math:`\\sum_k w_k z_k` by mean squared error (refit's own target; logit matching for a
+classifier). Adam with a constant step size on batches of the sample drawn with the config's
+seed, on float32 copies of half-precision parameters; every floating-point parameter of the fused
+model is trained (frozen ones too, their flags restored afterwards); the model stays in eval mode
+(BatchNorm keeps its statistics, no dropout).
 
 It needs many more inputs than the layer-wise stages: on the skill-transfer experiment's MLPs,
 300 steps on 5,000 unlabeled images gain 0.1-0.5 points over refit on the same images (w_A 0.5 to
@@ -39,7 +39,7 @@ import torch.fx
 import torch.nn.functional as F
 
 from otfuse.modes import evaluating
-from otfuse.refit import CONFIDENCE_SHARPNESS, TargetRule, output_scores
+from otfuse.refit import CONFIDENCE_SHARPNESS, TargetRule, linear_scores
 
 # teachers' outputs over the whole sample are kept when they hold at most this many numbers; above
 # it they are recomputed for each batch
@@ -110,7 +110,7 @@ def distill(
     (none when the student already matches, :data:`MATCHED`)."""
     pairs = [(t, float(w)) for t, w in zip(teachers, weights, strict=True) if w > 0]
     teachers, weights = [t for t, _ in pairs], [w for _, w in pairs]
-    goal = _Goal(teachers, weights, targets, output_scores(student) is not None)
+    goal = _Goal(teachers, weights, targets, linear_scores(student) is not None)
     with evaluating([student, *teachers]):
         cached = goal.on_sample(sample)
         if _mismatch(student, goal, sample, cached) <= MATCHED:

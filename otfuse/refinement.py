@@ -99,7 +99,9 @@ def refine_plans(
     for _ in range(max_sweeps):
         changed = 0
         for space in graph_b.transportable():
-            if space.heads is not None:  # attention spaces keep their plan over heads (otfuse.heads)
+            if (
+                space.heads is not None
+            ):  # attention spaces keep their plan over heads (otfuse.heads)
                 continue
             partial, sizes = apply_plans(
                 state_b, graph_b, sizes_a, by_index, skip=space.index, outgoing=options.outgoing

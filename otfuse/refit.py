@@ -514,6 +514,15 @@ def class_scores(gm: torch.fx.GraphModule, points: Sequence[FitPoint]) -> FitPoi
     return None
 
 
+def linear_scores(gm: torch.fx.GraphModule) -> torch.fx.Node | None:
+    """The node of the model's output when it is class scores (:func:`output_scores`) computed
+    by an ``nn.Linear`` (whose weight may be shared, e.g. tied to an embedding), else None."""
+    value = output_scores(gm)
+    if value is None or value.op != "call_module":
+        return None
+    return value if isinstance(gm.get_submodule(value.target), nn.Linear) else None
+
+
 def output_scores(gm: torch.fx.GraphModule) -> torch.fx.Node | None:
     """The node of the model's one output (a graph captured by ``torch.export`` returns it in a
     tuple, which is looked through) when its shape is (N, ..., C), C >= 2, else None."""
@@ -762,9 +771,10 @@ def refit_layers(
     parents' weighted prediction ensemble (:func:`ensemble_target`); ``"confident"``: of that
     ensemble with each parent weighted per input by its confidence, and the layers before them
     the equal average of the parents with a positive weight (the module's docstring); elsewhere,
-    and for models without class scores, the weighted average. ``goal``: those targets when the caller has them (from
-    :func:`targets_from_rows`; then ``parents`` is not run, and ``max_rows``, ``seed`` and
-    ``targets`` are those the goal was made with). Modifies the fused model's parameters in place.
+    and for models without class scores, the weighted average. ``goal``: those targets when the
+    caller has them (from :func:`targets_from_rows`; then ``parents`` is not run, and
+    ``max_rows``, ``seed`` and ``targets`` are those the goal was made with). Modifies the fused
+    model's parameters in place.
     """
     gm = fused.graph_module
     points = fit_points(gm)

@@ -34,11 +34,11 @@ from tqdm.auto import tqdm
 from otfuse.alignment import StateDict, align_state
 from otfuse.baselines import average_states, build_model
 from otfuse.consensus import align_to_average, align_to_consensus
-from otfuse.context import FusionContext
+from otfuse.context import FusionContext, log
 from otfuse.distill import distill
 from otfuse.errors import DataError
 from otfuse.refinement import refine_plans
-from otfuse.refit import refit_layers
+from otfuse.refit import class_scores, fit_points, linear_scores, refit_layers
 from otfuse.repair import (
     correction_points,
     norms_resettable_in_run,
@@ -205,6 +205,16 @@ def repair(context: FusionContext) -> None:
 def refit(context: FusionContext) -> None:
     """Re-solve every Linear/Conv layer to the aligned parents' average outputs (least squares)."""
     fused = context.fused_graph()
+    targets = context.config.targets
+    if (
+        targets != "average"
+        and class_scores(fused.graph_module, fit_points(fused.graph_module)) is None
+    ):
+        log.warning(
+            "targets=%r: the model's output is not class scores of a layer refit can fit "
+            "(an nn.Linear of its own, output (N, ..., C)); refit aims at the weighted average",
+            targets,
+        )
     goal = context.refit_targets(fused.graph_module)  # from the parents' recorded rows
     refit_layers(
         fused,
@@ -226,8 +236,15 @@ def refit(context: FusionContext) -> None:
 def distill_stage(context: FusionContext) -> None:
     """Train the fused model towards the parents' mixture on the sample (no labels)."""
     config = context.config
+    student = context.fused_graph().graph_module
+    if config.targets != "average" and linear_scores(student) is None:
+        log.warning(
+            "targets=%r: the model's output is not class scores (an nn.Linear's, (N, ..., C)); "
+            "distill fits the weighted average output by squared error",
+            config.targets,
+        )
     distill(
-        context.fused_graph().graph_module,
+        student,
         list(context.fused.parameters()),
         [g.graph_module for g in context.graphs],
         context.weights,

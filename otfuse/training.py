@@ -75,7 +75,9 @@ class TrainConfig:
     weight_decay: float = 5e-4  # L2 penalty, applied to every parameter
     schedule: str = "cosine"  # "cosine" (to 0), "step" (x0.1 at 50% and 75%) or "constant"
     optimizer: str = "sgd"  # "sgd" (with momentum) or "adamw" (betas 0.9, 0.95; decoupled decay)
-    warmup: float = 0.0  # share of the steps over which the lr rises linearly from 0 to the schedule's
+    warmup: float = (
+        0.0  # share of the steps over which the lr rises linearly from 0 to the schedule's
+    )
     seed: int = 0  # seeds the weights' RNG use, the shuffling and dropout
     num_threads: int | None = None  # torch CPU threads while training; None leaves torch's setting
 
@@ -87,7 +89,9 @@ class TrainConfig:
         if self.lr <= 0 or self.momentum < 0 or self.weight_decay < 0:
             raise TrainConfigError("lr must be positive and momentum, weight_decay not negative")
         if not 0.0 <= self.warmup < 1.0:
-            raise TrainConfigError(f"warmup must be a share of the steps in [0, 1), got {self.warmup}")
+            raise TrainConfigError(
+                f"warmup must be a share of the steps in [0, 1), got {self.warmup}"
+            )
         if self.schedule not in SCHEDULES:
             raise TrainConfigError(
                 f"unknown schedule '{self.schedule}': choose one of {', '.join(SCHEDULES)}"

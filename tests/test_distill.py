@@ -236,3 +236,26 @@ def test_bfloat16_steps_smaller_than_its_rounding_still_add_up():
                                     steps=20, lr=1e-3, batch_size=64)  # fmt: skip
     assert len(losses) == 20
     assert float(student.weight.detach().float().max()) < 0.99
+
+
+def test_targets_that_cannot_apply_are_said(caplog):
+    """Confident targets on a model whose output is not class scores: refit and distill say that
+    they aim at the weighted average instead."""
+
+    def net(seed):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 4, 1)).eval()
+
+    x = torch.randn(40, 3, 5, 5)
+    with caplog.at_level("WARNING", logger="otfuse"):
+        otfuse.fuse([net(0), net(1)], data=x, stages=("refit", "distill"), targets="confident",
+                    distill_steps=2)  # fmt: skip
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("refit aims at the weighted average" in m for m in said), said
+    assert any("distill fits the weighted average" in m for m in said), said
+    caplog.clear()
+    a, b, xs = build("mlp", seed=0), build("mlp", seed=1), example("mlp", n=40)
+    with caplog.at_level("WARNING", logger="otfuse"):
+        otfuse.fuse([a, b], data=xs, stages=("refit", "distill"), targets="confident",
+                    distill_steps=2)  # fmt: skip
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
