@@ -30,7 +30,6 @@ It needs many more inputs than the layer-wise stages: on the skill-transfer expe
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -39,7 +38,8 @@ import torch.fx
 import torch.nn.functional as F
 
 from otfuse.modes import evaluating
-from otfuse.refit import CONFIDENCE_SHARPNESS, TargetRule, linear_scores
+from otfuse.refit import CONFIDENCE_SHARPNESS, TargetRule, linear_scores, mixture_term
+from otfuse.synthesis import scores_of
 
 # teachers' outputs over the whole sample are kept when they hold at most this many numbers; above
 # it they are recomputed for each batch
@@ -64,28 +64,24 @@ def teacher_log_probs(
     used = [(z.float(), float(w)) for z, w in zip(scores, weights, strict=True) if w > 0]
     if targets == "average":
         return torch.log_softmax(sum(w * z for z, w in used), dim=-1)
+    sharpness = CONFIDENCE_SHARPNESS if targets == "confident" else 0.0
     mixture = None
     for z, w in used:
-        log_p = torch.log_softmax(z, dim=-1)
-        term = log_p + math.log(w)
-        if targets == "confident":
-            p = log_p.exp()
-            term = term + CONFIDENCE_SHARPNESS * torch.special.xlogy(p, p).sum(-1, keepdim=True)
+        term = mixture_term(z, w, sharpness)
         mixture = term if mixture is None else torch.logaddexp(mixture, term)
     return mixture - torch.logsumexp(mixture, dim=-1, keepdim=True)
 
 
 def output_tensor(output: Any) -> torch.Tensor:
-    """The tensor of a model's output: itself, ``logits`` of a mapping (a Hugging Face output),
-    else the first tensor of a mapping or a sequence."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, Mapping):
-        if isinstance(output.get("logits"), torch.Tensor):
-            return output["logits"]
-        output = list(output.values())
-    if isinstance(output, (list, tuple)):
-        for value in output:
+    """The tensor of a model's output: its scores (:func:`otfuse.synthesis.scores_of`: itself, or
+    its ``logits``), else the first tensor of a mapping or a sequence (a graph captured by
+    ``torch.export`` may return its output in a tuple)."""
+    scores = scores_of(output)
+    if scores is not None:
+        return scores
+    values = list(output.values()) if isinstance(output, Mapping) else output
+    if isinstance(values, (list, tuple)):
+        for value in values:
             if isinstance(value, torch.Tensor):
                 return value
     raise TypeError(f"the model's output holds no tensor ({type(output).__name__})")

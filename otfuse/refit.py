@@ -89,6 +89,19 @@ TargetRule = Literal["average", "ensemble", "confident"]
 CONFIDENCE_SHARPNESS = 4.0
 
 
+def mixture_term(scores: torch.Tensor, weight: float, sharpness: float = 0.0) -> torch.Tensor:
+    """One parent's term of the log mixture of probabilities, from its class scores (..., C):
+    :math:`\\log w + \\log \\operatorname{softmax}(z)`, with ``sharpness`` :math:`\\beta > 0` plus
+    :math:`-\\beta H(\\operatorname{softmax}(z))` per row (``targets="confident"``). The
+    ``logaddexp`` of the terms is the log of the (unnormalised) mixture."""
+    log_p = torch.log_softmax(scores, dim=-1)
+    term = log_p + math.log(weight)
+    if sharpness:  # times exp(-sharpness * entropy), per row
+        p = log_p.exp()
+        term = term + sharpness * torch.special.xlogy(p, p).sum(-1, keepdim=True)
+    return term
+
+
 def feature_weights(weights: Sequence[float], targets: TargetRule) -> list[float]:
     """The weights of the parents' rows in the targets of the layers before the class scores:
     ``weights`` itself, or with ``targets="confident"`` equal over the parents with a positive
@@ -675,12 +688,8 @@ class _Collector:
         scaled = own * chosen  # in the model's own precision
         values[point.node] = scaled if point.node not in values else values[point.node] + scaled
         if point.node == self.scores and weight > 0:
-            log_p = torch.log_softmax(chosen.double(), dim=-1)
-            log_w = math.log(weight)
-            if self.sharpness:  # times exp(-sharpness * entropy), per row
-                p = log_p.exp()
-                log_w = log_w + self.sharpness * torch.special.xlogy(p, p).sum(-1, keepdim=True)
-            term, mixture = log_w + log_p, self.log_mixture
+            term = mixture_term(chosen.double(), weight, self.sharpness)
+            mixture = self.log_mixture
             self.log_mixture = term if mixture is None else torch.logaddexp(mixture, term)
 
     def finish(self) -> LayerTargets:
