@@ -188,8 +188,7 @@ def _train(student, parameters, goal: _Goal, sample, cached, steps, lr, batch_si
                 batch = _pick(sample, index)
                 wanted = _pick(cached, index) if cached is not None else goal(batch)
                 loss = goal.loss(output_tensor(student(batch)), wanted)
-                optimizer.zero_grad(set_to_none=True)
-                for p in params:
+                for p in params:  # the masters of half-precision ones take theirs in _step
                     p.grad = None
                 loss.backward()
                 _step(optimizer, params, masters)
