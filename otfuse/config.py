@@ -36,7 +36,7 @@ from otfuse.transport import SolverName
 Mode = Literal["wts", "acts"]
 Outgoing = Literal["average", "sum"]
 StageName = Literal["bn_reset", "repair", "refit", "distill"]
-Targets = Literal["average", "ensemble", "confident"]
+Targets = Literal["average", "ensemble", "confident", "coverage"]
 SynthesisPrecision = Literal["auto", "float32", "bfloat16"]
 RecipeName = Literal["paper-wts", "paper-acts", "data", "data-free", "custom"]
 
@@ -88,7 +88,13 @@ class FusionConfig:
         "refit's target for class scores: the parents' average logits, the log of their "
         "prediction ensemble (ensemble), or of that ensemble with each parent weighted per input "
         "by its confidence, refit fitting the layers before the class scores to every parent's "
-        "features alike (confident); distill aims at the same mixture",
+        "features alike (confident), or that mixture with each parent trusted on the classes it "
+        "was trained on (coverage: needs class_counts); distill aims at the same mixture",
+    )
+    class_counts: tuple[tuple[float, ...], ...] | None = _option(
+        None,
+        "targets=coverage: examples of each class that each model was trained on, a row per "
+        "model (on the command line: rows split by ';', or @FILE.json holding a list of rows)",
     )
     distill_steps: int = _option(300, "distill stage: Adam steps towards the parents' mixture")
     distill_lr: float = _option(3e-4, "distill stage: Adam's step size")
@@ -195,6 +201,8 @@ def _hints() -> dict[str, Any]:
 def _coerce(name: str, value: Any, hint: Any) -> Any:
     """Check ``value`` against the field's type; sequences become tuples."""
     allowed = choices(name)
+    if name == "class_counts":
+        return None if value is None else _counts(value)
     if typing.get_origin(hint) is tuple or name == "weights":
         if value is None and name == "weights":
             return None
@@ -227,6 +235,19 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     return value
 
 
+def _counts(value: Any) -> tuple[tuple[float, ...], ...]:
+    """``class_counts`` as a tuple of rows of non-negative numbers, every row as long."""
+    rows = value if isinstance(value, (list, tuple)) else None
+    if not rows or any(isinstance(r, str) or not isinstance(r, (list, tuple)) for r in rows):
+        raise ConfigError(f"class_counts must be a list of rows (one per model), not {value!r}")
+    counts = tuple(tuple(_number("class_counts", v) for v in row) for row in rows)
+    if len({len(row) for row in counts}) != 1 or len(counts[0]) < 2:
+        raise ConfigError("class_counts' rows must have one count per class (2 or more), alike")
+    if any(v < 0 for row in counts for v in row):
+        raise ConfigError("class_counts must not be negative")
+    return counts
+
+
 def _number(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ConfigError(f"{name} must be a finite number, not {value!r}")
@@ -249,6 +270,18 @@ def _check_ranges(c: FusionConfig) -> None:
         raise ConfigError(f"anchor must be an index (0 or more), not {c.anchor}")
     if c.weights is not None and (any(w < 0 for w in c.weights) or sum(c.weights) <= 0):
         raise ConfigError("weights must be non-negative and sum to a positive number")
+    if c.targets == "coverage" and c.class_counts is None:
+        raise ConfigError(
+            "targets=coverage needs class_counts: how many examples of each class each model saw"
+        )
+    if (
+        c.class_counts is not None
+        and c.weights is not None
+        and len(c.weights) != len(c.class_counts)
+    ):
+        raise ConfigError(
+            f"class_counts has {len(c.class_counts)} row(s) but weights has {len(c.weights)}"
+        )
     if len(set(c.stages)) != len(c.stages):
         raise ConfigError(f"stages must not repeat: {', '.join(c.stages)}")
     for candidate in c.candidates:

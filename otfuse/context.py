@@ -254,8 +254,9 @@ class FusionContext:
             ):
                 return None
         return targets_from_rows(
-            gm, records.chosen, rows, self.weights, orders, targets=self.config.targets
-        )
+            gm, records.chosen, rows, self.weights, orders, targets=self.config.targets,
+            class_counts=self.config.class_counts,
+        )  # fmt: skip
 
     def _unit_orders(
         self, nodes: dict[str, str], *, single: bool = False

@@ -13,7 +13,8 @@ Fusion in Federated Learning", NeurIPS 2020, distil an ensemble into a fused mod
     \\qquad q(x) = \\sum_k \\pi_k(x) \\operatorname{softmax}(z_k(x)),
 
 with the mixture weights of ``targets`` (:func:`teacher_log_probs`): the weights themselves
-(``ensemble``), or scaled per input by each parent's confidence (``confident``). Class scores are
+(``ensemble``), or scaled per input by each parent's confidence (``confident``), or the coverage
+mixture of the parents' class counts (``coverage``, :mod:`otfuse.coverage`). Class scores are
 the last axis of the model's output (N, ..., C) when an ``nn.Linear`` computes it, e.g. a language
 model's next-token logits per position. With ``targets="average"``, or an output that is not
 class scores, the model is fitted instead to the parents' weighted average output
@@ -37,8 +38,15 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
+from otfuse.coverage import check_counts, coverage_log_probs
 from otfuse.modes import evaluating
-from otfuse.refit import CONFIDENCE_SHARPNESS, TargetRule, linear_scores, mixture_term
+from otfuse.refit import (
+    CONFIDENCE_SHARPNESS,
+    ClassCounts,
+    TargetRule,
+    linear_scores,
+    mixture_term,
+)
 from otfuse.synthesis import scores_of
 
 # teachers' outputs over the whole sample are kept when they hold at most this many numbers; above
@@ -54,13 +62,22 @@ MATCHED = 1e-6
 
 
 def teacher_log_probs(
-    scores: Sequence[torch.Tensor], weights: Sequence[float], targets: TargetRule
+    scores: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    targets: TargetRule,
+    class_counts: ClassCounts | None = None,
 ) -> torch.Tensor:
     """The log of the distribution ``q`` (the module's docstring) from the parents' class scores
     ``scores[k]`` (..., C), in float32: log softmax of the weighted average logits (``average``),
     or the log of the mixture of their probabilities with the weights (``ensemble``), scaled per
-    row by :math:`\\exp(-\\beta H(p_k))` and renormalised (``confident``). Parents with weight 0
-    take no part."""
+    row by :math:`\\exp(-\\beta H(p_k))` and renormalised (``confident``), or the coverage
+    mixture of ``class_counts`` (a row per parent; ``coverage``, :mod:`otfuse.coverage`). Parents
+    with weight 0 take no part."""
+    if targets == "coverage":
+        check_counts(class_counts, len(scores), scores[0].shape[-1])
+        used = [(z, float(w), n) for z, w, n in zip(scores, weights, class_counts) if w > 0]
+        zs, ws, ns = zip(*used, strict=True)
+        return coverage_log_probs(zs, ws, ns, CONFIDENCE_SHARPNESS).float()
     used = [(z.float(), float(w)) for z, w in zip(scores, weights, strict=True) if w > 0]
     if targets == "average":
         return torch.log_softmax(sum(w * z for z, w in used), dim=-1)
@@ -98,15 +115,20 @@ def distill(
     lr: float,
     batch_size: int,
     targets: TargetRule = "average",
+    class_counts: ClassCounts | None = None,
     seed: int = 0,
 ) -> list[float]:
     """Train ``parameters`` (the fused model's, which its graph ``student`` computes with) for
     ``steps`` Adam steps at ``lr`` on batches of ``batch_size`` inputs of ``sample`` (N, ...),
-    towards the ``teachers``' mixture (the module's docstring). Returns the loss of each step
+    towards the ``teachers``' mixture (the module's docstring; ``class_counts``, a row per
+    teacher, for ``targets="coverage"``). Returns the loss of each step
     (none when the student already matches, :data:`MATCHED`)."""
-    pairs = [(t, float(w)) for t, w in zip(teachers, weights, strict=True) if w > 0]
-    teachers, weights = [t for t, _ in pairs], [w for _, w in pairs]
-    goal = _Goal(teachers, weights, targets, linear_scores(student) is not None)
+    if class_counts is not None:
+        check_counts(class_counts, len(teachers))
+    kept = [k for k, w in enumerate(weights) if w > 0]
+    teachers, weights = [teachers[k] for k in kept], [float(weights[k]) for k in kept]
+    counts = [class_counts[k] for k in kept] if class_counts is not None else None
+    goal = _Goal(teachers, weights, targets, linear_scores(student) is not None, counts)
     with evaluating([student, *teachers]):
         cached = goal.on_sample(sample)
         if _mismatch(student, goal, sample, cached) <= MATCHED:
@@ -120,15 +142,15 @@ class _Goal:
     """What the student is fitted to: the teachers' log mixture on class scores, or their weighted
     average output (``log_probs`` False)."""
 
-    def __init__(self, teachers, weights, targets: TargetRule, scores: bool) -> None:
-        self.teachers, self.weights, self.targets = teachers, weights, targets
+    def __init__(self, teachers, weights, targets: TargetRule, scores: bool, counts=None) -> None:
+        self.teachers, self.weights, self.targets, self.counts = teachers, weights, targets, counts
         self.log_probs = scores and targets != "average"
 
     @torch.no_grad()
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         outs = [output_tensor(t(batch)) for t in self.teachers]
         if self.log_probs:
-            return teacher_log_probs(outs, self.weights, self.targets)
+            return teacher_log_probs(outs, self.weights, self.targets, self.counts)
         return sum(w * o.float() for o, w in zip(outs, self.weights, strict=True))
 
     def loss(self, out: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:

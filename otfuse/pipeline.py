@@ -25,9 +25,11 @@ from otfuse.baselines import build_model
 from otfuse.capture import GraphCache
 from otfuse.config import FusionConfig, resolve
 from otfuse.context import Clock, FusionContext, Progress, ProgressCallback
+from otfuse.coverage import check_counts
 from otfuse.discovery import SpaceGraph
 from otfuse.errors import DataError, OtfuseError
 from otfuse.modes import evaluating
+from otfuse.refit import output_scores
 from otfuse.stages import run_stages, stage_names
 from otfuse.synthesis import can_synthesize, scores_of, synthesize_inputs
 from otfuse.transport import TransportPlan
@@ -127,6 +129,8 @@ def fuse(
     models = check_models(models)
     check_anchor(config.anchor, len(models))
     weights = normalise_weights(config.weights, len(models))
+    if config.class_counts is not None:
+        check_counts(config.class_counts, len(models))
     sample = sample_inputs(data, config.num_samples, config.seed) if data is not None else None
     example = example_input_for(models[config.anchor], example_input, sample)
     anchor = models[config.anchor]
@@ -144,6 +148,10 @@ def fuse(
         if from_data and str(error).startswith("example input does not fit"):
             raise data_does_not_fit(error, sample, anchor) from None
         raise
+    if config.class_counts is not None:  # against the class scores, before any work
+        scores = output_scores(cache.graph(anchor).graph_module)
+        classes = scores.meta["tensor_meta"].shape[-1] if scores is not None else None
+        check_counts(config.class_counts, len(models), classes)
     clock.lap("prepare")
     inputs = "data" if sample is not None else "none"
     if sample is None:

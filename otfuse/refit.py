@@ -56,6 +56,10 @@ equal average of the aligned parents with a positive weight,
 mostly towards a specialist still holds the generalist's features for the mixture to draw on
 (:func:`feature_weights`). With equal weights this is the weighted average as before.
 
+``targets="coverage"`` is ``"confident"`` with each parent's probabilities moved to the pooled label
+prior and each trusted only on the classes it was trained on, from ``class_counts``
+(:mod:`otfuse.coverage`); the layers before the class scores are fitted as for ``"confident"``.
+
 The idea of merging linear layers by regression on their inputs' statistics is RegMean (Jin et al.,
 "Dataless Knowledge Fusion by Merging Weights of Language Models", 2023); here it follows the
 alignment and is fitted sequentially on the fused model's own inputs.
@@ -77,11 +81,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
 from otfuse.capture import run_with_hooks
+from otfuse.coverage import check_counts, coverage_log_probs
 from otfuse.discovery import SpaceGraph, module_calls, parameter_owners, shares_parameters
 from otfuse.modes import evaluating
 
 _FITTABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
-TargetRule = Literal["average", "ensemble", "confident"]
+TargetRule = Literal["average", "ensemble", "confident", "coverage"]
+ClassCounts = Sequence[Sequence[float]]
 # beta of targets="confident" (the module's docstring). Measured on the skill-transfer experiment's
 # pairs (probability rules on the parents' test outputs): beta 0 (the ensemble) / 1 / 2 / 4 / 8.
 # 4 is the smallest at which the rule beats both the ensemble and the logit average at every
@@ -109,7 +115,7 @@ def feature_weights(weights: Sequence[float], targets: TargetRule) -> list[float
     0.7 / 0.8 / 0.9: 86.64 / 86.64 / 86.15% against 85.95 / 85.52 / 84.67% with the weighted
     average), and on a special class it was not chosen on (T-shirt, w_A 0.8 / 0.9: 86.83 /
     86.21% against 85.17 / 84.47%)."""
-    if targets != "confident":
+    if targets not in ("confident", "coverage"):
         return [float(w) for w in weights]
     used = sum(1 for w in weights if w > 0)
     return [1.0 / used if w > 0 else 0.0 for w in weights]
@@ -584,17 +590,20 @@ def layer_targets(
     max_rows: int = 32768,
     seed: int = 0,
     targets: TargetRule = "average",
+    class_counts: ClassCounts | None = None,
 ) -> LayerTargets:
     """Run every aligned parent on ``inputs`` and collect the targets of the fit points of ``gm``
     (the fused model's graph): at most ``max_rows`` rows per point, drawn with ``seed`` on the first
     parent's run. Rows are sample-major: the batch dimension comes first in every layer's output.
     ``targets="ensemble"``: the class scores' target follows the prediction ensemble;
     ``"confident"``: the confident mixture, and the layers before it the parents' equal average
-    (:func:`feature_weights`). The parents run in eval mode, without gradients."""
+    (:func:`feature_weights`); ``"coverage"``: as ``"confident"`` with the coverage mixture of
+    ``class_counts`` (:mod:`otfuse.coverage`). The parents run in eval mode, without gradients."""
     points = fit_points(gm)
     collector = target_collector(
-        gm, points, len(inputs), max_rows=max_rows, seed=seed, targets=targets
-    )
+        gm, points, len(inputs), max_rows=max_rows, seed=seed, targets=targets,
+        class_counts=class_counts,
+    )  # fmt: skip
     features = collector.feature_weights(weights, targets)
     with torch.no_grad(), evaluating([p.graph_module for p in parents]):
         for parent, weight, feature in zip(parents, weights, features, strict=True):
@@ -611,6 +620,7 @@ def target_collector(
     seed: int = 0,
     targets: TargetRule = "average",
     chosen: LayerTargets | None = None,
+    class_counts: ClassCounts | None = None,
 ) -> _Collector:
     """What adds up the targets of ``points`` over ``count`` inputs (:func:`layer_targets`);
     ``chosen``: rows already drawn (its ``rows`` and ``samples``), else drawn on the first parent's
@@ -624,7 +634,8 @@ def target_collector(
         max(1, count),
         scores.node if scores else None,
         out,
-        sharpness=CONFIDENCE_SHARPNESS if targets == "confident" else 0.0,
+        sharpness=CONFIDENCE_SHARPNESS if targets in ("confident", "coverage") else 0.0,
+        class_counts=class_counts if targets == "coverage" else None,
     )
 
 
@@ -643,6 +654,10 @@ class _Collector:
     # row removes the normaliser
     log_mixture: torch.Tensor | None = None
     sharpness: float = 0.0
+    # targets="coverage": the class counts, and each parent's (weight, class-score rows) until the
+    # last parent's are in (the coverage mixture needs them all at once)
+    class_counts: ClassCounts | None = None
+    parts: list[tuple[float, torch.Tensor]] = field(default_factory=list)
 
     def feature_weights(self, weights: Sequence[float], targets: TargetRule) -> list[float]:
         """Each parent's weight in the targets before the class scores (:func:`feature_weights`;
@@ -687,12 +702,21 @@ class _Collector:
         own = weight if feature is None or point.node == self.scores else feature
         scaled = own * chosen  # in the model's own precision
         values[point.node] = scaled if point.node not in values else values[point.node] + scaled
-        if point.node == self.scores and weight > 0:
+        if point.node == self.scores and self.class_counts is not None:
+            self.parts.append((weight, chosen))
+        elif point.node == self.scores and weight > 0:
             term = mixture_term(chosen.double(), weight, self.sharpness)
             mixture = self.log_mixture
             self.log_mixture = term if mixture is None else torch.logaddexp(mixture, term)
 
     def finish(self) -> LayerTargets:
+        if self.parts:
+            check_counts(self.class_counts, len(self.parts), self.parts[0][1].shape[-1])
+            used = [(w, rows, n) for (w, rows), n in zip(self.parts, self.class_counts) if w > 0]
+            self.log_mixture = coverage_log_probs(
+                [rows for _, rows, _ in used], [w for w, _, _ in used],
+                [n for _, _, n in used], self.sharpness,
+            )  # fmt: skip
         if self.log_mixture is not None:
             values = self.out.values
             values[self.scores] = ensemble_target(self.log_mixture, values[self.scores])
@@ -768,6 +792,7 @@ def refit_layers(
     seed: int = 0,
     targets: TargetRule = "average",
     goal: LayerTargets | None = None,
+    class_counts: ClassCounts | None = None,
 ) -> None:
     """Refit every fittable layer of the fused model to the weighted average of the aligned
     ``parents``' outputs on ``inputs`` (N, ...), in graph order (see the module's docstring).
@@ -779,7 +804,9 @@ def refit_layers(
     where the model ends in class scores (:func:`class_scores`), their target is the log of the
     parents' weighted prediction ensemble (:func:`ensemble_target`); ``"confident"``: of that
     ensemble with each parent weighted per input by its confidence, and the layers before them
-    the equal average of the parents with a positive weight (the module's docstring); elsewhere,
+    the equal average of the parents with a positive weight (the module's docstring);
+    ``"coverage"``: as ``"confident"`` with the coverage mixture of ``class_counts`` (a row per
+    parent, :mod:`otfuse.coverage`); elsewhere,
     and for models without class scores, the weighted average. ``goal``: those targets when the
     caller has them (from :func:`targets_from_rows`; then ``parents`` is not run, and
     ``max_rows``, ``seed`` and ``targets`` are those the goal was made with). Modifies the fused
@@ -792,8 +819,9 @@ def refit_layers(
     with torch.no_grad(), evaluating([gm, *(p.graph_module for p in parents or ())]):
         if goal is None:
             goal = layer_targets(
-                gm, parents, weights, inputs, max_rows=max_rows, seed=seed, targets=targets
-            )
+                gm, parents, weights, inputs, max_rows=max_rows, seed=seed, targets=targets,
+                class_counts=class_counts,
+            )  # fmt: skip
         modules, by_node = dict(gm.named_modules()), {p.node: p for p in points}
 
         def refit(node: torch.fx.Node, args: tuple) -> None:
@@ -813,6 +841,7 @@ def targets_from_rows(
     orders: Sequence[Mapping[str, torch.Tensor | None]],
     *,
     targets: TargetRule = "average",
+    class_counts: ClassCounts | None = None,
 ) -> LayerTargets:
     """Refit's targets (:func:`layer_targets`) from each parent's own rows: ``parent_rows[k][node]``
     holds parent k's target rows (rows, units) of the fit point at layer ``node``, on the rows
@@ -820,7 +849,9 @@ def targets_from_rows(
     ``orders[k][node][j]`` (None: the order is kept). Equal to running the aligned parents when the
     plans are permutations."""
     points = fit_points(gm)
-    collector = target_collector(gm, points, 1, targets=targets, chosen=chosen)
+    collector = target_collector(
+        gm, points, 1, targets=targets, chosen=chosen, class_counts=class_counts
+    )
     features = collector.feature_weights(weights, targets)
     for rows, weight, feature, order in zip(parent_rows, weights, features, orders, strict=True):
         for point in points:

@@ -201,7 +201,7 @@ def repair(context: FusionContext) -> None:
     )
 
 
-@stage("refit", reads=("seed", "targets"), needs_data=True)
+@stage("refit", reads=("seed", "targets", "class_counts"), needs_data=True)
 def refit(context: FusionContext) -> None:
     """Re-solve every Linear/Conv layer to the aligned parents' average outputs (least squares)."""
     fused = context.fused_graph()
@@ -224,13 +224,14 @@ def refit(context: FusionContext) -> None:
         seed=context.config.seed,
         targets=context.config.targets,
         goal=goal,
+        class_counts=context.config.class_counts,
     )
     context.fused.eval()
 
 
 @stage(
     "distill",
-    reads=("seed", "targets", "distill_steps", "distill_lr", "distill_batch"),
+    reads=("seed", "targets", "class_counts", "distill_steps", "distill_lr", "distill_batch"),
     needs_data=True,
 )
 def distill_stage(context: FusionContext) -> None:
@@ -253,6 +254,7 @@ def distill_stage(context: FusionContext) -> None:
         lr=config.distill_lr,
         batch_size=config.distill_batch,
         targets=config.targets,
+        class_counts=config.class_counts,
         seed=config.seed,
     )
     context.fused.eval()

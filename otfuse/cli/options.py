@@ -8,7 +8,9 @@ Every field of :func:`otfuse.config.option_fields` is a flag of the same name (`
 * ``bool``: ``--refine`` / ``--no-refine``;
 * ``int`` / ``float``: a number;
 * a tuple (``stages``, ``weights``): a comma list, ``--stages bn_reset,repair``; ``none`` for an
-  empty one (``--stages none``) or, where the field may be None, for None (``--weights none``).
+  empty one (``--stages none``) or, where the field may be None, for None (``--weights none``);
+* rows of numbers (``class_counts``): rows split by ``;``, ``--class-counts 6000,600;0,5400``, or
+  ``@FILE.json``, a JSON file holding a list of rows.
 
 A ``--config`` YAML file maps field names (``num_samples`` or ``num-samples``) to values, and may also
 set the fields that are not flags (``candidates``). The options apply in this order: the recipe (the
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -44,7 +47,7 @@ def flag(name: str) -> str:
 class Kind:
     """How a field's values are written on the command line."""
 
-    base: Any  # bool, int, float, str, or a tuple of allowed strings (a Literal)
+    base: Any  # bool, int, float, str, ROWS, or a tuple of allowed strings (a Literal)
     is_list: bool = False
     optional: bool = False
 
@@ -62,6 +65,8 @@ class Kind:
     def parse_item(self, text: str) -> Any:
         """One value (of a list, or of a scalar field)."""
         text = text.strip()
+        if self.base == ROWS:
+            return parse_rows(text)
         if isinstance(self.base, tuple):
             if text not in self.base:
                 raise argparse.ArgumentTypeError(f"'{text}' is not one of {', '.join(self.base)}")
@@ -78,15 +83,55 @@ class Kind:
         return text
 
     def metavar(self) -> str | None:
+        if self.base == ROWS:
+            return "N,N,..;N,N,..|@FILE.json"
         one = "{" + ",".join(self.base) + "}" if isinstance(self.base, tuple) else None
         if self.is_list:
             return f"{'|'.join(self.base)},..." if isinstance(self.base, tuple) else "X,Y,..."
         return one or {int: "N", float: "X"}.get(self.base)
 
 
+ROWS = "rows"  # Kind.base of a field holding rows of numbers (a tuple of tuples)
+
+
+def parse_rows(text: str) -> tuple[tuple[float, ...], ...]:
+    """``"1,2;3,4"`` -> ((1.0, 2.0), (3.0, 4.0)); ``"@FILE.json"``: the list of rows in that file."""
+    if text.startswith("@"):
+        path = text[1:]
+        try:
+            rows = json.loads(Path(path).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise argparse.ArgumentTypeError(f"cannot read {path}: {exc.strerror or exc}") from None
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise argparse.ArgumentTypeError(f"{path} is not valid JSON ({exc})") from None
+        if not isinstance(rows, list) or not all(isinstance(r, list) for r in rows):
+            raise argparse.ArgumentTypeError(f"{path} must hold a list of rows of numbers")
+        return tuple(tuple(_number_in(v, path) for v in row) for row in rows)
+    rows = [r for r in text.split(";") if r.strip()]
+    if not rows:
+        raise argparse.ArgumentTypeError("give rows of numbers split by ';', or @FILE.json")
+    return tuple(tuple(parse_float(v) for v in row.split(",") if v.strip()) for row in rows)
+
+
+def _number_in(value: Any, path: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise argparse.ArgumentTypeError(f"{path}: {value!r} is not a number")
+    return float(value)
+
+
+def _holds_rows(hint: Any) -> bool:
+    """Whether a field's annotation is a tuple of tuples (or that or None)."""
+    for h in (hint, *typing.get_args(hint)):
+        if typing.get_origin(h) is tuple and typing.get_origin(typing.get_args(h)[0]) is tuple:
+            return True
+    return False
+
+
 def kind_of(name: str) -> Kind:
     """The :class:`Kind` of field ``name``, from its annotation."""
     hint = typing.get_type_hints(FusionConfig)[name]
+    if _holds_rows(hint):
+        return Kind(ROWS, optional=True)
     optional = False
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]

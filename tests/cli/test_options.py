@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 import yaml
@@ -97,3 +98,31 @@ def test_config_values_are_checked_like_flags(work, monkeypatch, capsys):
     status, _, err = call(work, monkeypatch, capsys, "fuse", "--config", "wrong.yaml",
                           "--print-config")  # fmt: skip
     assert status == 2 and "mode" in err and "fast" in err
+
+
+def test_class_counts_are_rows_on_the_command_line_and_in_a_file(work, monkeypatch, capsys):
+    args = fuse_parser().parse_args(["--class-counts", "1,2;3,4"])
+    assert options.given_options(args) == {"class_counts": ((1.0, 2.0), (3.0, 4.0))}
+    rows = [[600] * 4 + [6000] + [600] * 5, [5400] * 4 + [0] + [5400] * 5]
+    (work / "counts.json").write_text(json.dumps(rows))
+    out = call_ok(work, monkeypatch, capsys, "fuse", "--data", "fashion-mnist", "--targets",
+                  "coverage", "--class-counts", "@counts.json", "--print-config")  # fmt: skip
+    (work / "coverage.yaml").write_text(out)
+    again = call_ok(
+        work, monkeypatch, capsys, "fuse", "--config", "coverage.yaml", "--print-config"
+    )
+    assert yaml.safe_load(again)["class_counts"] == rows
+
+
+def test_class_counts_that_do_not_fit_fail_in_one_line_and_write_nothing(work, monkeypatch, capsys):
+    status, _, err = call(work, monkeypatch, capsys, "fuse", "a.safetensors", "b.safetensors",
+                          "--data", "fashion-mnist", "--num-samples", "40", "--targets", "coverage",
+                          "--class-counts", "1,2;3,4", "-o", "counts_bad.safetensors")  # fmt: skip
+    assert status != 0
+    assert "class_counts has 2 column(s) but the models give 10 class scores" in err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("otfuse: error")
+    assert not (work / "counts_bad.safetensors").exists()
+    status, _, err = call(work, monkeypatch, capsys, "fuse", "--targets", "coverage",
+                          "--class-counts", "@missing.json", "--print-config")  # fmt: skip
+    assert status != 0
+    assert "cannot read missing.json" in err
