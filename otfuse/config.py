@@ -270,10 +270,6 @@ def _check_ranges(c: FusionConfig) -> None:
         raise ConfigError(f"anchor must be an index (0 or more), not {c.anchor}")
     if c.weights is not None and (any(w < 0 for w in c.weights) or sum(c.weights) <= 0):
         raise ConfigError("weights must be non-negative and sum to a positive number")
-    if c.targets == "coverage" and c.class_counts is None:
-        raise ConfigError(
-            "targets=coverage needs class_counts: how many examples of each class each model saw"
-        )
     if (
         c.class_counts is not None
         and c.weights is not None

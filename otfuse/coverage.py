@@ -22,7 +22,7 @@ every parent was trained on, :math:`n_k(c)` (``class_counts``), the coverage mix
    specialist trained mostly on one class stops calling everything that class.
 2. Parent k knows class c to the degree :math:`r_k(c) = n_k(c) / (n_k(c) + m)`, ``m`` =
    :data:`PSEUDO_COUNT` examples (a class seen ``m`` times is half known, one never seen not at
-   all), and weighs each input by its weight and its confidence, :math:`a_k(x) = w_k \\exp(-\\beta
+   all; a class that none of the parents saw counts as known to all, :math:`r_k(c) = 1`), and weighs each input by its weight and its confidence, :math:`a_k(x) = w_k \\exp(-\\beta
    H(P_k(x)))` (:data:`otfuse.refit.CONFIDENCE_SHARPNESS`, as ``targets="confident"``).
 3. The mixture :math:`p` is the fixed point of
 
@@ -35,7 +35,8 @@ every parent was trained on, :math:`n_k(c)` (``class_counts``), the coverage mix
    each parent's probability of a class scaled by the mass :math:`M_k` that the mixture puts on the
    classes the parent knows, and averaged over the parents that know the class. A class one parent
    alone knows takes that parent's probability; with equal counts for every parent it is the
-   confident mixture exactly (the first step reaches the fixed point).
+   confident mixture exactly (the first step reaches the fixed point), and a parent alone (the
+   others' weights 0) keeps its own probabilities.
 
 Measured on the skill-transfer experiment's parents (accuracy of the mixture on the test set;
 ``otfuse experiment skill-transfer`` fuses towards it): coat at w_A 0.1 / 0.5 / 0.9, 88.22 /
@@ -57,8 +58,9 @@ PSEUDO_COUNT = 50.0
 # fixed-point steps (3.); the mixture changes by less than 1e-6 after about ten on the
 # skill-transfer and Dirichlet parents
 ITERATIONS = 30
-# the probability of a class no parent saw (log -27.6): the target says "never", in finite numbers
-UNSEEN = 1e-12
+# the least probability of a class in the mixture (where float64 underflows to 0): a finite log
+# for refit's regression and distill's KL targets
+UNSEEN = 1e-300
 
 
 class ClassCountsError(OtfuseError):
@@ -95,8 +97,7 @@ def coverage_log_probs(
 ) -> torch.Tensor:
     """The log of the coverage mixture (..., C), float64, from the parents' class scores
     ``scores[k]`` (..., C), their ``weights`` (positive) and ``counts[k][c]``, the examples of class
-    c that parent k was trained on (the module's docstring). Classes that no parent with a positive
-    weight saw get the probability :data:`UNSEEN` (a finite log for regression and KL targets)."""
+    c that parent k was trained on (the module's docstring)."""
     n = torch.as_tensor(counts, dtype=torch.float64, device=scores[0].device)  # (K, C)
     prior_k = (n + 1) / (n + 1).sum(-1, keepdim=True)
     prior = (n.sum(0) + 1) / (n.sum() + n.shape[1])
@@ -106,7 +107,7 @@ def coverage_log_probs(
     entropy = -torch.special.xlogy(probs, probs).sum(-1, keepdim=True)  # (K, ..., 1)
     w = torch.as_tensor(weights, dtype=torch.float64, device=n.device).reshape(shape[:-1] + (1,))
     trust = w * torch.exp(-sharpness * entropy)  # a_k(x), (K, ..., 1)
-    knows = (n / (n + pseudo_count)).reshape(shape)  # r_k(c), (K, 1.., C)
+    knows = torch.where(n.sum(0) > 0, n / (n + pseudo_count), 1.0).reshape(shape)  # r_k(c)
     share = trust * knows
     norm = share.sum(0)
     share = share / torch.where(norm > 0, norm, torch.ones_like(norm))
@@ -115,5 +116,4 @@ def coverage_log_probs(
         mass = (mixture.unsqueeze(0) * knows).sum(-1, keepdim=True)  # M_k(x), (K, ..., 1)
         mixture = (share * mass * probs).sum(0)
         mixture = mixture / mixture.sum(-1, keepdim=True)
-    mixture = mixture.clamp_min(UNSEEN)
-    return (mixture / mixture.sum(-1, keepdim=True)).log()
+    return mixture.clamp_min(UNSEEN).log()

@@ -66,7 +66,6 @@ def test_the_label_prior_of_a_specialist_is_corrected():
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"targets": "coverage"}, "targets=coverage needs class_counts"),
         ({"class_counts": [1, 2]}, "class_counts must be a list of rows"),
         ({"class_counts": [[1, 2], [3]]}, "one count per class"),
         ({"class_counts": [[1], [3]]}, "2 or more"),
@@ -83,6 +82,8 @@ def test_bad_class_counts_are_one_line_config_errors(changes, message):
 def test_fuse_checks_the_counts_against_the_models_and_their_classes():
     models = [build("mlp", seed=s) for s in (0, 1)]
     x = example("mlp", n=64)
+    with pytest.raises(ConfigError, match="targets=coverage needs class_counts"):
+        otfuse.fuse(models, data=x, targets="coverage")
     with pytest.raises(ClassCountsError, match="one per model is needed"):
         otfuse.fuse(models, data=x, targets="coverage", class_counts=[[1] * 10])
     with pytest.raises(OtfuseError, match="class scores"):
@@ -133,17 +134,17 @@ def test_the_command_line_reads_class_counts(tmp_path):
         options.parse_rows(f"@{path}")
 
 
-def test_a_class_no_parent_saw_gets_a_finite_tiny_probability():
+def test_a_parent_alone_keeps_its_probabilities_even_of_classes_it_never_saw():
     torch.manual_seed(2)
     scores = [torch.randn(20, 4), torch.randn(20, 4)]
     counts = [[100, 100, 100, 100], [0, 100, 100, 100]]
     alone = teacher_log_probs(scores, [0.0, 1.0], "coverage", counts)  # B alone never saw class 0
-    assert torch.isfinite(alone).all()
-    assert float(alone[:, 0].exp().max()) < 1e-9
-    torch.testing.assert_close(alone.exp().sum(-1), torch.ones(20))
+    torch.testing.assert_close(alone, torch.log_softmax(scores[1], -1))
+    tiny = [torch.tensor([[0.0, -800.0]]), torch.tensor([[0.0, -900.0]])]  # underflows in float64
+    assert torch.isfinite(teacher_log_probs(tiny, [0.5, 0.5], "coverage", [[1, 1], [1, 1]])).all()
 
 
-def test_fusing_towards_the_parent_that_never_saw_a_class_keeps_it_usable():
+def test_all_the_weight_on_the_parent_that_never_saw_a_class_gives_it_back():
     models = [build("mlp", seed=s) for s in (0, 1)]
     x = example("mlp", n=128)
     classes = models[0](x[:1]).shape[-1]
@@ -154,6 +155,4 @@ def test_fusing_towards_the_parent_that_never_saw_a_class_keeps_it_usable():
     ).model  # fmt: skip
     with torch.no_grad():
         out, want = fused.eval()(x), models[1].eval()(x)
-    assert torch.isfinite(out).all()
-    agree = (out[:, 1:].argmax(-1) == want[:, 1:].argmax(-1)).float().mean()
-    assert agree > 0.9
+    torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)  # B itself, reordered

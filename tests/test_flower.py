@@ -440,3 +440,39 @@ def test_experiment_targets_and_report(tmp_path) -> None:
     report = (tmp_path / "report.md").read_text()
     assert "## (b) 3 rounds" in report and "NOT MET" in report
     assert (tmp_path / "oneshot.png").stat().st_size > 0 and (tmp_path / "rounds.png").exists()
+
+
+def test_coverage_targets_fuse_with_the_class_counts_clients_report(monkeypatch) -> None:
+    import otfuse.flower.strategy as strategy_module
+
+    seen = {}
+    real = strategy_module.fuse
+
+    def spy(models, config, **kwargs):
+        seen.update(kwargs)
+        return real(models, config, **kwargs)
+
+    monkeypatch.setattr(strategy_module, "fuse", spy)
+    sample = torch.randn(64, 1, 28, 28)
+    config = FederatedSettings(recipe="data", targets="coverage", server_samples=64).fusion_config()
+    strategy = OTFusion(small(0), config, server_data=sample, guard=False)
+    counts = [[50.0] * 5 + [0.0] * 5, [0.0] * 5 + [50.0] * 5, [10.0] * 10]
+    replies = [reply(small(k), k, **{"class-counts": c}) for k, c in enumerate(counts)]
+    replies.append(reply(small(3), 3))  # no class counts: left out
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert arrays is not None and metrics["fused"] == 1
+    assert metrics["clients-fused"] == 3 and metrics["excluded-malformed"] == 1
+    assert seen["class_counts"] == counts
+    # counts that do not fit the class scores: the round keeps the previous global model
+    bad = [reply(small(k), k, **{"class-counts": [5.0, 5.0]}) for k in range(2)]
+    arrays, metrics = OTFusion(small(0), config, server_data=sample).aggregate_train(2, bad)
+    assert arrays is None and metrics["fused"] == 0
+
+
+def test_clients_report_the_examples_of_each_class() -> None:
+    settings = FederatedSettings(width=0.25, limit=1200, partition="dirichlet", alpha=0.1)
+    replies = client_replies(settings, 2, ArrayRecord(settings.global_model().state_dict()))
+    for r in replies:
+        counts = r.content["metrics"]["class-counts"]
+        assert len(counts) == 10 and sum(counts) == r.content["metrics"]["num-examples"]
+    assert FederatedSettings(targets="coverage").targets == "coverage"

@@ -37,7 +37,7 @@ from torch import nn
 
 from otfuse.checkpoints import save_model
 from otfuse.flower.settings import FederatedSettings
-from otfuse.flower.strategy import MODEL_KEY, MeteredFedAvg, OTFusion, model_record
+from otfuse.flower.strategy import COUNTS_KEY, MODEL_KEY, MeteredFedAvg, OTFusion, model_record
 from otfuse.training import TrainConfig, _num_threads, evaluate, train
 
 R = TypeVar("R")
@@ -132,6 +132,7 @@ def client_train(msg: Message, context: Context, settings: FederatedSettings) ->
         "train-loss": history.final.loss,
         "train-accuracy": history.final.accuracy,
         "num-examples": len(data),
+        COUNTS_KEY: torch.bincount(data.labels, minlength=data.num_classes).tolist(),
     })  # fmt: skip
     content = RecordDict(
         {

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from otfuse import zoo
-from otfuse.config import FusionConfig
+from otfuse.config import FusionConfig, Targets
 from otfuse.data import Dataset, load_dataset
 from otfuse.errors import OtfuseError
 from otfuse.flower.partition import SCHEMES, client_dataset
@@ -60,7 +60,9 @@ class FederatedSettings:
     # -- server --
     strategy: str = "otfuse"  # otfuse or fedavg
     recipe: str = "data-free"  # otfuse recipe
-    targets: str = "average"  # refit's class-score targets: average, ensemble or confident
+    # refit's class-score targets: average, ensemble, confident or coverage (from the class counts
+    # each client reports)
+    targets: str = "average"
     synthesize: int = 0  # data-free: inputs to synthesise (0: the recipe's)
     server_samples: int = 0  # unlabeled training images the server holds for the data recipe
     guard: bool = True  # keep FedAvg's average when it is closer to the clients' ensemble
@@ -79,7 +81,7 @@ class FederatedSettings:
         _check_choice("partition", self.partition, SCHEMES)
         _check_choice("strategy", self.strategy, STRATEGIES)
         _check_choice("init", self.init, INITS)
-        _check_choice("targets", self.targets, ("average", "ensemble", "confident"))
+        _check_choice("targets", self.targets, typing.get_args(Targets))
         if self.strategy == "otfuse":
             config = self.fusion_config()  # an unknown recipe fails here, not in round 1
             if config.needs_data and not config.synthesize and not self.server_samples:

@@ -19,7 +19,8 @@ round's :class:`RoundReport`, the log and the metrics (``excluded-<reason>`` cou
 
 * ``failed``: replied with an error (its ClientApp raised);
 * ``timeout``: was sent the round's model but did not reply within the round's timeout;
-* ``malformed``: its reply lacks one ArrayRecord, or a positive ``num-examples``;
+* ``malformed``: its reply lacks one ArrayRecord, or a positive ``num-examples`` (or, with
+  ``targets="coverage"``, its ``class-counts``: the examples of each class it trained on);
 * ``non-finite``: its weights hold NaN or Inf;
 * ``architecture``: its model is not of the global model's family (or its weights do not fit).
 
@@ -79,6 +80,9 @@ MODEL_KEY = "model"  # the reply's ConfigRecord holding the client's architectur
 ARCH_FIELD = "otfuse-config"  # in it: the zoo model's otfuse_config as JSON
 REASONS = ("failed", "timeout", "malformed", "non-finite", "architecture")
 GUARD_SHARE = 0.25  # share of the fusion's inputs held out for the guard
+# the reply's metric with the examples of each class the client trained on (list of numbers), which
+# targets="coverage" needs (label histograms; the server sees no labels)
+COUNTS_KEY = "class-counts"
 WIDTH_FIELDS = ("width", "hidden")  # zoo arguments that may differ between clients of one family
 
 
@@ -258,6 +262,7 @@ class OTFusion(MeteredFedAvg):
             raise FlowerSetupError(f"refit_rounds must be 0 or more, not {refit_rounds}")
         self.refit_rounds = refit_rounds
         self.reports: list[RoundReport] = []
+        self._counts: list[list[float] | None] = []  # the accepted clients' class counts
 
     def summary(self) -> None:
         super().summary()
@@ -292,13 +297,15 @@ class OTFusion(MeteredFedAvg):
     ) -> tuple[list[tuple[nn.Module, float]], list[Message]]:
         """(model, examples) of every accepted reply and the accepted messages; every reply's
         outcome (and every sampled client that did not reply) goes to ``report``."""
-        models, accepted = [], []
+        models, accepted, self._counts = [], [], []
         for msg in replies:
             outcome = ClientOutcome(msg.metadata.src_node_id)
             try:
                 model, outcome.examples = self._client_model(msg)
+                counts = self._class_counts(msg)
                 models.append((model, outcome.examples))
                 accepted.append(msg)
+                self._counts.append(counts)
             except _Excluded as excluded:
                 outcome.reason, outcome.detail = excluded.reason, excluded.detail
                 log(WARNING, "aggregate_train: round %d leaves out node %d (%s): %s",
@@ -330,6 +337,23 @@ class OTFusion(MeteredFedAvg):
         if broken is not None:
             raise _Excluded("non-finite", f"'{broken}' holds NaN or Inf values")
         return self._build(state, content), float(examples)
+
+    def _class_counts(self, msg: Message) -> list[float] | None:
+        """The client's ``class-counts`` when the config's targets need them (else None), or
+        :class:`_Excluded`."""
+        if self.config.targets != "coverage":
+            return None
+        metrics = next(iter(msg.content.metric_records.values()))
+        counts = metrics.get(COUNTS_KEY)
+        numbers = isinstance(counts, list) and all(
+            isinstance(v, (int, float)) and 0 <= v < math.inf for v in counts
+        )
+        if not numbers or len(counts) < 2 or sum(counts) <= 0:
+            raise _Excluded(
+                "malformed",
+                f"targets=coverage needs '{COUNTS_KEY}' (the examples of each class) in its metrics",
+            )
+        return [float(v) for v in counts]
 
     def _build(self, state: dict[str, torch.Tensor], content: RecordDict) -> nn.Module:
         """The client's weights in a module of its architecture (a family member of the template)."""
@@ -390,6 +414,8 @@ class OTFusion(MeteredFedAvg):
         try:
             fusion_inputs, held_out = self._inputs(models)
             options = {"num_samples": len(fusion_inputs)} if fusion_inputs is not None else {}
+            if self.config.targets == "coverage":
+                options["class_counts"] = self._counts
             result = fuse(
                 models, self._round_config(), data=fusion_inputs, example_input=self.example_input,
                 weights=weights, anchor=anchor, **options,
