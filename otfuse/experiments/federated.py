@@ -10,7 +10,8 @@ and from a common one, and :math:`\\alpha \\in` :data:`ALPHAS`, the clients trai
 replies (the same Flower messages for every method) go to each strategy's ``aggregate_train``:
 FedAvg, and OT fusion with the recipes ``paper-wts``, ``data-free`` and ``data`` (an unlabeled
 server-side sample of :data:`NUM_SAMPLES` training images), the last two with refit's class-score
-targets ``average`` and ``ensemble``; against the best client and the example-weighted prediction
+targets ``average``, ``ensemble`` and ``coverage`` (from the examples of each class every client
+reports, :mod:`otfuse.coverage`); against the best client and the example-weighted prediction
 ensemble of all clients (ten times the cost). The clients run in this process (the same ClientApp
 the engine runs), so that every method fuses the very same models.
 
@@ -72,6 +73,9 @@ OT_METHODS = {
     "OT data-free, targets ensemble": ("data-free", "ensemble"),
     "OT data, targets average": ("data", "average"),
     "OT data, targets ensemble": ("data", "ensemble"),
+    # each client trusted on the classes it trained on (the class-counts its reply carries)
+    "OT data-free, targets coverage": ("data-free", "coverage"),
+    "OT data, targets coverage": ("data", "coverage"),
 }
 CHECKED = ("OT data-free, targets ensemble", "OT data, targets ensemble")  # issue 14's targets
 # multi-round strategies: label -> settings changes

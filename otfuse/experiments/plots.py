@@ -22,6 +22,7 @@ __all__ = [
     "Panel",
     "Series",
     "describe",
+    "distinct_colours",
     "grid",
     "line_plot",
     "percent",
@@ -40,6 +41,16 @@ class Series:
     linestyle: str = "-"  # matplotlib line style: "-", "--", ":"
     marker: str = "o"
     color: str | None = None  # matplotlib colour ("C0", "C1", ...); None: the next of the cycle
+
+
+def distinct_colours(count: int) -> list[str]:
+    """``count`` colours that differ: matplotlib's cycle (C0-C9) up to ten, else tab20's."""
+    if count <= 10:
+        return [f"C{i}" for i in range(count)]
+    from matplotlib import colormaps, colors
+
+    tab20 = colormaps["tab20"]
+    return [colors.to_hex(tab20(i % 20)) for i in range(count)]
 
 
 @dataclass(frozen=True)

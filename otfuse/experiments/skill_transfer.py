@@ -53,7 +53,15 @@ from otfuse.config import FusionConfig
 from otfuse.data import Dataset, load_dataset, sample_inputs, split_special_class
 from otfuse.experiments.common import QUICK_TRAIN_EXAMPLES, ParentSpec, parent_specs, train_parent
 from otfuse.experiments.methods import LogitAverage, run_options
-from otfuse.experiments.plots import Panel, Series, describe, grid, line_plot, percent
+from otfuse.experiments.plots import (
+    Panel,
+    Series,
+    describe,
+    distinct_colours,
+    grid,
+    line_plot,
+    percent,
+)
 from otfuse.experiments.report import Target, bar_chart, write_report, write_results
 from otfuse.experiments.splits import class_counts, dirichlet_split
 from otfuse.pipeline import synthesized_inputs
@@ -453,6 +461,7 @@ def dirichlet_table(result: Mapping) -> str:
 def plot(path: Path, pair: Mapping, arch: str) -> Path:
     name = pair["special_class_name"]
     panels = []
+    colours = distinct_colours(len(pair["sweep"]))
     for key, title in [("accuracy", "whole test set"), ("special_accuracy", f"'{name}' (recall)")]:
         series = [
             Series(
@@ -460,8 +469,9 @@ def plot(path: Path, pair: Mapping, arch: str) -> Path:
                 [e["w_a"] for e in entries],
                 [e[key] for e in entries],
                 linestyle=":" if label in BASELINES else "-",
+                color=colour,
             )
-            for label, entries in pair["sweep"].items()
+            for (label, entries), colour in zip(pair["sweep"].items(), colours, strict=True)
         ]
         refs = {label: pair["parents"][label][key] for label in ("parent A", "parent B")}
         panels.append(Panel(title, series, "weight of model A (w_A)", "test accuracy (%)", refs))
