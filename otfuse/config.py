@@ -236,16 +236,33 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
 
 
 def _counts(value: Any) -> tuple[tuple[float, ...], ...]:
-    """``class_counts`` as a tuple of rows of non-negative numbers, every row as long."""
+    """``class_counts`` as a tuple of rows of non-negative numbers, every row as long (a NumPy
+    array or a tensor is read as its nested list)."""
+    if hasattr(value, "tolist") and not isinstance(value, (list, tuple)):
+        value = value.tolist()
     rows = value if isinstance(value, (list, tuple)) else None
     if not rows or any(isinstance(r, str) or not isinstance(r, (list, tuple)) for r in rows):
-        raise ConfigError(f"class_counts must be a list of rows (one per model), not {value!r}")
-    counts = tuple(tuple(_number("class_counts", v) for v in row) for row in rows)
+        raise ConfigError(
+            f"class_counts must be a list of rows of numbers (one per model), not {_short(value)}"
+        )
+    counts = tuple(tuple(_count(v) for v in row) for row in rows)
     if len({len(row) for row in counts}) != 1 or len(counts[0]) < 2:
         raise ConfigError("class_counts' rows must have one count per class (2 or more), alike")
     if any(v < 0 for row in counts for v in row):
         raise ConfigError("class_counts must not be negative")
     return counts
+
+
+def _short(value: Any) -> str:
+    text = " ".join(repr(value).split())
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _count(value: Any) -> float:
+    """One class count: a finite number (NumPy scalars too)."""
+    if hasattr(value, "item") and not isinstance(value, (bool, int, float)):
+        value = value.item()
+    return _number("class_counts", value)
 
 
 def _number(name: str, value: Any) -> float:

@@ -1,5 +1,6 @@
 """``targets="coverage"``: each parent trusted on the classes it was trained on (otfuse.coverage)."""
 
+import argparse
 import json
 
 import pytest
@@ -26,7 +27,7 @@ def logits_of(*rows):
 def test_equal_counts_give_the_confident_mixture():
     torch.manual_seed(0)
     scores, weights = [3 * torch.randn(40, 6), 3 * torch.randn(40, 6)], [0.3, 0.7]
-    counts = [[25] * 6, [25] * 6]
+    counts = [[5, 500, 50, 7, 90, 1]] * 2  # uneven classes, alike for both parents
     coverage = teacher_log_probs(scores, weights, "coverage", counts)
     torch.testing.assert_close(coverage, teacher_log_probs(scores, weights, "confident"))
 
@@ -49,6 +50,31 @@ def test_a_class_one_parent_never_saw_is_decided_by_the_parent_that_did():
     mixture = teacher_log_probs([a, b], weights, "coverage", counts).exp()
     assert int(mixture.argmax()) == 0
     torch.testing.assert_close(mixture.sum(-1), torch.ones(1))
+
+
+def test_parents_of_disjoint_classes_keep_the_split_their_weights_and_confidence_give():
+    torch.manual_seed(3)
+    scores = [torch.randn(30, 4), torch.randn(30, 4)]
+    counts = [[100, 7, 0, 0], [0, 0, 3, 300]]  # A saw classes 0-1, B classes 2-3
+    short = coverage_log_probs(scores, [0.7, 0.3], counts, CONFIDENCE_SHARPNESS, iterations=30)
+    long = coverage_log_probs(scores, [0.7, 0.3], counts, CONFIDENCE_SHARPNESS, iterations=300)
+    torch.testing.assert_close(short, long)  # no drift towards either group
+    almost = coverage_log_probs(scores, [1.0, 1e-9], counts, CONFIDENCE_SHARPNESS)
+    assert float(almost[:, 2:].exp().max()) < 1e-6  # B with (almost) no weight takes no mass
+    towards_b = coverage_log_probs(scores, [0.3, 0.7], counts, CONFIDENCE_SHARPNESS)
+    assert bool((towards_b[:, 2:].exp().sum(-1) > short[:, 2:].exp().sum(-1)).all())
+
+
+def test_rows_are_computed_in_chunks_with_the_same_result(monkeypatch):
+    import otfuse.coverage as coverage
+
+    torch.manual_seed(4)
+    scores = [torch.randn(3, 50, 7), torch.randn(3, 50, 7)]  # per position, e.g. a language model
+    counts = [[10, 0, 5, 80, 3, 3, 9], [1, 40, 0, 8, 30, 3, 9]]
+    whole = coverage_log_probs(scores, [0.4, 0.6], counts, CONFIDENCE_SHARPNESS)
+    monkeypatch.setattr(coverage, "CHUNK_NUMBERS", 7 * 2 * 9)  # nine rows at a time
+    assert whole.shape == (3, 50, 7)
+    torch.testing.assert_close(coverage_log_probs(scores, [0.4, 0.6], counts, 4.0), whole)
 
 
 def test_the_label_prior_of_a_specialist_is_corrected():
@@ -124,13 +150,32 @@ def test_refit_and_distill_follow_the_coverage_mixture():
     assert kl(distilled) < 0.8 * kl(refitted)
 
 
+def test_class_counts_may_be_arrays_and_bad_ones_say_so_briefly():
+    import numpy as np
+
+    config = FusionConfig().replace(class_counts=np.array([[1, 2], [3, 4]], dtype=np.int64))
+    assert config.class_counts == ((1.0, 2.0), (3.0, 4.0))
+    assert FusionConfig().replace(class_counts=torch.ones(2, 3)).class_counts == ((1.0,) * 3,) * 2
+    with pytest.raises(ConfigError) as caught:
+        FusionConfig().replace(class_counts=np.arange(1000))
+    assert len(str(caught.value)) < 200 and "\n" not in str(caught.value)
+    with pytest.raises(ClassCountsError, match="needs class_counts"):
+        teacher_log_probs([torch.zeros(2, 3)], [1.0], "coverage", None)
+
+
 def test_the_command_line_reads_class_counts(tmp_path):
     assert options.parse_rows("1,2;3,4") == ((1.0, 2.0), (3.0, 4.0))
     path = tmp_path / "counts.json"
     path.write_text(json.dumps([[5, 6], [7, 8]]))
     assert options.parse_rows(f"@{path}") == ((5.0, 6.0), (7.0, 8.0))
+    for bad in ("1,,2;3,4", ";", "1,x;2,3"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            options.parse_rows(bad)
+    path.write_text("[[1" + "0" * 400 + ", 2], [3, 4]]")
+    with pytest.raises(argparse.ArgumentTypeError, match="too large"):
+        options.parse_rows(f"@{path}")
     path.write_text("{not json")
-    with pytest.raises(Exception, match="not valid JSON"):
+    with pytest.raises(argparse.ArgumentTypeError, match="not valid JSON"):
         options.parse_rows(f"@{path}")
 
 

@@ -186,8 +186,9 @@ def test_refit_runs_only_in_the_first_refit_rounds(monkeypatch) -> None:
     seen = []
     real = strategy_module.fuse
     monkeypatch.setattr(
-        strategy_module, "fuse", lambda models, config, **kw: seen.append(config.stages)
-        or real(models, config, **kw),
+        strategy_module,
+        "fuse",
+        lambda models, config, **kw: seen.append(config.stages) or real(models, config, **kw),
     )
     sample = torch.randn(64, 1, 28, 28)
     replies = [reply(small(s), s) for s in range(2)]
@@ -458,20 +459,30 @@ def test_coverage_targets_fuse_with_the_class_counts_clients_report(monkeypatch)
     strategy = OTFusion(small(0), config, server_data=sample, guard=False)
     counts = [[50.0] * 5 + [0.0] * 5, [0.0] * 5 + [50.0] * 5, [10.0] * 10]
     replies = [reply(small(k), k, **{"class-counts": c}) for k, c in enumerate(counts)]
-    replies.append(reply(small(3), 3))  # no class counts: left out
+    replies.insert(1, reply(small(3), 3))  # no class counts: left out
     arrays, metrics = strategy.aggregate_train(1, replies)
     assert arrays is not None and metrics["fused"] == 1
     assert metrics["clients-fused"] == 3 and metrics["excluded-malformed"] == 1
     assert seen["class_counts"] == counts
-    # counts that do not fit the class scores: the round keeps the previous global model
-    bad = [reply(small(k), k, **{"class-counts": [5.0, 5.0]}) for k in range(2)]
-    arrays, metrics = OTFusion(small(0), config, server_data=sample).aggregate_train(2, bad)
-    assert arrays is None and metrics["fused"] == 0
+    # counts that do not fit the class scores: that client is left out
+    odd = [*replies[:3], reply(small(5), 5, **{"class-counts": [5.0, 5.0]})]
+    _, metrics = OTFusion(small(0), config, server_data=sample).aggregate_train(2, odd)
+    assert metrics["clients-fused"] == 2 and metrics["excluded-malformed"] == 2
+    # the train messages ask for the counts only with targets coverage
+    grid = FakeGrid([NODE_ID_BASE, NODE_ID_BASE + 1])
+    for strategy_, asked in ((strategy, True), (OTFusion(small(0), "paper-wts"), False)):
+        sent = strategy_.configure_train(
+            1, ArrayRecord(small(0).state_dict()), ConfigRecord(), grid
+        )
+        assert all(bool(m.content["config"].get("class-counts")) == asked for m in sent)
 
 
-def test_clients_report_the_examples_of_each_class() -> None:
+def test_clients_report_the_examples_of_each_class_when_asked() -> None:
     settings = FederatedSettings(width=0.25, limit=1200, partition="dirichlet", alpha=0.1)
-    replies = client_replies(settings, 2, ArrayRecord(settings.global_model().state_dict()))
+    start = ArrayRecord(settings.global_model().state_dict())
+    unasked = client_replies(settings, 2, start)
+    assert all("class-counts" not in r.content["metrics"] for r in unasked)
+    replies = client_replies(settings, 2, start, ask_counts=True)
     for r in replies:
         counts = r.content["metrics"]["class-counts"]
         assert len(counts) == 10 and sum(counts) == r.content["metrics"]["num-examples"]

@@ -108,15 +108,20 @@ def parse_rows(text: str) -> tuple[tuple[float, ...], ...]:
             raise argparse.ArgumentTypeError(f"{path} must hold a list of rows of numbers")
         return tuple(tuple(_number_in(v, path) for v in row) for row in rows)
     rows = [r for r in text.split(";") if r.strip()]
-    if not rows:
-        raise argparse.ArgumentTypeError("give rows of numbers split by ';', or @FILE.json")
-    return tuple(tuple(parse_float(v) for v in row.split(",") if v.strip()) for row in rows)
+    if not rows or any(not v.strip() for row in rows for v in row.split(",")):
+        raise argparse.ArgumentTypeError(
+            f"'{text}' is not rows of numbers split by ';' (1,2;3,4), or @FILE.json"
+        )
+    return tuple(tuple(parse_float(v) for v in row.split(",")) for row in rows)
 
 
 def _number_in(value: Any, path: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise argparse.ArgumentTypeError(f"{path}: {value!r} is not a number")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:
+        raise argparse.ArgumentTypeError(f"{path}: a number is too large") from None
 
 
 def _holds_rows(hint: Any) -> bool:

@@ -132,8 +132,9 @@ def client_train(msg: Message, context: Context, settings: FederatedSettings) ->
         "train-loss": history.final.loss,
         "train-accuracy": history.final.accuracy,
         "num-examples": len(data),
-        COUNTS_KEY: torch.bincount(data.labels, minlength=data.num_classes).tolist(),
     })  # fmt: skip
+    if msg.content["config"].get(COUNTS_KEY):  # the server asks (targets="coverage")
+        metrics[COUNTS_KEY] = torch.bincount(data.labels, minlength=data.num_classes).tolist()
     content = RecordDict(
         {
             "arrays": ArrayRecord(model.state_dict()),

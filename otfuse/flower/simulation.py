@@ -33,6 +33,7 @@ from flwr.common.constant import ErrorCode
 from otfuse.errors import OtfuseError
 from otfuse.flower.apps import FederatedRun, make_client_app, make_server_app
 from otfuse.flower.settings import FederatedSettings
+from otfuse.flower.strategy import COUNTS_KEY
 
 __all__ = [
     "NODE_ID_BASE",
@@ -88,9 +89,14 @@ def simulate(
     return runs[0]
 
 
-def train_message(arrays: ArrayRecord, node_id: int, server_round: int = 1) -> Message:
-    """The message a strategy sends a client for a round of training."""
-    content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": server_round})})
+def train_message(
+    arrays: ArrayRecord, node_id: int, server_round: int = 1, ask_counts: bool = False
+) -> Message:
+    """The message a strategy sends a client for a round of training (``ask_counts``: asking for
+    the examples of each class it trains on, as :class:`~otfuse.flower.OTFusion` does with
+    ``targets="coverage"``)."""
+    config = {"server-round": server_round, **({COUNTS_KEY: True} if ask_counts else {})}
+    content = RecordDict({"arrays": arrays, "config": ConfigRecord(config)})
     metadata = Metadata(
         run_id=0, message_id=f"train-{server_round}-{node_id}", src_node_id=0, dst_node_id=node_id,
         reply_to_message_id="", group_id=str(server_round), created_at=time.time(),
@@ -100,10 +106,14 @@ def train_message(arrays: ArrayRecord, node_id: int, server_round: int = 1) -> M
 
 
 def client_replies(
-    settings: FederatedSettings, num_clients: int, arrays: ArrayRecord, server_round: int = 1
+    settings: FederatedSettings,
+    num_clients: int,
+    arrays: ArrayRecord,
+    server_round: int = 1,
+    ask_counts: bool = False,
 ) -> list[Message]:
-    """Every client's reply to a ``train`` message carrying ``arrays``, computed in this process
-    (node id of client k: :data:`NODE_ID_BASE` + k)."""
+    """Every client's reply to a ``train`` message carrying ``arrays`` (:func:`train_message`),
+    computed in this process (node id of client k: :data:`NODE_ID_BASE` + k)."""
     app = make_client_app(settings)
     replies = []
     for client in range(num_clients):
@@ -112,7 +122,7 @@ def client_replies(
             run_id=0, node_id=node_id, state=RecordDict(), run_config={},
             node_config={"partition-id": client, "num-partitions": num_clients},
         )  # fmt: skip
-        message = train_message(arrays, node_id, server_round)
+        message = train_message(arrays, node_id, server_round, ask_counts)
         try:
             replies.append(app(message, context))
         except Exception as exc:  # the engine turns a raising ClientApp into an error reply

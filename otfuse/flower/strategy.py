@@ -80,8 +80,8 @@ MODEL_KEY = "model"  # the reply's ConfigRecord holding the client's architectur
 ARCH_FIELD = "otfuse-config"  # in it: the zoo model's otfuse_config as JSON
 REASONS = ("failed", "timeout", "malformed", "non-finite", "architecture")
 GUARD_SHARE = 0.25  # share of the fusion's inputs held out for the guard
-# the reply's metric with the examples of each class the client trained on (list of numbers), which
-# targets="coverage" needs (label histograms; the server sees no labels)
+# with targets="coverage" the train message's config asks (True) and the reply's metrics give (a list
+# of numbers) the examples of each class the client trained on: label histograms, no labels
 COUNTS_KEY = "class-counts"
 WIDTH_FIELDS = ("width", "hidden")  # zoo arguments that may differ between clients of one family
 
@@ -263,6 +263,16 @@ class OTFusion(MeteredFedAvg):
         self.refit_rounds = refit_rounds
         self.reports: list[RoundReport] = []
         self._counts: list[list[float] | None] = []  # the accepted clients' class counts
+        self._class_count: int | None = None
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """FedAvg's train messages; with ``targets="coverage"`` their config asks each client for
+        the examples of each class it trains on (``class-counts``)."""
+        if self.config.targets == "coverage":
+            config = ConfigRecord({**dict(config), COUNTS_KEY: True})
+        return super().configure_train(server_round, arrays, config, grid)
 
     def summary(self) -> None:
         super().summary()
@@ -353,7 +363,19 @@ class OTFusion(MeteredFedAvg):
                 "malformed",
                 f"targets=coverage needs '{COUNTS_KEY}' (the examples of each class) in its metrics",
             )
+        if len(counts) != self._classes():
+            raise _Excluded(
+                "malformed",
+                f"its '{COUNTS_KEY}' has {len(counts)} classes, the model {self._classes()}",
+            )
         return [float(v) for v in counts]
+
+    def _classes(self) -> int:
+        """The number of class scores of the global model (its output's last axis)."""
+        if self._class_count is None:
+            with torch.no_grad():
+                self._class_count = int(self.template(self.example_input).shape[-1])
+        return self._class_count
 
     def _build(self, state: dict[str, torch.Tensor], content: RecordDict) -> nn.Module:
         """The client's weights in a module of its architecture (a family member of the template)."""
