@@ -50,9 +50,10 @@ every parent was trained on, :math:`n_k(c)` (``class_counts``), the coverage mix
 
 Measured on the skill-transfer experiment's parents (accuracy % of the mixture on the test set /
 recall of the special class; ``otfuse experiment skill-transfer`` fuses towards it): coat at w_A
-0.1 / 0.5 / 0.8, 88.53 / 88.24 / 87.65 (recall 82) against the prediction ensemble's 82.60 /
-87.76 / 84.76 and the confident mixture's 85.34 / 87.91 / 87.38; shirt 88.11 / 87.88 / 87.44
-(recall 67) against 83.97 / 87.14 / 82.91 and 85.32 / 87.33 / 86.89. Without the restriction of
+0.1 / 0.5 / 0.8, 88.57 / 88.16 / 87.60 (recall 82-83) against the prediction ensemble's 82.60 /
+87.76 / 84.76 and the confident mixture's 85.34 / 87.91 / 87.38; shirt 88.09 / 87.85 / 87.44
+(recall 67-68) against 83.97 / 87.14 / 82.91 and 85.32 / 87.33 / 86.89; four Dirichlet(0.1)
+parents 80.94 / 79.49 (equal weights / by examples) against 81.67 / 57.98 and 78.47 / 68.74. Without the restriction of
 step 1 the recall was higher (shirt 69-71) and the accuracy 0.2-0.5 points lower, and parents of
 disjoint classes drifted with the number of steps (0-4 / 5-9 at w_A 0.8: 73.1% after 30 steps,
 70.8% after 300; 76.0% with it, either way).
