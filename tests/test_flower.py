@@ -487,3 +487,20 @@ def test_clients_report_the_examples_of_each_class_when_asked() -> None:
         counts = r.content["metrics"]["class-counts"]
         assert len(counts) == 10 and sum(counts) == r.content["metrics"]["num-examples"]
     assert FederatedSettings(targets="coverage").targets == "coverage"
+
+
+def test_experiment_oneshot_case_fuses_the_same_replies_with_coverage(monkeypatch) -> None:
+    from otfuse.experiments import federated
+
+    monkeypatch.setattr(federated, "CLIENTS", 3)
+    monkeypatch.setattr(
+        federated, "OT_METHODS", {"OT data, targets coverage": ("data", "coverage")}
+    )
+    settings = FederatedSettings(
+        width=0.25, limit=900, partition="dirichlet", alpha=0.1, init="different",
+        recipe="data", server_samples=64, rounds=1,
+    )  # fmt: skip
+    case = federated.oneshot_case(settings, settings.test_data(), progress=False)
+    fused = case["methods"]["OT data, targets coverage"]
+    assert 0.0 <= fused["accuracy"] <= 100.0 and len(case["examples"]) == 3
+    assert case["train_seconds"] > 0

@@ -159,8 +159,8 @@ def oneshot_case(
 ) -> dict:
     """Train the clients once, then every method on the same replies."""
     start = time.perf_counter()
-    start = ArrayRecord(settings.global_model().state_dict())
-    replies = client_replies(settings, CLIENTS, start, ask_counts=True)  # for targets coverage
+    initial = ArrayRecord(settings.global_model().state_dict())
+    replies = client_replies(settings, CLIENTS, initial, ask_counts=True)  # for targets coverage
     train_seconds = time.perf_counter() - start
     models = client_models(settings, replies)
     examples = [int(m.content["metrics"]["num-examples"]) for m in replies]
