@@ -217,6 +217,25 @@ def test_guard_keeps_whichever_is_closer_to_the_clients_ensemble() -> None:
     assert not report.kept_average
 
 
+def test_with_class_counts_the_guard_compares_with_the_coverage_mixture() -> None:
+    from otfuse.distill import teacher_log_probs
+    from otfuse.flower.strategy import RoundReport, _closer
+
+    a, b, fused = small(0), small(1), small(2)
+    x = torch.randn(32, 1, 28, 28)
+    counts = [[100.0] * 5 + [0.0] * 5, [3.0] * 10]
+    report = RoundReport(1)
+    _closer(fused, b, [a, b], [1.0, 2.0], x, report, counts)
+    with torch.no_grad():
+        scores = [m.eval()(x) for m in (a, b)]
+        target = teacher_log_probs(scores, [1.0, 2.0], "coverage", counts)
+        want = (target.exp() * (target - torch.log_softmax(fused(x), -1))).sum(-1).mean()
+    assert report.kl_fused == pytest.approx(float(want), rel=1e-4)
+    ensemble = RoundReport(1)
+    _closer(fused, b, [a, b], [1.0, 2.0], x, ensemble)
+    assert ensemble.kl_fused != pytest.approx(report.kl_fused, rel=1e-3)
+
+
 def test_guard_runs_on_held_out_server_inputs_and_reports_in_the_metrics() -> None:
     models = [small(s) for s in range(3)]
     sample = torch.randn(64, 1, 28, 28)

@@ -60,6 +60,7 @@ from torch import nn
 from otfuse import zoo
 from otfuse.baselines import vanilla_average
 from otfuse.config import FusionConfig, resolve
+from otfuse.distill import teacher_log_probs
 from otfuse.errors import OtfuseError
 from otfuse.pipeline import fuse, synthesized_inputs
 from otfuse.synthesis import can_synthesize
@@ -451,8 +452,9 @@ class OTFusion(MeteredFedAvg):
             return None
         if held_out is None or any(_shapes(m) != _shapes(self.template) for m in models):
             return result.model
+        counts = self._counts if self.config.targets == "coverage" else None
         return _closer(result.model, vanilla_average(models, weights), models, weights, held_out,
-                       report)  # fmt: skip
+                       report, counts)  # fmt: skip
 
     def _round_config(self) -> FusionConfig:
         """The config of the current round: without ``refit`` after ``refit_rounds`` rounds."""
@@ -549,6 +551,7 @@ def _closer(
     weights: list[float],
     x: torch.Tensor,
     report: RoundReport,
+    counts: list[list[float]] | None = None,
 ) -> nn.Module:
     """``fused`` or ``average``, whichever is closer to the models' prediction ensemble on ``x``:
 
@@ -557,9 +560,15 @@ def _closer(
         \\mathrm{KL}(\\bar p \\,\\Vert\\, p), \\qquad
         \\bar p = \\textstyle\\sum_k w_k \\operatorname{softmax}(f_k(x)),
 
-    ``x`` of shape (n, ...) held out from the fusion; ``weights`` normalised here."""
+    ``x`` of shape (n, ...) held out from the fusion; ``weights`` normalised here. Given the
+    clients' class ``counts`` (``targets="coverage"``), :math:`\\bar p` is their coverage mixture
+    (:mod:`otfuse.coverage`), the distribution the fusion aimed at."""
     total = sum(weights)
-    target = sum(w / total * _log_probs(m, x).exp() for w, m in zip(weights, models))
+    if counts is not None:
+        scores = [_log_probs(m, x) for m in models]
+        target = teacher_log_probs(scores, weights, "coverage", counts).exp()
+    else:
+        target = sum(w / total * _log_probs(m, x).exp() for w, m in zip(weights, models))
     log_target = torch.log(target.clamp_min(1e-30))
 
     def kl(model: nn.Module) -> float:
