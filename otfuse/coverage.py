@@ -66,7 +66,7 @@ from dataclasses import dataclass
 
 import torch
 
-from otfuse.errors import OtfuseError
+from otfuse.config import ConfigError
 
 # examples of a class at which a parent counts as knowing it half (step 2 of the module's docstring)
 PSEUDO_COUNT = 50.0
@@ -80,8 +80,8 @@ UNSEEN = 1e-300
 CHUNK_NUMBERS = 1 << 22
 
 
-class ClassCountsError(OtfuseError):
-    """``class_counts`` do not fit the models or their class scores."""
+class ClassCountsError(ConfigError):
+    """``class_counts`` are missing, or do not fit the models or their class scores."""
 
 
 def check_counts(
@@ -105,6 +105,20 @@ def check_counts(
     for k, row in enumerate(counts):
         if sum(row) <= 0:
             raise ClassCountsError(f"class_counts: model {k} has no examples of any class")
+
+
+def mixture_of_parents(
+    scores: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    counts: Sequence[Sequence[float]] | None,
+    sharpness: float,
+) -> torch.Tensor:
+    """:func:`coverage_log_probs` of the parents with a positive weight, after checking that
+    ``counts`` has a row per parent and a column per class score."""
+    check_counts(counts, len(scores), scores[0].shape[-1])
+    used = [(z, float(w), n) for z, w, n in zip(scores, weights, counts, strict=True) if w > 0]
+    kept_scores, kept_weights, kept_counts = zip(*used, strict=True)
+    return coverage_log_probs(kept_scores, kept_weights, kept_counts, sharpness)
 
 
 def coverage_log_probs(

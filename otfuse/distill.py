@@ -38,7 +38,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from otfuse.coverage import check_counts, coverage_log_probs
+from otfuse.coverage import check_counts, mixture_of_parents
 from otfuse.modes import evaluating
 from otfuse.refit import (
     CONFIDENCE_SHARPNESS,
@@ -74,10 +74,7 @@ def teacher_log_probs(
     mixture of ``class_counts`` (a row per parent; ``coverage``, :mod:`otfuse.coverage`). Parents
     with weight 0 take no part."""
     if targets == "coverage":
-        check_counts(class_counts, len(scores), scores[0].shape[-1])
-        used = [(z, float(w), n) for z, w, n in zip(scores, weights, class_counts) if w > 0]
-        zs, ws, ns = zip(*used, strict=True)
-        return coverage_log_probs(zs, ws, ns, CONFIDENCE_SHARPNESS).float()
+        return mixture_of_parents(scores, weights, class_counts, CONFIDENCE_SHARPNESS).float()
     used = [(z.float(), float(w)) for z, w in zip(scores, weights, strict=True) if w > 0]
     if targets == "average":
         return torch.log_softmax(sum(w * z for z, w in used), dim=-1)

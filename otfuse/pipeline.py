@@ -23,7 +23,7 @@ from torch import nn
 from otfuse.alignment import align_state
 from otfuse.baselines import build_model
 from otfuse.capture import GraphCache
-from otfuse.config import ConfigError, FusionConfig, resolve
+from otfuse.config import FusionConfig, resolve
 from otfuse.context import Clock, FusionContext, Progress, ProgressCallback
 from otfuse.coverage import check_counts
 from otfuse.discovery import SpaceGraph
@@ -129,11 +129,7 @@ def fuse(
     models = check_models(models)
     check_anchor(config.anchor, len(models))
     weights = normalise_weights(config.weights, len(models))
-    if config.targets == "coverage" and config.class_counts is None:
-        raise ConfigError(
-            "targets=coverage needs class_counts: how many examples of each class each model saw"
-        )
-    if config.class_counts is not None:
+    if config.targets == "coverage" or config.class_counts is not None:
         check_counts(config.class_counts, len(models))
     sample = sample_inputs(data, config.num_samples, config.seed) if data is not None else None
     example = example_input_for(models[config.anchor], example_input, sample)

@@ -81,7 +81,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
 from otfuse.capture import run_with_hooks
-from otfuse.coverage import check_counts, coverage_log_probs
+from otfuse.coverage import mixture_of_parents
 from otfuse.discovery import SpaceGraph, module_calls, parameter_owners, shares_parameters
 from otfuse.modes import evaluating
 
@@ -711,12 +711,8 @@ class _Collector:
 
     def finish(self) -> LayerTargets:
         if self.parts:
-            check_counts(self.class_counts, len(self.parts), self.parts[0][1].shape[-1])
-            used = [(w, rows, n) for (w, rows), n in zip(self.parts, self.class_counts) if w > 0]
-            self.log_mixture = coverage_log_probs(
-                [rows for _, rows, _ in used], [w for w, _, _ in used],
-                [n for _, _, n in used], self.sharpness,
-            )  # fmt: skip
+            weights, rows = zip(*self.parts, strict=True)
+            self.log_mixture = mixture_of_parents(rows, weights, self.class_counts, self.sharpness)
         if self.log_mixture is not None:
             values = self.out.values
             values[self.scores] = ensemble_target(self.log_mixture, values[self.scores])
