@@ -94,7 +94,8 @@ class FusionConfig:
     class_counts: tuple[tuple[float, ...], ...] | None = _option(
         None,
         "targets=coverage: examples of each class that each model was trained on, a row per "
-        "model (on the command line: rows split by ';', or @FILE.json holding a list of rows)",
+        "model in class-index order (on the command line: rows split by ';', quoted, e.g. "
+        "'600,6000;5400,0', or @FILE.json holding the list of rows)",
     )
     distill_steps: int = _option(300, "distill stage: Adam steps towards the parents' mixture")
     distill_lr: float = _option(3e-4, "distill stage: Adam's step size")
@@ -247,7 +248,9 @@ def _counts(value: Any) -> tuple[tuple[float, ...], ...]:
         )
     counts = tuple(tuple(_count(v) for v in row) for row in rows)
     if len({len(row) for row in counts}) != 1 or len(counts[0]) < 2:
-        raise ConfigError("class_counts' rows must have one count per class (2 or more), alike")
+        raise ConfigError(
+            "class_counts: every row must have one count per class, 2 or more, all rows as long"
+        )
     if any(v < 0 for row in counts for v in row):
         raise ConfigError("class_counts must not be negative")
     return counts

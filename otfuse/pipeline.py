@@ -24,7 +24,7 @@ from otfuse.alignment import align_state
 from otfuse.baselines import build_model
 from otfuse.capture import GraphCache
 from otfuse.config import FusionConfig, resolve
-from otfuse.context import Clock, FusionContext, Progress, ProgressCallback
+from otfuse.context import Clock, FusionContext, Progress, ProgressCallback, log
 from otfuse.coverage import check_counts
 from otfuse.discovery import SpaceGraph
 from otfuse.errors import DataError, OtfuseError
@@ -131,6 +131,7 @@ def fuse(
     weights = normalise_weights(config.weights, len(models))
     if config.targets == "coverage" or config.class_counts is not None:
         check_counts(config.class_counts, len(models))
+    _warn_unused_counts(config)
     sample = sample_inputs(data, config.num_samples, config.seed) if data is not None else None
     example = example_input_for(models[config.anchor], example_input, sample)
     anchor = models[config.anchor]
@@ -383,3 +384,10 @@ def align(
     graphs, states = context.graphs, context.states
     state, _ = align_state(states[1], graphs[1], states[0], graphs[0], config, *pair)
     return build_model(anchor, state)
+
+
+def _warn_unused_counts(config: FusionConfig) -> None:
+    """Say (a WARNING on the ``otfuse`` logger) when ``class_counts`` are given but nothing reads
+    them: they serve only ``targets="coverage"``."""
+    if config.class_counts is not None and config.targets != "coverage":
+        log.warning("class_counts are read only with targets=coverage (targets=%r)", config.targets)

@@ -95,6 +95,7 @@ def test_the_label_prior_of_a_specialist_is_corrected():
         ({"class_counts": [1, 2]}, "class_counts must be a list of rows"),
         ({"class_counts": [[1, 2], [3]]}, "one count per class"),
         ({"class_counts": [[1], [3]]}, "2 or more"),
+        ({"class_counts": [[1, 2], [3, 4, 5]]}, "all rows as long"),
         ({"class_counts": [[1, -2], [3, 4]]}, "must not be negative"),
         ({"class_counts": [[1, 2], [3, 4]], "weights": [1, 1, 1]}, "2 row"),
     ],
@@ -201,3 +202,16 @@ def test_all_the_weight_on_the_parent_that_never_saw_a_class_gives_it_back():
     with torch.no_grad():
         out, want = fused.eval()(x), models[1].eval()(x)
     torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)  # B itself, reordered
+
+
+def test_counts_that_nothing_reads_are_warned_about(caplog):
+    models = [build("mlp", seed=s) for s in (0, 1)]
+    x = example("mlp", n=32)
+    counts = [[1] * models[0](x[:1]).shape[-1]] * 2
+    with caplog.at_level("WARNING", logger="otfuse"):
+        otfuse.fuse(models, recipe="paper-wts", example_input=x, class_counts=counts)
+    assert "class_counts are read only with targets=coverage" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="otfuse"):
+        otfuse.fuse(models, data=x, stages=STAGES, targets="coverage", class_counts=counts)
+    assert "class_counts" not in caplog.text

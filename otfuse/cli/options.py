@@ -9,7 +9,7 @@ Every field of :func:`otfuse.config.option_fields` is a flag of the same name (`
 * ``int`` / ``float``: a number;
 * a tuple (``stages``, ``weights``): a comma list, ``--stages bn_reset,repair``; ``none`` for an
   empty one (``--stages none``) or, where the field may be None, for None (``--weights none``);
-* rows of numbers (``class_counts``): rows split by ``;``, ``--class-counts 6000,600;0,5400``, or
+* rows of numbers (``class_counts``): rows split by ``;``, ``--class-counts '6000,600;0,5400'`` (quoted for the shell), or
   ``@FILE.json``, a JSON file holding a list of rows.
 
 A ``--config`` YAML file maps field names (``num_samples`` or ``num-samples``) to values, and may also
@@ -98,6 +98,8 @@ def parse_rows(text: str) -> tuple[tuple[float, ...], ...]:
     """``"1,2;3,4"`` -> ((1.0, 2.0), (3.0, 4.0)); ``"@FILE.json"``: the list of rows in that file."""
     if text.startswith("@"):
         path = text[1:]
+        if not path:
+            raise argparse.ArgumentTypeError("give the JSON file's path after @ (@counts.json)")
         try:
             rows = json.loads(Path(path).read_text(encoding="utf-8"))
         except OSError as exc:
