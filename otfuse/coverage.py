@@ -39,11 +39,11 @@ every parent was trained on, :math:`n_k(c)` (``class_counts``), the coverage mix
        \\qquad M_k(x) = \\sum_{c': n_k(c') > 0} p(c' \\mid x),
 
    reached from the confident mixture :math:`p_0 = \\sum_k a_k P_k / \\sum_k a_k` in
-   :data:`ITERATIONS` steps: each parent's probability of a class (given that the class is one it saw) is scaled by
-   the mass :math:`M_k` that the mixture puts on the classes the parent saw, and averaged over the
-   parents that know the class. A class one parent alone knows takes that parent's probability;
-   with equal counts for every parent it is the confident mixture exactly (the first step reaches
-   the fixed point), and a parent alone (the others' weights 0) keeps its own probabilities.
+   :data:`ITERATIONS` steps: each parent's probability of a class (given that the class is one
+   it saw) is scaled by the mass :math:`M_k` that the mixture puts on the classes the parent saw,
+   and averaged over the parents that know the class. A class one parent alone knows takes that
+   parent's probability; with equal counts for every parent it is the confident mixture exactly
+   (the first step reaches the fixed point), and a parent alone (the others' weights 0) keeps its own probabilities.
    Parents whose classes do not overlap (0-4 and 5-9) keep the split of :math:`p_0` between their
    groups (the step leaves the mass of each group unchanged), so the weights and the confidences
    decide it.
@@ -53,10 +53,10 @@ recall of the special class; ``otfuse experiment skill-transfer`` fuses towards 
 0.1 / 0.5 / 0.8, 88.57 / 88.16 / 87.60 (recall 82-83) against the prediction ensemble's 82.60 /
 87.76 / 84.76 and the confident mixture's 85.34 / 87.91 / 87.38; shirt 88.09 / 87.85 / 87.44
 (recall 67-68) against 83.97 / 87.14 / 82.91 and 85.32 / 87.33 / 86.89; four Dirichlet(0.1)
-parents 80.94 / 79.49 (equal weights / by examples) against 81.67 / 57.98 and 78.47 / 68.74. Without the restriction of
-step 1 the recall was higher (shirt 69-71) and the accuracy 0.2-0.5 points lower, and parents of
-disjoint classes drifted with the number of steps (0-4 / 5-9 at w_A 0.8: 73.1% after 30 steps,
-70.8% after 300; 76.0% with it, either way).
+parents 80.94 / 79.49 (equal weights / by examples) against 81.67 / 57.98 and 78.47 / 68.74.
+Without the restriction of step 1 the recall was higher (shirt 69-71) and the accuracy 0.2-0.5
+points lower, and parents of disjoint classes drifted with the number of steps (0-4 / 5-9 at
+w_A 0.8: 73.1% after 30 steps, 70.8% after 300; 76.0% with it, either way).
 """
 
 from __future__ import annotations

@@ -129,8 +129,6 @@ def fuse(
     models = check_models(models)
     check_anchor(config.anchor, len(models))
     weights = normalise_weights(config.weights, len(models))
-    if config.targets == "coverage" or config.class_counts is not None:
-        check_counts(config.class_counts, len(models))
     _warn_unused_counts(config)
     sample = sample_inputs(data, config.num_samples, config.seed) if data is not None else None
     example = example_input_for(models[config.anchor], example_input, sample)
@@ -149,7 +147,7 @@ def fuse(
         if from_data and str(error).startswith("example input does not fit"):
             raise data_does_not_fit(error, sample, anchor) from None
         raise
-    if config.class_counts is not None:  # against the class scores, before any work
+    if config.targets == "coverage" or config.class_counts is not None:  # before any work
         scores = output_scores(cache.graph(anchor).graph_module)
         classes = scores.meta["tensor_meta"].shape[-1] if scores is not None else None
         check_counts(config.class_counts, len(models), classes)
