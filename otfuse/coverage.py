@@ -43,8 +43,8 @@ every parent was trained on, :math:`n_k(c)` (``class_counts``), the coverage mix
    it saw) is scaled by the mass :math:`M_k` that the mixture puts on the classes the parent saw,
    and averaged over the parents that know the class. A class one parent alone knows takes that
    parent's probability; with equal counts for every parent it is the confident mixture exactly
-   (the first step reaches the fixed point), and a parent alone (the others' weights 0) keeps its own probabilities.
-   Parents whose classes do not overlap (0-4 and 5-9) keep the split of :math:`p_0` between their
+   (the first step reaches the fixed point), and a parent alone (the others' weights 0) keeps its
+   own probabilities. Parents whose classes do not overlap (0-4 and 5-9) keep the split of :math:`p_0` between their
    groups (the step leaves the mass of each group unchanged), so the weights and the confidences
    decide it.
 
