@@ -44,9 +44,9 @@ every parent was trained on, :math:`n_k(c)` (``class_counts``), the coverage mix
    and averaged over the parents that know the class. A class one parent alone knows takes that
    parent's probability; with equal counts for every parent it is the confident mixture exactly
    (the first step reaches the fixed point), and a parent alone (the others' weights 0) keeps its
-   own probabilities. Parents whose classes do not overlap (0-4 and 5-9) keep the split of :math:`p_0` between their
-   groups (the step leaves the mass of each group unchanged), so the weights and the confidences
-   decide it.
+   own probabilities. Parents whose classes do not overlap (0-4 and 5-9) keep the split of
+   :math:`p_0` between their groups (the step leaves the mass of each group unchanged), so the
+   weights and the confidences decide it.
 
 Measured on the skill-transfer experiment's parents (accuracy % of the mixture on the test set /
 recall of the special class; ``otfuse experiment skill-transfer`` fuses towards it): coat at w_A
