@@ -43,15 +43,17 @@ def unit_features(
     if is_plain(layout, space):
         return tensor.movedim(member.axis, 0).reshape(tensor.shape[member.axis], -1)
     x = tensor.movedim(member.axis, -1)
-    x = x.reshape(-1, layout.outer, layout.length(sizes) // layout.outer)
+    x = x.reshape(
+        -1, layout.outer, layout.blocks, layout.length(sizes) // layout.outer // layout.blocks
+    )
     rows, offset = [], 0
     for seg in layout.segments:
-        n = sizes[seg.space]
-        if seg.space == space:
+        n = sizes[seg.space] // layout.blocks  # units of the space in each block
+        if seg.space == space:  # (rows, outer, blocks * n, inner): the space's units in order
             piece = x[..., offset : offset + n * seg.inner].reshape(
-                x.shape[0], layout.outer, n, seg.inner
+                x.shape[0], layout.outer, layout.blocks * n, seg.inner
             )
-            rows.append(piece.permute(2, 0, 1, 3).reshape(n, -1))
+            rows.append(piece.permute(2, 0, 1, 3).reshape(layout.blocks * n, -1))
         offset += n * seg.inner
     return torch.cat(rows, dim=1)
 

@@ -32,7 +32,10 @@ def architecture_key(model: nn.Module) -> tuple:
     modules = []
     for name, module in model.named_modules():
         flags = tuple(
-            (k, v)
+            (
+                k,
+                tuple(v) if isinstance(v, list) else v,
+            )  # lists (Gemma3's layer_types) hash as tuples
             for k, v in sorted(vars(module).items())
             if not k.startswith("_") and k != "training" and _is_simple(v)
         )

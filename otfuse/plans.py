@@ -58,15 +58,18 @@ def transport_member(
         return _contract_axis(tensor, member.axis, perm, matrix)
     x = tensor.movedim(member.axis, -1)
     lead = x.shape[:-1]
-    x = x.reshape(-1, layout.outer, layout.length(sizes) // layout.outer)
+    x = x.reshape(
+        -1, layout.outer, layout.blocks, layout.length(sizes) // layout.outer // layout.blocks
+    )
     pieces, offset = [], 0
     for seg in layout.segments:
-        n = sizes[seg.space]
+        n = sizes[seg.space] // layout.blocks  # units of the space in each block
         piece = x[..., offset : offset + n * seg.inner]
         offset += n * seg.inner
-        if seg.space == space:
-            piece = _contract_axis(piece.reshape(*piece.shape[:2], n, seg.inner), 2, perm, matrix)
-            piece = piece.reshape(*piece.shape[:2], -1)
+        if seg.space == space:  # (rows, outer, blocks * n, inner): the space's units in order
+            units = piece.reshape(*piece.shape[:2], layout.blocks * n, seg.inner)
+            piece = _contract_axis(units, 2, perm, matrix)
+            piece = piece.reshape(*piece.shape[:2], layout.blocks, -1)
         pieces.append(piece)
     x = torch.cat(pieces, dim=-1)
     return x.reshape(*lead, -1).movedim(-1, member.axis)
@@ -77,7 +80,7 @@ def _matrix(plan: TransportPlan, member: Member, outgoing: Outgoing) -> np.ndarr
 
 
 def is_plain(layout, space: int) -> bool:
-    return layout.outer == 1 and layout.segments == (Segment(space),)
+    return layout.outer == 1 and layout.blocks == 1 and layout.segments == (Segment(space),)
 
 
 def _contract_axis(

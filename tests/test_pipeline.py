@@ -67,6 +67,17 @@ def test_a_rebound_graph_runs_the_other_models_parameters():
     assert [s.name for s in gb.spaces] == [s.name for s in ga.spaces]
 
 
+def test_list_attributes_of_modules_key_the_architecture():
+    """A module with a list attribute (Gemma3's ``layer_types``) is keyed, and a list that differs
+    makes another architecture (it could change the forward)."""
+    a, b, c = build("mlp"), build("mlp", seed=1), build("mlp", seed=2)
+    a.kinds, b.kinds, c.kinds = ["full", "sliding"], ["full", "sliding"], ["sliding", "full"]
+    assert hash(architecture_key(a)) == hash(architecture_key(b))
+    assert architecture_key(a) != architecture_key(c)
+    result = otfuse.fuse([a, b], "paper-wts", example_input=example("mlp"))
+    assert result.traces == 1
+
+
 def test_hooks_see_and_replace_node_values():
     x = example("mlp")
     model = build("mlp")

@@ -25,6 +25,8 @@ MODELS = {
     "gpt": (lambda: TinyGPT(), TOKENS),
     "gpt-explicit": (lambda: TinyGPT(explicit=True), TOKENS),
     "llama": (lambda: TinyLlama(), TOKENS),
+    "gpt-qknorm": (lambda: TinyGPT(qk_norm=True), TOKENS),  # RMSNorm over each q/k head's dims
+    "gpt-neox": (lambda: TinyGPT(by_head=True), TOKENS),  # qkv laid out head by head, chunk(3)
     "mha": (lambda: MHAModel(), torch.randn(3, 6, 5, generator=torch.Generator().manual_seed(0))),
 }
 
@@ -81,6 +83,27 @@ def test_rotary_and_grouped_query_structure(captured):
     assert q.heads.fixed_dims and k.heads.fixed_dims and not v.heads.fixed_dims
     assert {m.param for m in out.members} == {"blocks.0.o.weight"}
     assert "blocks.0.norm1.weight" in {m.param for m in by_name(graph, "embed").members}
+
+
+def test_qk_norm_keeps_the_dims_of_q_and_k_in_place_and_moves_heads(captured):
+    """A q/k-norm divides each head by a value per head (its dims reduced away) and scales dim i
+    of every head by one weight: heads still move, the dims of q and k stay in place (a plan per
+    head would need that weight in each head's order), v's dims still move."""
+    _, _, graph = captured["gpt-qknorm"]
+    qk, v = by_name(graph, "blocks.0.attn.qkv[0]"), by_name(graph, "blocks.0.attn.qkv[2]")
+    assert qk.heads.count == v.heads.count == 4 and v.heads.group == qk.heads.group
+    assert qk.heads.fixed_dims and not v.heads.fixed_dims and not qk.heads.fixed_heads
+    assert "blocks.0.attn.q_norm.weight" not in {m.param for s in graph.spaces for m in s.members}
+
+
+def test_qkv_laid_out_head_by_head_is_split_into_three_spaces_alternating_by_head(captured):
+    _, _, graph = captured["gpt-neox"]
+    q, v = by_name(graph, "blocks.0.attn.qkv[0]"), by_name(graph, "blocks.0.attn.qkv[2]")
+    assert q.heads.count == v.heads.count == 4 and not q.heads.fixed_dims
+    packed = next(m for m in q.members if m.param == "blocks.0.attn.qkv.weight")
+    assert packed.layout.blocks == 4 and packed.layout.outer == 1
+    assert [seg.space for seg in packed.layout.segments] == [q.index, q.index, v.index]
+    assert "blocks.0.attn.proj.weight" in {m.param for m in v.members}
 
 
 def test_packed_in_proj_of_multihead_attention(captured):

@@ -49,12 +49,34 @@ def llama(kv_heads: int = 2):
     return transformers.LlamaForCausalLM(config)
 
 
+def qwen3():
+    """Qwen3: RMSNorm over the dims of each query and key head (q/k-norm), grouped-query."""
+    config = transformers.Qwen3Config(
+        vocab_size=50, max_position_embeddings=16, num_key_value_heads=2, head_dim=8,
+        use_cache=False, bos_token_id=0, eos_token_id=0, pad_token_id=0, initializer_range=0.2,
+        **SMALL,
+    )  # fmt: skip
+    return transformers.Qwen3ForCausalLM(config)
+
+
+def neox():
+    """GPT-NeoX (Pythia): qkv laid out head by head and chunked, rotary on a quarter of each
+    head's dims, attention and MLP in parallel on the stream."""
+    config = transformers.GPTNeoXConfig(
+        vocab_size=50, max_position_embeddings=16, use_cache=False, bos_token_id=0,
+        eos_token_id=0, initializer_range=0.2, **SMALL,
+    )  # fmt: skip
+    return transformers.GPTNeoXForCausalLM(config)
+
+
 MODELS = {
     "gpt2": (gpt2, TOKENS),
     "bert": (bert, TOKENS),
     "vit": (vit, PIXELS),
     "llama": (llama, TOKENS),
     "llama-mqa": (lambda: llama(kv_heads=1), TOKENS),  # multi-query: one KV head
+    "qwen3": (qwen3, TOKENS),
+    "neox": (neox, TOKENS),
 }
 
 

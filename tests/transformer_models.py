@@ -18,20 +18,31 @@ from otfuse.plans import transport_member
 
 
 class PackedAttention(nn.Module):
-    """One qkv Linear split into q, k, v, heads by view + transpose, causal SDPA."""
+    """One qkv Linear split into q, k, v, heads by view + transpose, causal SDPA; with
+    ``qk_norm`` an RMSNorm over the dims of each q and k head (one weight per dim, as Qwen3's)."""
 
-    def __init__(self, width: int, heads: int) -> None:
+    def __init__(
+        self, width: int, heads: int, qk_norm: bool = False, by_head: bool = False
+    ) -> None:
         super().__init__()
-        self.qkv, self.proj, self.heads = (
+        self.qkv, self.proj, self.heads, self.by_head = (
             nn.Linear(width, 3 * width),
             nn.Linear(width, width),
             heads,
+            by_head,
         )
+        self.q_norm = RMSNorm(width // heads) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(width // heads) if qk_norm else nn.Identity()
 
     def forward(self, x):
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))
+        if self.by_head:  # GPT-NeoX's layout: q, k and v of head 0, then of head 1, ...
+            qkv = self.qkv(x).view(B, T, self.heads, 3 * (C // self.heads))
+            q, k, v = (t.transpose(1, 2) for t in qkv.chunk(3, dim=-1))
+        else:
+            q, k, v = self.qkv(x).split(C, dim=2)
+            q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))
+        q, k = self.q_norm(q), self.k_norm(k)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
@@ -58,11 +69,13 @@ class ExplicitAttention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, width: int, heads: int, explicit: bool) -> None:
+    def __init__(self, width: int, heads: int, explicit: bool, **packed) -> None:
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        attn = ExplicitAttention if explicit else PackedAttention
-        self.attn = attn(width, heads)
+        if explicit:
+            self.attn = ExplicitAttention(width, heads)
+        else:
+            self.attn = PackedAttention(width, heads, **packed)
         self.fc, self.out = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
 
     def forward(self, x):
@@ -76,12 +89,12 @@ class TinyGPT(nn.Module):
 
     def __init__(
         self, vocab: int = 11, width: int = 16, heads: int = 4, layers: int = 2,
-        context: int = 16, explicit: bool = False,
+        context: int = 16, explicit: bool = False, **packed,
     ) -> None:  # fmt: skip
         super().__init__()
         self.wte = nn.Embedding(vocab, width)
         self.wpe = nn.Parameter(torch.randn(1, context, width) * 0.1)
-        self.blocks = nn.ModuleList(Block(width, heads, explicit) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(width, heads, explicit, **packed) for _ in range(layers))
         self.ln_f = nn.LayerNorm(width)
         self.head = nn.Linear(width, vocab, bias=False)
         self.head.weight = self.wte.weight

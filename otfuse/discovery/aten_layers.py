@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.fx
 
@@ -242,6 +244,8 @@ def elementwise(b: SpaceBuilder, node: torch.fx.Node) -> object:
     if not tracked:
         views = [info for info, _ in operands if isinstance(info, ParamView)]
         return views[0] if len(views) == 1 else None
+    # heads with their dims before values per head (a q/k-norm: x * rsqrt(mean(x^2)))
+    tracked.sort(key=lambda info: isinstance(info, Heads) and info.dim_axis is None)
     out = tracked[0]
     for other in tracked[1:]:
         unify(b, node, out, other)
@@ -266,11 +270,25 @@ def unify(b: SpaceBuilder, node: torch.fx.Node, x: object, y: object) -> None:
         and x.heads * x.repeat == y.heads * y.repeat
     ):
         b.link_heads(x.space, x.repeat, y.space, y.repeat, dims=True, where=label(node))
+    elif _per_head(x, y) or _per_head(y, x):  # a value per head (a q/k-norm's scale) and heads
+        b.link_heads(x.space, x.repeat, y.space, y.repeat, dims=False, where=label(node))
     elif isinstance(x, Chunks) and isinstance(y, Chunks) and x.axis == y.axis:
         for p, q in zip(x.parts, y.parts):
             unify(b, node, p, q)
     else:
         raise UnsupportedOpError(f"{label(node)}: combines units laid out differently")
+
+
+def _per_head(x: object, y: object) -> bool:
+    """``x`` holds one value per head of ``y``'s heads (its dims reduced away, ``y``'s kept)."""
+    return (
+        isinstance(x, Heads)
+        and isinstance(y, Heads)
+        and x.dim_axis is None
+        and y.dim_axis is not None
+        and (x.head_axis, x.outer) == (y.head_axis, y.outer)
+        and x.heads * x.repeat == y.heads * y.repeat
+    )
 
 
 def join_param(
@@ -279,6 +297,10 @@ def join_param(
     if isinstance(out, Feature):
         if shape[out.axis] != 1:
             b.add_member(view.name, param_axis(node, view, out.axis), out.layout, "norm")
+    elif isinstance(out, Heads) and shape[out.head_axis] == 1 and out.dim_axis is not None:
+        # one value per dim, the same in every head (a q/k-norm's weight): the dims stay in place
+        if shape[out.dim_axis] != 1:
+            b.fix_dims(out.space)
     elif any(shape[a] != 1 for a in tracked_axes(out)):
         raise UnsupportedOpError(
             f"{label(node)}: parameter '{view.name}' varies along heads or their dims"
@@ -322,6 +344,8 @@ def _reduce(b: SpaceBuilder, node: torch.fx.Node, dim_arg: int) -> object:
     keep = bool(arg(node, dim_arg + 1, "keepdim", False))
     if isinstance(x, Feature) and x.axis in dims:
         return None
+    if isinstance(x, Heads) and x.dim_axis is not None and dims & tracked_axes(x) == {x.dim_axis}:
+        x = replace(x, dim_axis=None, loose=False)  # over each head's dims: a value per head
     if dims & tracked_axes(x):
         raise UnsupportedOpError(f"{label(node)}: reduces over heads or their dims")
     order = [i for i in range(ndim) if keep or i not in dims]

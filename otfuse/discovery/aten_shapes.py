@@ -148,10 +148,24 @@ def split(b: SpaceBuilder, node: torch.fx.Node) -> object:
         sizes = [min(node.args[1], n - i) for i in range(0, n, node.args[1])]
     if dim not in tracked_axes(x):
         return tuple(x for _ in sizes)
+    if isinstance(x, Heads) and x.dim_axis == dim:
+        return _split_heads(b, node, x, sizes)
     if not isinstance(x, Feature):
         raise UnsupportedOpError(f"{label(node)}: splits heads")
     parts = b.refine(plain_space(node, x, "splits"), sizes, label(node))
     return tuple(Feature(dim, Layout.of(p)) for p in parts)
+
+
+def _split_heads(b: SpaceBuilder, node: torch.fx.Node, x: Heads, sizes: list[int]) -> tuple:
+    """The dims of every head split alike (GPT-NeoX: ``view(B, T, H, 3 d)``, then ``chunk(3)``
+    into q, k and v): the space becomes one space per part, each with the same heads, their units
+    alternating head by head along the projection's axis."""
+    if x.repeat != 1 or x.outer != 1 or x.loose or x.expanded:
+        raise UnsupportedOpError(f"{label(node)}: splits the dims of repeated or sliced heads")
+    parts = b.refine(x.space, [n * x.heads for n in sizes], label(node), blocks=x.heads)
+    for p in parts:
+        b.set_heads(p, x.heads)
+    return tuple(replace(x, space=p) for p in parts)
 
 
 def getitem(b: SpaceBuilder, node: torch.fx.Node) -> object:

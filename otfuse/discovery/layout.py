@@ -11,6 +11,15 @@ into ``C*H*W``); a :class:`Layout` describes such an axis:
 
 where segment :math:`k` belongs to space :math:`s_k` of size :math:`n_{s_k}` with every unit repeated
 :math:`r_k` (``inner``) times, and :math:`L = \\sum_k n_{s_k} r_k`.
+
+With ``blocks`` = B > 1 the segments are interleaved B times: every block holds the next
+:math:`n_{s_k} / B` units of each segment (a qkv projection laid out head by head, GPT-NeoX's
+``view(B, T, H, 3 d)`` then ``chunk(3)``):
+
+.. math::
+
+    \\text{index} = o \\cdot L + \\beta \\cdot L / B + \\text{offset}_k / B + c' \\cdot r_k + j,
+    \\quad c = \\beta\\, n_{s_k} / B + c'.
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ class Layout:
 
     segments: tuple[Segment, ...]
     outer: int = 1
+    blocks: int = 1
 
     @staticmethod
     def of(space: int) -> Layout:
@@ -51,10 +61,11 @@ class Layout:
     def repeated(self, inner: int = 1, outer: int = 1) -> Layout:
         """The layout after every index is repeated ``inner`` times and the whole axis ``outer`` times."""
         segs = tuple(replace(s, inner=s.inner * inner) for s in self.segments)
-        return Layout(segs, self.outer * outer)
+        return Layout(segs, self.outer * outer, self.blocks)
 
     def remap(self, mapping: Mapping[int, int]) -> Layout:
-        return Layout(tuple(replace(s, space=mapping[s.space]) for s in self.segments), self.outer)
+        segments = tuple(replace(s, space=mapping[s.space]) for s in self.segments)
+        return Layout(segments, self.outer, self.blocks)
 
     def length(self, sizes: Mapping[int, int]) -> int:
         """Length of the axis given the size of every space."""
@@ -66,6 +77,8 @@ class Layout:
             label = names[s.space] if names else f"S{s.space}"
             parts.append(label if s.inner == 1 else f"{label}x{s.inner}")
         body = " + ".join(parts)
+        if self.blocks != 1:
+            body = f"({body}) in {self.blocks} blocks"
         return body if self.outer == 1 else f"({body})*{self.outer}"
 
 

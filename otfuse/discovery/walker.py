@@ -82,6 +82,7 @@ class SpaceBuilder:
         self.info: dict[torch.fx.Node, Info] = {}
         self.params_seen: set[str] = set()
         self.refined: dict[int, tuple[int, ...]] = {}  # space root -> the parts it was split into
+        self.interleaved: dict[int, int] = {}  # space root -> blocks its parts alternate in (heads)
         self.head_facts: list[tuple[int, int]] = []  # (space, number of heads)
         self.module_spaces: dict[
             str, int
@@ -131,9 +132,11 @@ class SpaceBuilder:
         parts_a, parts_b = self.refined.get(ra), self.refined.get(rb)
         if parts_a is not None or parts_b is not None:
             sizes = [self.size[self.find(p)] for p in (parts_a or parts_b)]
-            parts_a = parts_a or self.refine(ra, sizes, where)
-            parts_b = parts_b or self.refine(rb, sizes, where)
-            if [self.size[self.find(p)] for p in parts_b] != sizes:
+            blocks = self.interleaved.get(ra if parts_a is not None else rb, 1)
+            parts_a = parts_a or self.refine(ra, sizes, where, blocks)
+            parts_b = parts_b or self.refine(rb, sizes, where, blocks)
+            same_blocks = self.interleaved.get(ra, 1) == self.interleaved.get(rb, 1)
+            if [self.size[self.find(p)] for p in parts_b] != sizes or not same_blocks:
                 raise UnsupportedOpError(f"{where}: joins units that are split differently")
         keep, drop = min(ra, rb), max(ra, rb)
         self.parent[drop] = keep
@@ -142,30 +145,41 @@ class SpaceBuilder:
         if parts_a is not None:
             self.refined.pop(drop, None)
             self.refined[keep] = parts_a
+            blocks = self.interleaved.pop(drop, 1)
+            if blocks != 1:
+                self.interleaved[keep] = blocks
             for x, y in zip(parts_a, parts_b):
                 self.union(x, y, where)
 
-    def refine(self, space: int, sizes: Iterable[int], where: str) -> tuple[int, ...]:
+    def refine(
+        self, space: int, sizes: Iterable[int], where: str, blocks: int = 1
+    ) -> tuple[int, ...]:
         """Split the units of ``space`` into consecutive parts of ``sizes`` (each a new space).
 
         Every layout holding ``space`` holds the parts side by side instead (:meth:`expand`). Splitting
-        a space again the same way returns the same parts.
+        a space again the same way returns the same parts. With ``blocks`` > 1 the parts alternate
+        instead: each of ``blocks`` equal blocks of the units (heads) holds the next ``n / blocks``
+        units of every part, in order (:class:`~otfuse.discovery.layout.Layout` ``blocks``).
         """
         root, sizes = self.find(space), [int(n) for n in sizes]
         known = self.refined.get(root)
         if known is not None:
-            if [self.size[self.find(p)] for p in known] != sizes:
+            if [self.size[self.find(p)] for p in known] != sizes or (
+                self.interleaved.get(root, 1) != blocks
+            ):
                 raise UnsupportedOpError(
                     f"{where}: splits units that are already split differently"
                 )
             return known
-        if sum(sizes) != self.size[root]:
+        if sum(sizes) != self.size[root] or any(n % blocks for n in sizes):
             raise UnsupportedOpError(f"{where}: splits {self.size[root]} units into {sizes}")
         parts = tuple(
             self.new_space(n, f"{self.name[root]}[{i}]", self.fixed[root])
             for i, n in enumerate(sizes)
         )
         self.refined[root] = parts
+        if blocks != 1:
+            self.interleaved[root] = blocks
         return parts
 
     def expand(self, layout: Layout) -> Layout:
@@ -174,13 +188,27 @@ class SpaceBuilder:
             return layout
         segments: list[Segment] = []
         for seg in layout.segments:
-            parts = self.refined.get(self.find(seg.space))
+            root = self.find(seg.space)
+            parts = self.refined.get(root)
             if parts is None:
                 segments.append(seg)
-            else:
-                inner = Layout(tuple(Segment(p, seg.inner) for p in parts))
-                segments.extend(self.expand(inner).segments)
-        return Layout(tuple(segments), layout.outer)
+                continue
+            inner = self.expand(Layout(tuple(Segment(p, seg.inner) for p in parts)))
+            blocks = self.interleaved.get(root, 1)
+            if blocks != 1:  # parts alternating head by head: a layout of its own
+                if len(layout.segments) != 1 or layout.blocks != 1 or inner.blocks != 1:
+                    raise UnsupportedOpError(
+                        f"space of {self.name[root]}: units split head by head are combined "
+                        "with other units on one axis"
+                    )
+                return Layout(inner.segments, layout.outer, blocks)
+            if inner.blocks != 1 or layout.blocks != 1:
+                raise UnsupportedOpError(
+                    f"space of {self.name[root]}: units split head by head are combined with "
+                    "other units on one axis"
+                )
+            segments.extend(inner.segments)
+        return Layout(tuple(segments), layout.outer, layout.blocks)
 
     # -- heads (attention) ----------------------------------------------------------------------
     def set_heads(self, space: int, heads: int) -> None:
@@ -223,7 +251,7 @@ class SpaceBuilder:
     def merge_layouts(self, a: Layout, b: Layout, where: str) -> None:
         """Declare that layouts ``a`` and ``b`` index the same units (an elementwise op joins them)."""
         a, b = self.expand(a), self.expand(b)
-        same_shape = len(a.segments) == len(b.segments) and a.outer == b.outer
+        same_shape = (len(a.segments), a.outer, a.blocks) == (len(b.segments), b.outer, b.blocks)
         if not same_shape or any(x.inner != y.inner for x, y in zip(a.segments, b.segments)):
             raise UnsupportedOpError(
                 f"{where}: combines axes laid out differently ({a.describe()} and {b.describe()})"
