@@ -26,7 +26,8 @@ MODELS = {
     "gpt-explicit": (lambda: TinyGPT(explicit=True), TOKENS),
     "llama": (lambda: TinyLlama(), TOKENS),
     "gpt-qknorm": (lambda: TinyGPT(qk_norm=True), TOKENS),  # RMSNorm over each q/k head's dims
-    "gpt-neox": (lambda: TinyGPT(by_head=True), TOKENS),  # qkv laid out head by head, chunk(3)
+    "gpt-neox": (lambda: TinyGPT(packing="heads"), TOKENS),  # qkv laid out head by head, chunk(3)
+    "gpt-sliced": (lambda: TinyGPT(packing="slices"), TOKENS),  # q, k, v sliced by position
     "mha": (lambda: MHAModel(), torch.randn(3, 6, 5, generator=torch.Generator().manual_seed(0))),
 }
 
@@ -104,6 +105,36 @@ def test_qkv_laid_out_head_by_head_is_split_into_three_spaces_alternating_by_hea
     assert packed.layout.blocks == 4 and packed.layout.outer == 1
     assert [seg.space for seg in packed.layout.segments] == [q.index, q.index, v.index]
     assert "blocks.0.attn.proj.weight" in {m.param for m in v.members}
+
+
+def test_q_k_and_v_sliced_from_one_projection_are_three_spaces(captured):
+    _, _, graph = captured["gpt-sliced"]
+    q = by_name(graph, "blocks.0.attn.qkv[0]")
+    v = next(s for s in graph.spaces if s.heads and s is not q and s.heads.group == q.index)
+    assert q.heads.count == v.heads.count == 4 and v.heads.group == q.heads.group
+    assert "blocks.0.attn.proj.weight" in {m.param for m in v.members}
+    packed = next(m for m in q.members if m.param == "blocks.0.attn.qkv.weight")
+    assert [seg.space for seg in packed.layout.segments] == [q.index, q.index, v.index]
+
+
+def test_slicing_away_hidden_units_keeps_the_rest_aligned():
+    class Truncated(torch.nn.Module):  # uses the first 12 of 16 hidden units
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = torch.nn.Linear(5, 16), torch.nn.Linear(12, 3)
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.fc1(x))[:, :12])
+
+    x = torch.randn(4, 5)
+    torch.manual_seed(0)
+    model = Truncated()
+    graph = otfuse.spaces(model, x)
+    assert sorted(s.size for s in graph.transportable()) == [4, 12]
+    planted = plant(model, graph, seed=1)
+    torch.testing.assert_close(planted(x), model(x))
+    assert max_diff(planted, model) > 0.1
+    assert max_diff(align_on(graph, planted, model), model) < 1e-6
 
 
 def test_packed_in_proj_of_multihead_attention(captured):

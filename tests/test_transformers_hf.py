@@ -69,6 +69,15 @@ def neox():
     return transformers.GPTNeoXForCausalLM(config)
 
 
+def phi3():
+    """Phi-3: q, k and v sliced by position from one projection, gate and up chunked from one."""
+    config = transformers.Phi3Config(
+        vocab_size=50, max_position_embeddings=16, num_key_value_heads=2, use_cache=False,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0, initializer_range=0.2, **SMALL,
+    )  # fmt: skip
+    return transformers.Phi3ForCausalLM(config)
+
+
 MODELS = {
     "gpt2": (gpt2, TOKENS),
     "bert": (bert, TOKENS),
@@ -77,6 +86,7 @@ MODELS = {
     "llama-mqa": (lambda: llama(kv_heads=1), TOKENS),  # multi-query: one KV head
     "qwen3": (qwen3, TOKENS),
     "neox": (neox, TOKENS),
+    "phi3": (phi3, TOKENS),
 }
 
 

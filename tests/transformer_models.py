@@ -22,25 +22,29 @@ class PackedAttention(nn.Module):
     ``qk_norm`` an RMSNorm over the dims of each q and k head (one weight per dim, as Qwen3's)."""
 
     def __init__(
-        self, width: int, heads: int, qk_norm: bool = False, by_head: bool = False
+        self, width: int, heads: int, qk_norm: bool = False, packing: str = "split"
     ) -> None:
         super().__init__()
-        self.qkv, self.proj, self.heads, self.by_head = (
+        self.qkv, self.proj, self.heads, self.packing = (
             nn.Linear(width, 3 * width),
             nn.Linear(width, width),
             heads,
-            by_head,
+            packing,
         )
         self.q_norm = RMSNorm(width // heads) if qk_norm else nn.Identity()
         self.k_norm = RMSNorm(width // heads) if qk_norm else nn.Identity()
 
     def forward(self, x):
         B, T, C = x.shape
-        if self.by_head:  # GPT-NeoX's layout: q, k and v of head 0, then of head 1, ...
+        if self.packing == "heads":  # GPT-NeoX's layout: q, k and v of head 0, then of head 1, ...
             qkv = self.qkv(x).view(B, T, self.heads, 3 * (C // self.heads))
             q, k, v = (t.transpose(1, 2) for t in qkv.chunk(3, dim=-1))
         else:
-            q, k, v = self.qkv(x).split(C, dim=2)
+            qkv = self.qkv(x)
+            if self.packing == "slices":  # Phi-3's: sliced by position
+                q, k, v = qkv[..., :C], qkv[..., C : 2 * C], qkv[..., 2 * C :]
+            else:
+                q, k, v = qkv.split(C, dim=2)
             q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))
         q, k = self.q_norm(q), self.k_norm(k)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)

@@ -129,6 +129,14 @@ def slice_(b: SpaceBuilder, node: torch.fx.Node) -> object:
     if isinstance(x, Heads) and x.dim_axis == dim:
         b.fix_dims(x.space)
         return replace(x, loose=True)
+    start, end, step = (arg(node, i, key, d) for i, key, d in ((2, "start", 0), (3, "end", None),
+                                                                (4, "step", 1)))  # fmt: skip
+    if isinstance(x, Feature) and step == 1:  # e.g. Phi-3's q, k and v sliced from one projection
+        start, end, _ = slice(start, end).indices(src[dim])
+        part = b.carve(plain_space(node, x, "slices"), start, end, label(node))
+        out = Feature(dim, Layout.of(part))
+        b.tag(node, out, "pre")
+        return out
     raise UnsupportedOpError(f"{label(node)}: indexing selects some of the units")
 
 

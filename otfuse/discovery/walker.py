@@ -182,6 +182,25 @@ class SpaceBuilder:
             self.interleaved[root] = blocks
         return parts
 
+    def carve(self, space: int, start: int, end: int, where: str) -> int:
+        """The units ``start:end`` of ``space`` as a space of their own: the space (or the part of
+        an earlier split that holds them) is split around them (:meth:`refine`)."""
+        root = self.find(space)
+        n = self.size[root]
+        if start == 0 and end == n:
+            return root
+        parts = self.refined.get(root)
+        if parts is None:
+            sizes = [size for size in (start, end - start, n - end) if size > 0]
+            return self.refine(root, sizes, where)[1 if start > 0 else 0]
+        offset = 0
+        for part in parts if self.interleaved.get(root, 1) == 1 else ():
+            size = self.size[self.find(part)]
+            if offset <= start and end <= offset + size:
+                return self.carve(part, start - offset, end - offset, where)
+            offset += size
+        raise UnsupportedOpError(f"{where}: slices units across the parts of an earlier split")
+
     def expand(self, layout: Layout) -> Layout:
         """``layout`` with every refined space replaced by its parts."""
         if not any(self.find(s.space) in self.refined for s in layout.segments):
