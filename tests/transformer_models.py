@@ -72,12 +72,35 @@ class ExplicitAttention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
+class RelativeBiasAttention(nn.Module):
+    """Swin/T5-style: a learned bias per head and relative position, read from a table by index
+    and given to SDPA as the mask; the output projection applied as ``x @ weight.T`` (Falcon)."""
+
+    def __init__(self, width: int, heads: int, context: int = 16) -> None:
+        super().__init__()
+        self.qkv, self.heads = nn.Linear(width, 3 * width), heads
+        self.proj = nn.Parameter(torch.randn(width, width) / math.sqrt(width))
+        self.table = nn.Parameter(torch.randn(2 * context - 1, heads))
+        pos = torch.arange(context)
+        self.register_buffer("index", pos[:, None] - pos[None, :] + context - 1, persistent=False)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))
+        bias = self.table[self.index[:T, :T]].permute(2, 0, 1).unsqueeze(0)  # (1, H, T, T)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return y.transpose(1, 2).reshape(B, T, C) @ self.proj.T
+
+
 class Block(nn.Module):
     def __init__(self, width: int, heads: int, explicit: bool, **packed) -> None:
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
         if explicit:
             self.attn = ExplicitAttention(width, heads)
+        elif packed.pop("relative_bias", False):
+            self.attn = RelativeBiasAttention(width, heads)
         else:
             self.attn = PackedAttention(width, heads, **packed)
         self.fc, self.out = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)

@@ -132,7 +132,7 @@ ATEN_RULES: dict[object, Rule] = {
     },
     **{p: reduction for p in _packets("mean sum amax amin var std logsumexp")},
     **{p: vector_norm for p in _packets("linalg_vector_norm")},
-    **{p: transpose for p in _packets("transpose t swapaxes")},
+    **{p: transpose for p in _packets("transpose t numpy_T swapaxes")},
     **{p: permute for p in _packets("permute")},
     **{p: unsqueeze for p in _packets("unsqueeze")},
     **{p: squeeze for p in _packets("squeeze")},

@@ -18,6 +18,7 @@ from otfuse.discovery.aten_values import (
     info_of,
     label,
     move,
+    opaque,
     open_space,
     param_axis,
     tracked_axes,
@@ -297,14 +298,12 @@ def join_param(
     if isinstance(out, Feature):
         if shape[out.axis] != 1:
             b.add_member(view.name, param_axis(node, view, out.axis), out.layout, "norm")
-    elif isinstance(out, Heads) and shape[out.head_axis] == 1 and out.dim_axis is not None:
-        # one value per dim, the same in every head (a q/k-norm's weight): the dims stay in place
-        if shape[out.dim_axis] != 1:
-            b.fix_dims(out.space)
-    elif any(shape[a] != 1 for a in tracked_axes(out)):
-        raise UnsupportedOpError(
-            f"{label(node)}: parameter '{view.name}' varies along heads or their dims"
-        )
+    elif isinstance(out, (Heads, Chunks)):
+        # values per dim shared by every head (a q/k-norm's weight) or per head (a relative
+        # position bias): the parameter is not transported, so what it varies along stays in place
+        # (and it must not be a member of a transported space elsewhere: opaque)
+        opaque(b).setdefault(view.name, label(node))
+        constant(b, node, shape, out)
 
 
 def constant(b: SpaceBuilder, node: torch.fx.Node, shape: tuple, out: object) -> None:

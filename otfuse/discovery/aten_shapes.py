@@ -29,6 +29,7 @@ from otfuse.discovery.aten_values import (
     info_of,
     label,
     move,
+    opaque,
     plain_space,
     tracked_axes,
     unsupported_with,
@@ -42,7 +43,7 @@ from otfuse.errors import UnsupportedOpError
 def transpose(b: SpaceBuilder, node: torch.fx.Node) -> object:
     x, ndim = info_of(b, node.args[0]), len(shape_of(node))
     order = list(range(ndim))
-    if node.target.overloadpacket is aten.t:
+    if node.target.overloadpacket in (aten.t, aten.numpy_T):  # every axis reversed (Falcon's .T)
         order = order[::-1]
     else:
         d0, d1 = node.args[1] % ndim, node.args[2] % ndim
@@ -109,6 +110,8 @@ def _select(b: SpaceBuilder, node: torch.fx.Node, x: object, dim: int, index: in
         if node.target.overloadpacket is aten.select:
             b.tag(node, out, "pre")
         return out
+    if dim in tracked_axes(x) and not node.users:  # read for its shape only (BART's encoder)
+        return None
     if dim in tracked_axes(x):
         raise UnsupportedOpError(f"{label(node)}: indexing selects some of the units")
     if isinstance(x, ParamView):
@@ -133,6 +136,8 @@ def slice_(b: SpaceBuilder, node: torch.fx.Node) -> object:
                                                                 (4, "step", 1)))  # fmt: skip
     if isinstance(x, Feature) and step == 1:  # e.g. Phi-3's q, k and v sliced from one projection
         start, end, _ = slice(start, end).indices(src[dim])
+        if end <= start:
+            raise UnsupportedOpError(f"{label(node)}: an empty slice of the units")
         part = b.carve(plain_space(node, x, "slices"), start, end, label(node))
         out = Feature(dim, Layout.of(part))
         b.tag(node, out, "pre")
@@ -221,7 +226,10 @@ def _cat_units(b, node, tensors, infos, dim: int) -> Feature:
         if info is None:
             segments.append(Segment(b.new_space(shape_of(t)[dim], f"{node.name}:fixed", True)))
         elif isinstance(info, Feature) and info.axis == dim and info.layout.outer == 1:
-            segments.extend(b.expand(info.layout).segments)
+            expanded = b.expand(info.layout)
+            if expanded.blocks != 1:
+                raise UnsupportedOpError(f"{label(node)}: concatenates units split head by head")
+            segments.extend(expanded.segments)
         else:
             raise UnsupportedOpError(f"{label(node)}: concatenates units along mismatched axes")
     return Feature(dim, Layout(tuple(segments)))
@@ -230,11 +238,15 @@ def _cat_units(b, node, tensors, infos, dim: int) -> Feature:
 def index(b: SpaceBuilder, node: torch.fx.Node) -> object:
     """``x[i0, i1, ...]`` with index tensors on leading axes only (e.g. the last token of each row)."""
     x, indices = info_of(b, node.args[0]), node.args[1]
-    if not isinstance(x, TRACKED):
-        return unsupported_with(b, node) if isinstance(x, ParamView) else None
+    if not isinstance(x, (*TRACKED, ParamView)):
+        return None
     if any(i is None for i in indices) or any(isinstance(info_of(b, i), TRACKED) for i in indices):
         raise UnsupportedOpError(f"{label(node)}: advanced indexing of a tensor with units")
     k = len(indices)
+    if isinstance(x, ParamView):  # rows of a table (Swin's relative position biases): its other
+        lead = len(shape_of(node)) - (len(x.axes) - k)  # axes stay; the indexed ones are gone
+        opaque(b).setdefault(x.name, label(node))  # rows picked: never transported
+        return ParamView(x.name, (None,) * lead + x.axes[k:])
     if min(tracked_axes(x)) < k:
         raise UnsupportedOpError(f"{label(node)}: indexing selects some of the units")
     shift = len(shape_of(node)) - (len(shape_of(node.args[0])) - k) - k
@@ -381,8 +393,7 @@ def attention(b: SpaceBuilder, node: torch.fx.Node) -> object:
         if not isinstance(info, Heads) or (info.head_axis, info.dim_axis) != (ndim - 3, ndim - 1):
             raise UnsupportedOpError(f"{label(node)}: q, k and v must be split into heads")
     mask = arg(node, 3, "attn_mask")
-    if isinstance(info_of(b, mask), (*TRACKED, ParamView)):
-        raise UnsupportedOpError(f"{label(node)}: an attention mask computed from the weights")
+    _mask_from_weights(b, node, info_of(b, mask), shape_of(mask) if mask is not None else None, q)
     gqa = 1
     if arg(node, 7, "enable_gqa", False):
         gqa = (q.heads * q.repeat) // (k.heads * k.repeat)
@@ -392,6 +403,23 @@ def attention(b: SpaceBuilder, node: torch.fx.Node) -> object:
         if len(shape) >= 3 and shape[len(shape) - 3] != 1:
             b.fix_heads(q.space)
     return _weighted(b, node, logits, v, gqa, ndim)
+
+
+def _mask_from_weights(b: SpaceBuilder, node, info: object, shape, q: Heads) -> None:
+    """An attention mask made from parameters, one per head (T5's and Swin's relative position
+    biases, a table or an embedding whose units are the heads): it is not transported, so the
+    heads stay in place (their dims still move). A mask made from activations is refused."""
+    if not isinstance(info, (*TRACKED, ParamView)):
+        return
+    heads_axis = len(shape) - 3 if shape is not None and len(shape) >= 3 else None
+    if isinstance(info, Feature) and info.axis == heads_axis:
+        b.fix(info.layout)  # the embedding's units are the heads: never moved
+    elif isinstance(info, ParamView):  # read as it is: it must not be transported elsewhere
+        opaque(b).setdefault(info.name, label(node))
+    else:
+        raise UnsupportedOpError(f"{label(node)}: an attention mask that varies along hidden units")
+    if heads_axis is not None and shape[heads_axis] != 1:
+        b.fix_heads(q.space)
 
 
 def _logits(b: SpaceBuilder, node: torch.fx.Node, q: Heads, k: Heads, gqa: int) -> Heads:

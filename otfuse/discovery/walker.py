@@ -173,6 +173,9 @@ class SpaceBuilder:
             return known
         if sum(sizes) != self.size[root] or any(n % blocks for n in sizes):
             raise UnsupportedOpError(f"{where}: splits {self.size[root]} units into {sizes}")
+        if blocks == 1 and self._in_attention(root):
+            # the parts would lose the heads (a head picked by index, a slice of merged heads)
+            raise UnsupportedOpError(f"{where}: splits the units of attention heads")
         parts = tuple(
             self.new_space(n, f"{self.name[root]}[{i}]", self.fixed[root])
             for i, n in enumerate(sizes)
@@ -201,6 +204,10 @@ class SpaceBuilder:
             offset += size
         raise UnsupportedOpError(f"{where}: slices units across the parts of an earlier split")
 
+    def _in_attention(self, root: int) -> bool:
+        """Whether the heads of ``root`` are linked to another space's by an attention."""
+        return any(root in (self.find(a), self.find(b)) for a, _, b, _ in self.head_links)
+
     def expand(self, layout: Layout) -> Layout:
         """``layout`` with every refined space replaced by its parts."""
         if not any(self.find(s.space) in self.refined for s in layout.segments):
@@ -215,7 +222,8 @@ class SpaceBuilder:
             inner = self.expand(Layout(tuple(Segment(p, seg.inner) for p in parts)))
             blocks = self.interleaved.get(root, 1)
             if blocks != 1:  # parts alternating head by head: a layout of its own
-                if len(layout.segments) != 1 or layout.blocks != 1 or inner.blocks != 1:
+                split_again = len(inner.segments) != len(parts)
+                if len(layout.segments) != 1 or layout.blocks != 1 or split_again:
                     raise UnsupportedOpError(
                         f"space of {self.name[root]}: units split head by head are combined "
                         "with other units on one axis"
@@ -365,6 +373,10 @@ class SpaceBuilder:
         owner: dict[int, int] = {}
         for a, ra, b, rb in self.head_links:
             a, b = self.find(a), self.find(b)
+            if a in self.refined or b in self.refined:
+                raise UnsupportedOpError(
+                    f"space of {self.name[a]}: the units of attention heads are split by position"
+                )
             if a not in count or b not in count:
                 continue
             ga, gb = top(a), top(b)
