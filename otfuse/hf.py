@@ -440,6 +440,17 @@ class _Logits(nn.Module):
         return logits if isinstance(logits, torch.Tensor) else out
 
 
+class _Seq2SeqLogits(_Logits):
+    """An encoder-decoder (T5, BART) that reads the same token ids (N, T) in its encoder and, as
+    the decoder's inputs, in its decoder (teacher forcing on the input sequence), so that one tensor
+    of ids captures it and gives activations of both halves for the data recipe."""
+
+    def forward(self, x: torch.Tensor) -> Any:
+        mask = torch.ones_like(x)
+        out = self.model(input_ids=x, attention_mask=mask, decoder_input_ids=x, use_cache=False)
+        return out.logits
+
+
 _PREFIX = "model."
 _WRAPPED_NAME = re.compile(
     r"(?<![\w.])model\.(?=\w)"
@@ -472,10 +483,11 @@ def fuse_models(
     check_same_architecture(parents)
     anchor_index = _anchor_of(config, overrides)
     anchor = parents[anchor_index if 0 <= anchor_index < len(parents) else 0].model
-    if getattr(anchor.config, "is_encoder_decoder", False):
+    seq2seq = bool(getattr(anchor.config, "is_encoder_decoder", False))
+    if seq2seq and input_kind(anchor) != "tokens":
         raise OtfuseError(
-            f"{parents[0].architecture} is an encoder-decoder model, which takes decoder inputs "
-            "too; otfuse fuses encoder-only and decoder-only Hugging Face models"
+            f"{parents[0].architecture} is an encoder-decoder model that does not read token ids; "
+            "otfuse fuses text encoder-decoders (T5, BART), encoder-only and decoder-only models"
         )
     data = _check_data(anchor, data)
     if example is None and data is not None:
@@ -483,13 +495,16 @@ def fuse_models(
         example = rows[:2] if isinstance(rows, torch.Tensor) else None
     if example is None:
         example = example_input(anchor, seq_len=seq_len)
-    models = [_Logits(p.model) for p in parents]
+    wrapper = _Seq2SeqLogits if seq2seq else _Logits  # both named _Logits in messages
+    models = [wrapper(p.model) for p in parents]
     try:
         result = otfuse.fuse(
             models, config, data=data, example_input=example, progress=progress, **overrides
         )
     except OtfuseError as exc:  # say it of the user's model, not of the wrapper
-        text = _WRAPPED_NAME.sub("", str(exc)).replace(_Logits.__name__, parents[0].architecture)
+        text = _WRAPPED_NAME.sub("", str(exc))
+        for name in (_Seq2SeqLogits.__name__, _Logits.__name__):
+            text = text.replace(name, parents[0].architecture)
         raise type(exc)(text) from exc
     return _unwrapped(result)
 

@@ -259,13 +259,31 @@ def test_fusing_a_model_with_itself_gives_it_back(dirs, tmp_path):
         hf.fuse_pretrained([dirs / "g0", tmp_path / "out"], tmp_path / "out", overwrite=True)
 
 
-def test_encoder_decoder_models_are_refused_in_one_line(tmp_path):
-    torch.manual_seed(0)
+def t5(seed: int):
+    torch.manual_seed(seed)
     config = transformers.T5Config(
         vocab_size=50, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8,
-        decoder_start_token_id=0,
+        decoder_start_token_id=0, initializer_factor=2.0,
     )  # fmt: skip
-    transformers.T5ForConditionalGeneration(config).save_pretrained(tmp_path / "t5")
-    with pytest.raises(OtfuseError, match="T5ForConditionalGeneration is an encoder-decoder"):
-        hf.fuse_pretrained([tmp_path / "t5", tmp_path / "t5"], tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+    return transformers.T5ForConditionalGeneration(config)
+
+
+def test_encoder_decoder_directories_fuse_with_the_decoder_reading_the_same_ids(tmp_path):
+    """T5 from directories: the decoder reads the encoder's token ids (teacher forcing on the
+    input); self-fusion gives the model back, two seeds fuse with the data recipe, and the result
+    is a T5 written the same way."""
+    for seed in (0, 1):
+        t5(seed).save_pretrained(tmp_path / f"t5-{seed}")
+    x = torch.randint(0, 50, (3, 7))
+    ids = dict(input_ids=x, decoder_input_ids=x[:, :5])
+    hf.fuse_pretrained([tmp_path / "t5-0", tmp_path / "t5-0"], tmp_path / "self", "paper-wts")
+    back = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "self").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(**ids).logits, t5(0).eval()(**ids).logits)
+    data = torch.randint(0, 50, (40, 8), generator=torch.Generator().manual_seed(1))
+    dirs = [tmp_path / "t5-0", tmp_path / "t5-1"]
+    result = hf.fuse_pretrained(dirs, tmp_path / "out", "data", data=data)
+    assert type(result.model).__name__ == "T5ForConditionalGeneration"
+    fused = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        assert torch.isfinite(fused(**ids).logits).all()

@@ -277,3 +277,25 @@ def test_patterns_that_would_break_the_function_are_refused(variant, words):
     with pytest.raises(UnsupportedOpError, match=words) as err:
         discover_exported(_Refused(variant).eval(), x)
     assert "\n" not in str(err.value)
+
+
+def test_an_empty_tensor_in_a_concatenation_adds_nothing():
+    """A cache's empty start (``cat([empty(0), k], -2)``, which cat accepts in any shape)."""
+
+    class EmptyStart(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = torch.nn.Linear(5, 8), torch.nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = torch.cat([x.new_zeros(0), torch.relu(self.fc1(x))], dim=-2)
+            return self.fc2(h)
+
+    x = torch.randn(2, 4, 5, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model = EmptyStart()
+    graph = discover_exported(model, x)
+    assert [s.size for s in graph.transportable()] == [8]
+    planted = plant(model, graph, seed=1)
+    torch.testing.assert_close(planted(x), model(x))
+    assert max_diff(align_on(graph, planted, model), model) < 1e-6

@@ -78,6 +78,25 @@ def phi3():
     return transformers.Phi3ForCausalLM(config)
 
 
+def gptj():
+    """GPT-J: rotary on pairs of adjacent dims (``stack`` then ``flatten``), on a part of each head."""
+    config = transformers.GPTJConfig(
+        vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=4, rotary_dim=4,
+        use_cache=False, bos_token_id=0, eos_token_id=0, initializer_range=0.2,
+    )  # fmt: skip
+    return transformers.GPTJForCausalLM(config)
+
+
+def bigcode():
+    """GPT-BigCode (StarCoder): multi-query attention whose one key/value head is never split
+    into heads (``unsqueeze(1)``, then repeated): the heads stay in place, their dims align."""
+    config = transformers.GPTBigCodeConfig(
+        vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=4, multi_query=True,
+        use_cache=False, bos_token_id=0, eos_token_id=0, initializer_range=0.2,
+    )  # fmt: skip
+    return transformers.GPTBigCodeForCausalLM(config)
+
+
 MODELS = {
     "gpt2": (gpt2, TOKENS),
     "bert": (bert, TOKENS),
@@ -87,6 +106,8 @@ MODELS = {
     "qwen3": (qwen3, TOKENS),
     "neox": (neox, TOKENS),
     "phi3": (phi3, TOKENS),
+    "gptj": (gptj, TOKENS),
+    "bigcode": (bigcode, TOKENS),
 }
 
 

@@ -58,6 +58,7 @@ from otfuse.discovery.aten_shapes import (
     slice_,
     split,
     squeeze,
+    stack,
     transpose,
     unbind,
     unsqueeze,
@@ -142,6 +143,7 @@ ATEN_RULES: dict[object, Rule] = {
     **{p: slice_ for p in _packets("slice")},
     **{p: split for p in _packets("split split_with_sizes chunk")},
     **{p: concatenate for p in _packets("cat concat")},
+    **{p: stack for p in _packets("stack")},
     **{p: index for p in _packets("index")},
     **{p: reshape for p in _packets("view reshape _unsafe_view flatten unflatten")},
     **{

@@ -193,9 +193,10 @@ def getitem(b: SpaceBuilder, node: torch.fx.Node) -> object:
 def concatenate(b: SpaceBuilder, node: torch.fx.Node) -> object:
     """``cat(tensors, dim)``: along the units their layouts follow each other; along the dims of
     heads (rotary) the dims are fixed; along any other axis the operands index the same units."""
-    tensors = node.args[0]
     ndim = len(shape_of(node))
     dim = arg(node, 1, "dim", 0) % ndim
+    # empty operands add nothing (a cache's empty start, which cat accepts in any shape)
+    tensors = [t for t in node.args[0] if shape_of(t) is None or 0 not in shape_of(t)]
     infos = [info_of(b, t) for t in tensors]
     tracked = [i for i in infos if isinstance(i, TRACKED)]
     if not tracked:
@@ -218,6 +219,28 @@ def concatenate(b: SpaceBuilder, node: torch.fx.Node) -> object:
         elif info is None:
             constant(b, node, shape_of(t), first)
     return first
+
+
+def stack(b: SpaceBuilder, node: torch.fx.Node) -> object:
+    """``stack(tensors, dim)``: the operands index the same units, side by side on a new axis
+    (GPT-J's rotary ``stack((-x2, x1), -1)`` of the halves of each head's dims)."""
+    tensors, ndim = node.args[0], len(shape_of(node))
+    dim = arg(node, 1, "dim", 0) % ndim
+    order: list[int | None] = list(range(ndim - 1))
+    order.insert(dim, None)
+    infos = [info_of(b, t) for t in tensors]
+    if any(isinstance(i, ParamView) for i in infos):
+        return unsupported_with(b, node)
+    tracked = [by_order(i, order, node, "stack") for i in infos if isinstance(i, TRACKED)]
+    if not tracked:
+        return None
+    for other in tracked[1:]:
+        unify(b, node, tracked[0], other)
+    for t, info in zip(tensors, infos):
+        if info is None:
+            shape = shape_of(t)
+            constant(b, node, (*shape[:dim], 1, *shape[dim:]), tracked[0])
+    return tracked[0]
 
 
 def _cat_units(b, node, tensors, infos, dim: int) -> Feature:
@@ -350,7 +373,10 @@ def _reshape_heads(b, node, x: Heads, src, dst, block: dict) -> object:
     where = {}
     if x.dim_axis is not None:
         ds, dd = block[x.dim_axis]
-        if len(ds) != 1 or len(dd) != 1:
+        # dims merged with an axis after them (GPT-J's rotary: pairs of dims, flattened) keep
+        # their place only when they are fixed (loose)
+        merged = x.loose and ds[0] == x.dim_axis and x.head_axis not in ds
+        if len(dd) != 1 or (len(ds) != 1 and not merged):
             raise UnsupportedOpError(f"{label(node)}: reshape {src} -> {dst} splits head dims")
         where[x.dim_axis] = dd[0]
     repeat, outer = x.repeat, x.outer
@@ -389,6 +415,9 @@ def attention(b: SpaceBuilder, node: torch.fx.Node) -> object:
     if not any(isinstance(i, TRACKED) for i in (q, k, v)):
         return None
     ndim = len(shape_of(node))
+    if isinstance(q, Heads) and (isinstance(k, Feature) or isinstance(v, Feature)):
+        k, v = (_one_head(b, node, i, shape_of(a), ndim) for i, a in zip((k, v), node.args[1:3]))
+        b.fix_heads(q.space)  # k and v may differ along the head axis: the heads stay in place
     for info in (q, k, v):
         if not isinstance(info, Heads) or (info.head_axis, info.dim_axis) != (ndim - 3, ndim - 1):
             raise UnsupportedOpError(f"{label(node)}: q, k and v must be split into heads")
@@ -403,6 +432,16 @@ def attention(b: SpaceBuilder, node: torch.fx.Node) -> object:
         if len(shape) >= 3 and shape[len(shape) - 3] != 1:
             b.fix_heads(q.space)
     return _weighted(b, node, logits, v, gqa, ndim)
+
+
+def _one_head(b: SpaceBuilder, node: torch.fx.Node, info: object, shape, ndim: int) -> object:
+    """Keys or values that were never split into heads (GPT-BigCode's multi-query attention:
+    ``unsqueeze(1)``, then repeated along the head axis): one head, repeated for every query head."""
+    if not isinstance(info, Feature) or info.axis != ndim - 1 or len(shape) != ndim:
+        return info
+    space = plain_space(node, info, "attends with")
+    b.set_heads(space, 1)
+    return Heads(space, 1, ndim - 3, ndim - 1, repeat=shape[ndim - 3])
 
 
 def _mask_from_weights(b: SpaceBuilder, node, info: object, shape, q: Heads) -> None:
