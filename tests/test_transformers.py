@@ -299,3 +299,53 @@ def test_an_empty_tensor_in_a_concatenation_adds_nothing():
     planted = plant(model, graph, seed=1)
     torch.testing.assert_close(planted(x), model(x))
     assert max_diff(align_on(graph, planted, model), model) < 1e-6
+
+
+class _FewerKeyHeads(torch.nn.Module):
+    """Keys or values with one head (never split into heads) meeting four query heads."""
+
+    def __init__(self, variant: str, width: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.variant, self.width, self.heads, d = variant, width, heads, width // heads
+        self.q, self.o = torch.nn.Linear(width, width), torch.nn.Linear(width, width)
+        self.k1, self.v1 = torch.nn.Linear(width, d), torch.nn.Linear(width, d)
+        self.k2, self.v2 = torch.nn.Linear(width, d), torch.nn.Linear(width, width)
+
+    def forward(self, h):
+        (B, T, W), H = h.shape, self.heads
+        q = self.q(h).view(B, T, H, W // H).transpose(1, 2)
+
+        def one(t):  # GPT-BigCode's multi-query keys and values: one head, repeated
+            return t.unsqueeze(1).expand(B, H, T, W // H)
+
+        y = F.scaled_dot_product_attention(q, one(self.k1(h)), one(self.v1(h)), is_causal=True)
+        if self.variant == "two key sets":
+            y = y + F.scaled_dot_product_attention(q, one(self.k2(h)), one(self.v1(h)))
+        if self.variant == "values split into heads":
+            v = self.v2(h).view(B, T, H, W // H).transpose(1, 2)
+            y = F.scaled_dot_product_attention(q, one(self.k1(h)), v)
+        return h + self.o(y.transpose(1, 2).reshape(B, T, W))
+
+
+def test_multi_query_keys_that_are_never_split_into_heads():
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model, other = _FewerKeyHeads("one key set").eval(), _FewerKeyHeads("one key set").eval()
+    graph = discover_exported(model, x)
+    q = by_name(graph, "q")
+    assert (
+        q.heads.fixed_heads
+        and q.heads.repeat == 4
+        and q.heads.dims_of == by_name(graph, "k1").index
+    )
+    planted = plant(model, graph, seed=1)
+    torch.testing.assert_close(planted(x), model(x), atol=1e-5, rtol=1e-5)
+    assert max_diff(planted, model) > 0.1
+    assert max_diff(align_on(graph, planted, model), model) < 1e-6
+    torch.testing.assert_close(align_on(graph, other, model)(x), other(x), atol=1e-5, rtol=1e-5)
+    for variant, words in (
+        ("two key sets", "two sets of keys"),
+        ("values split into heads", "not shared"),
+    ):
+        with pytest.raises(UnsupportedOpError, match=words):
+            discover_exported(_FewerKeyHeads(variant).eval(), x)

@@ -383,7 +383,11 @@ class SpaceBuilder:
             group[max(ga, gb)] = min(ga, gb)
             if ra != rb:  # dims shared, the space with more heads follows the other
                 dependent, base = (a, b) if ra < rb else (b, a)
-                owner[dependent] = base
+                if owner.setdefault(dependent, base) != base:  # one plan cannot follow two
+                    raise UnsupportedOpError(
+                        f"space of {self.name[dependent]}: its heads attend to two sets of keys "
+                        "or values with fewer heads"
+                    )
         fixed_dims = {self.find(s) for s in self.dims_fixed}
         fixed_dims |= {owner[d] for d in owner if d in fixed_dims}
         fixed_heads = {top(self.find(s)) for s in self.heads_fixed if self.find(s) in count}
@@ -396,6 +400,11 @@ class SpaceBuilder:
                     f"space of {self.name[r]}: {heads} heads in groups of {base}"
                 )
             o = owner.get(r, r)
+            if heads // base > 1 and o == r:  # repeated heads whose dims follow no other space
+                raise UnsupportedOpError(
+                    f"space of {self.name[r]}: {heads} heads meet {base} in one attention, but "
+                    "their dims are not shared with those heads"
+                )
             out[canonical[r]] = HeadStructure(
                 count=heads,
                 group=min(canonical[x] for x in members),
