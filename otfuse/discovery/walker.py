@@ -221,15 +221,10 @@ class SpaceBuilder:
                 continue
             inner = self.expand(Layout(tuple(Segment(p, seg.inner) for p in parts)))
             blocks = self.interleaved.get(root, 1)
-            if blocks != 1:  # parts alternating head by head: a layout of its own
-                split_again = len(inner.segments) != len(parts)
-                if len(layout.segments) != 1 or layout.blocks != 1 or split_again:
-                    raise UnsupportedOpError(
-                        f"space of {self.name[root]}: units split head by head are combined "
-                        "with other units on one axis"
-                    )
+            alone = len(layout.segments) == 1 and len(inner.segments) == len(parts)
+            if blocks != 1 and alone and layout.blocks == 1:  # parts alternating head by head
                 return Layout(inner.segments, layout.outer, blocks)
-            if inner.blocks != 1 or layout.blocks != 1:
+            if blocks != 1 or inner.blocks != 1 or layout.blocks != 1:
                 raise UnsupportedOpError(
                     f"space of {self.name[root]}: units split head by head are combined with "
                     "other units on one axis"
