@@ -18,8 +18,9 @@ data:
 demo: $(STAMP) data
 	$(VENV)/bin/otfuse demo
 
+# in parallel, one worker per core, a file per worker at a time (tests/conftest.py); `-n 0`: serial
 test: $(STAMP) data
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check otfuse tests benchmarks

@@ -17,8 +17,6 @@ from otfuse.synthesis import can_synthesize, is_causal_lm, sample_sequences
 from otfuse.text import FORTUNES_DIR, normalise, windows
 from otfuse.training import TrainConfig, evaluate, train
 
-torch.set_num_threads(1)
-
 TOKENS = torch.randint(0, 96, (3, 16), generator=torch.Generator().manual_seed(0))
 IMAGES = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
 TINY = {

@@ -18,7 +18,6 @@ from otfuse.errors import ArchitectureMismatchError, CheckpointError, DataError,
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 transformers.logging.disable_progress_bar()
-torch.set_num_threads(2)
 
 
 def gpt2(seed: int = 0, **changes):

@@ -20,8 +20,6 @@ from otfuse.discovery import discover_traced
 from otfuse.discovery.export import discover_exported
 from otfuse.errors import UnsupportedOpError
 
-torch.set_num_threads(2)
-
 TOKENS = torch.randint(0, 11, (3, 6), generator=torch.Generator().manual_seed(0))
 MODELS = {
     "gpt": (lambda: TinyGPT(), TOKENS),

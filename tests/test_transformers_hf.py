@@ -12,7 +12,6 @@ import otfuse
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
-torch.set_num_threads(2)
 
 TOKENS = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0))
 PIXELS = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))

@@ -74,7 +74,7 @@ class Budget:
 
 
 FULL = Budget(None, None, 400, 0, None, TrainConfig(epochs=1, lr=0.01, schedule="cosine"))
-QUICK = Budget(QUICK_TRAIN_EXAMPLES, 2000, 100, 0, 512, TrainConfig(epochs=1, lr=0.01))
+QUICK = Budget(QUICK_TRAIN_EXAMPLES, 1000, 100, 0, 512, TrainConfig(epochs=1, lr=0.01))
 
 
 def budget(quick: bool) -> Budget:

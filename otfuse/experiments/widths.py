@@ -59,7 +59,7 @@ from otfuse.training import TrainConfig, evaluate, finetune, predict_logits
 NUM_SAMPLES = 400  # unlabeled training inputs for the data recipe
 FULL_FRACTIONS = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9)
 QUICK_FRACTIONS = (0.0, 0.5, 0.9)
-QUICK_TEST_EXAMPLES = 2000  # quick runs score on the first 2000 test images
+QUICK_TEST_EXAMPLES = 1000  # quick runs score on the first 1000 test images
 FINETUNE = TrainConfig(epochs=1, lr=0.01, seed=0)  # the short fine-tune of the compressed models
 QUICK_MLP_EPOCHS = 5  # quick MLPNets train this long (one epoch of 4000 images leaves them at ~40%)
 
