@@ -69,6 +69,29 @@ def rebind(graph: SpaceGraph, model: nn.Module) -> SpaceGraph:
     return SpaceGraph(graph.spaces, gm, set(graph.param_names), graph.capture)
 
 
+def protect_inputs(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Make ``gm`` work on copies of its tensor inputs: every later run (activations, REPAIR,
+    refit, candidate selection) then leaves the caller's sample as it was, and sees it as it was,
+    even when the model changes its input in place (``x.mul_(2)``, ``nn.ReLU(inplace=True)`` on
+    the input), where each run would otherwise change the sample for the next. Inserted after
+    discovery, which never sees the copies; ``gm`` is changed in place and returned."""
+    graph = gm.graph
+    inputs = [n for n in graph.nodes if n.op == "placeholder" and _is_tensor(n) and n.users]
+    for node in inputs:
+        with graph.inserting_after(node):
+            copy = graph.call_function(torch.clone, (node,))
+        copy.meta = dict(node.meta)
+        node.replace_all_uses_with(copy, delete_user_cb=lambda user, copy=copy: user is not copy)
+    if inputs:
+        gm.recompile()
+    return gm
+
+
+def _is_tensor(node: torch.fx.Node) -> bool:
+    """Whether a traced node held a tensor (its recorded shape, or an exported graph's value)."""
+    return "tensor_meta" in node.meta or isinstance(node.meta.get("val"), torch.Tensor)
+
+
 def _attrs_read(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "get_attr"]
 
@@ -128,6 +151,7 @@ class GraphCache:
         known = self._graphs.get(key)
         if known is None:
             graph = discover(model, self.example_input)
+            protect_inputs(graph.graph_module)
             self.traces += 1
             self._graphs[key] = graph
         else:

@@ -27,6 +27,7 @@ from otfuse.config import FusionConfig, resolve
 from otfuse.context import Clock, FusionContext, Progress, ProgressCallback, log
 from otfuse.coverage import check_counts
 from otfuse.discovery import SpaceGraph
+from otfuse.discovery.walker import copies
 from otfuse.errors import DataError, OtfuseError
 from otfuse.modes import evaluating
 from otfuse.refit import output_scores
@@ -302,7 +303,7 @@ def _log_probs(
     out = output
     if not isinstance(out, torch.Tensor):  # a graph's output may be flattened: run the model
         with torch.no_grad(), evaluating([model]):
-            out = scores_of(model(x))
+            out = scores_of(model(copies(x)))  # a model may change its input in place
     return torch.log_softmax(out / tau, dim=-1) if isinstance(out, torch.Tensor) else None
 
 

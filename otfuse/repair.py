@@ -59,7 +59,7 @@ def reset_batchnorm(model: nn.Module, inputs: torch.Tensor, *, batch_size: int =
         m.train()
     with torch.no_grad():
         for start in range(0, len(inputs), batch_size):
-            model(inputs[start : start + batch_size])
+            model(inputs[start : start + batch_size].clone())  # it may change its input
     for m, momentum in zip(norms, saved):
         m.momentum = momentum
     return model.eval()

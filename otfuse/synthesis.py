@@ -76,7 +76,7 @@ def class_count(model: nn.Module, example_input: torch.Tensor) -> int:
     """C when ``model`` maps ``example_input`` to class scores (N, C) with C >= 2, else 0."""
     try:
         with evaluating([model]), torch.no_grad():
-            out = scores_of(model(example_input))
+            out = scores_of(model(example_input.clone()))  # the model may change it in place
     except Exception:  # noqa: BLE001 - any failure means: not a plain classifier on this input
         return 0
     shaped = isinstance(out, torch.Tensor) and out.ndim == 2 and out.shape[1] >= 2
@@ -93,7 +93,7 @@ def is_causal_lm(model: nn.Module, example_input: object) -> bool:
     changed[:, -1] = (x[:, -1] + 1) % max(int(x.max()) + 1, 2)
     try:
         with evaluating([model]), torch.no_grad():
-            out, other = scores_of(model(x)), scores_of(model(changed))
+            out, other = scores_of(model(x.clone())), scores_of(model(changed))
     except Exception:  # noqa: BLE001 - any failure means: not a language model on this input
         return False
     if not (isinstance(out, torch.Tensor) and out.shape[:2] == x.shape and out.ndim == 3):
@@ -221,11 +221,13 @@ def synthesize_inputs(
     ]
     try:
         with evaluating(models, freeze=True), torch.enable_grad():
+            copy = [changes_its_input(model, x) for model in models]
+            seen.clear()
             for _ in tqdm(range(steps), desc="synthesise", disable=not progress, leave=False):
                 seen.clear()
                 optimizer.zero_grad()
                 with _autocast(x, precision):
-                    outputs = [scores_of(model(x)) for model in models]
+                    outputs = [scores_of(m(x.clone() if c else x)) for m, c in zip(models, copy)]
                 loss = statistics_loss(seen) + smoothness * total_variation(x)
                 loss = loss + prior * x.pow(2).mean()
                 if labels is not None:
@@ -238,6 +240,16 @@ def synthesize_inputs(
         for hook in hooks:
             hook.remove()
     return x.detach()
+
+
+def changes_its_input(model: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``model`` changes its input in place (``x.mul_(2)``, an in-place activation on it):
+    then it is given a copy (the batch being optimised is a leaf of autograd, which refuses
+    in-place changes; the others are given the batch itself, as before)."""
+    probe = x.detach().clone()
+    with torch.no_grad():
+        model(probe)
+    return probe._version > 0
 
 
 def native_bfloat16(device: torch.device) -> bool:

@@ -10,6 +10,7 @@ from models import build, example
 
 import otfuse
 import otfuse.refit
+import otfuse.repair
 import otfuse.stages
 from otfuse.capture import GraphCache, architecture_key, run_with_hooks
 from otfuse.stages import STAGES
@@ -156,3 +157,46 @@ def test_fusing_a_permuted_copy_with_the_data_recipe_returns_the_model():
     copy, _ = permuted(model, x[:2], seed=3)
     fused = otfuse.fuse([model, copy], data=x, stages=()).model
     torch.testing.assert_close(fused(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+class ChangesItsInput(torch.nn.Module):
+    """Doubles its input in place, then Linear -> ReLU -> Linear with BatchNorm. ``needs_export``:
+    an ``if`` on the input's shape, which ``torch.fx`` cannot trace (torch.export captures it)."""
+
+    def __init__(self, needs_export: bool = False) -> None:
+        super().__init__()
+        self.needs_export = needs_export
+        self.fc1, self.norm, self.fc2 = (
+            torch.nn.Linear(8, 16),
+            torch.nn.BatchNorm1d(16),
+            torch.nn.Linear(16, 3),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x.mul_(2.0)
+        if self.needs_export and x.shape[0] > 0:
+            x = x + 1.0
+        return self.fc2(torch.relu(self.norm(self.fc1(x))))
+
+
+@pytest.mark.parametrize("needs_export", [False, True], ids=["fx", "export"])
+def test_a_model_that_changes_its_input_in_place_leaves_the_sample_as_it_was(needs_export):
+    """Every run over the sample (tracing, activations, REPAIR, refit, candidate selection) works
+    on copies: the caller's data and example input are unchanged, and a model fused with itself
+    is returned. Before, each run doubled the sample for the next (self-fusion 0.79 off) and the
+    data-free recipe failed on its synthesised batch (in-place change of a leaf)."""
+    torch.manual_seed(0)
+    data = torch.randn(60, 8)
+    model = otfuse.repair.reset_batchnorm(ChangesItsInput(needs_export), data)  # "trained" on it
+    kept = data.clone()
+    result = otfuse.fuse([model, model], data=data)
+    assert torch.equal(data, kept)
+    assert result.inputs == "data"
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        assert (result.model(x.clone()) - model(x.clone())).abs().max() < 1e-5
+    example_input = torch.randn(2, 8)
+    kept = example_input.clone()
+    other = ChangesItsInput(needs_export).eval()
+    assert otfuse.fuse([model, other], example_input=example_input).inputs == "synthesized"
+    assert torch.equal(example_input, kept)

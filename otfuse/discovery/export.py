@@ -32,7 +32,7 @@ from otfuse.discovery.aten_values import (
     unsupported_with,
 )
 from otfuse.discovery.layout import Layout, SpaceGraph
-from otfuse.discovery.walker import Feature, SpaceBuilder, TensorShape, shape_of
+from otfuse.discovery.walker import Feature, SpaceBuilder, TensorShape, copies, shape_of
 from otfuse.errors import OtfuseError, UnsupportedOpError
 from otfuse.modes import evaluating
 
@@ -54,7 +54,7 @@ def export_graph(model: nn.Module, example_input: torch.Tensor | tuple) -> torch
             return gm
         try:
             with torch.no_grad():
-                ShapeProp(gm).propagate(*inputs)
+                ShapeProp(gm).propagate(*copies(inputs))
         except Exception as exc:  # noqa: BLE001
             raise OtfuseError(f"example input does not fit {name}: {_first_line(exc)}") from None
     return gm

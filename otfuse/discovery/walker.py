@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.fx
@@ -463,11 +464,19 @@ def trace(
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
     try:
         with torch.no_grad(), evaluating([model]):
-            ShapeRecorder(gm).run(*inputs)
+            ShapeRecorder(gm).run(*copies(inputs))
     except Exception as exc:  # noqa: BLE001
         name = type(model).__name__
         raise OtfuseError(f"example input does not fit {name}: {_first_line(exc)}") from None
     return gm
+
+
+def copies(inputs: Any) -> Any:
+    """``inputs`` (a tensor, or a tuple of them) with every tensor copied: a model that changes its
+    input in place changes the copy, not the caller's tensor."""
+    if isinstance(inputs, tuple):
+        return tuple(copies(v) for v in inputs)
+    return inputs.clone() if isinstance(inputs, torch.Tensor) else inputs
 
 
 @dataclass(frozen=True)
