@@ -152,7 +152,10 @@ class PredictionEnsemble(nn.Module):
         self.register_buffer("weights", torch.tensor(normalise_weights(weights, len(self.members))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        probs = sum(w * torch.softmax(m(x), dim=-1) for w, m in zip(self.weights, self.members))
+        # each member reads its own copy: a member may change its input in place
+        probs = sum(
+            w * torch.softmax(m(x.clone()), dim=-1) for w, m in zip(self.weights, self.members)
+        )
         return torch.log(probs.clamp_min(1e-30))
 
 

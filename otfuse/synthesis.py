@@ -221,13 +221,15 @@ def synthesize_inputs(
     ]
     try:
         with evaluating(models, freeze=True), torch.enable_grad():
-            copy = [changes_its_input(model, x) for model in models]
-            seen.clear()
+            needs_copy = [changes_its_input(model, x) for model in models]
             for _ in tqdm(range(steps), desc="synthesise", disable=not progress, leave=False):
                 seen.clear()
                 optimizer.zero_grad()
                 with _autocast(x, precision):
-                    outputs = [scores_of(m(x.clone() if c else x)) for m, c in zip(models, copy)]
+                    outputs = [
+                        scores_of(m(x.clone() if copy else x))
+                        for m, copy in zip(models, needs_copy, strict=True)
+                    ]
                 loss = statistics_loss(seen) + smoothness * total_variation(x)
                 loss = loss + prior * x.pow(2).mean()
                 if labels is not None:

@@ -338,7 +338,8 @@ def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 100
     """
     device = _device(model)
     with evaluating([model]):
-        chunks = [model(batch.to(device)).cpu() for batch in images.split(batch_size)]
+        # copies: a model may change its input in place
+        chunks = [model(batch.to(device, copy=True)).cpu() for batch in images.split(batch_size)]
     return torch.cat(chunks)
 
 

@@ -199,6 +199,7 @@ def input_vocabulary(model: nn.Module, example: torch.Tensor | tuple) -> int | N
     embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
     if not embeddings or not isinstance(example, torch.Tensor) or not _is_integer(example):
         return None
+    example = example.clone()  # the model may change its input in place; ``flat`` follows it
     flat = example.reshape(-1)
 
     def stop_at_lookup(module: nn.Module, args: tuple) -> None:

@@ -200,3 +200,53 @@ def test_a_model_that_changes_its_input_in_place_leaves_the_sample_as_it_was(nee
     other = ChangesItsInput(needs_export).eval()
     assert otfuse.fuse([model, other], example_input=example_input).inputs == "synthesized"
     assert torch.equal(example_input, kept)
+
+
+class ShiftsItsIds(torch.nn.Module):
+    """Adds 1 to its token ids in place, then Embedding -> Linear -> ReLU -> Linear, mean over
+    positions."""
+
+    def __init__(self, vocabulary: int = 21) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocabulary + 1, 8)
+        self.fc1, self.fc2 = torch.nn.Linear(8, 16), torch.nn.Linear(16, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        ids.add_(1)
+        return self.fc2(torch.relu(self.fc1(self.embed(ids)))).mean(1)
+
+
+def test_token_ids_changed_in_place_are_checked_and_fused_as_given():
+    """The check of ids against the vocabulary runs the model too: it used to shift the user's ids
+    once more before tracing (a different fusion, or an index error blamed on the data)."""
+    torch.manual_seed(0)
+    model = ShiftsItsIds().eval()
+    ids = torch.randint(0, 21, (30, 6))
+    kept = ids.clone()
+    result = otfuse.fuse([model, model], data=ids)
+    assert torch.equal(ids, kept)
+    fresh = torch.randint(0, 21, (4, 6))
+    with torch.no_grad():
+        assert (result.model(fresh.clone()) - model(fresh.clone())).abs().max() < 1e-5
+
+
+class ScalesItsSecondInput(torch.nn.Module):
+    """Takes a list of two tensors and triples the second in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(8, 16), torch.nn.Linear(16, 3)
+
+    def forward(self, pair: list[torch.Tensor]) -> torch.Tensor:
+        x, y = pair
+        y.mul_(3.0)
+        return self.fc2(torch.relu(self.fc1(x + y)))
+
+
+def test_tensors_inside_a_list_input_are_left_as_they_were():
+    torch.manual_seed(0)
+    a, b = torch.randn(2, 8), torch.randn(2, 8)
+    kept = b.clone()
+    models = [ScalesItsSecondInput(), ScalesItsSecondInput()]
+    otfuse.fuse(models, "paper-wts", example_input=([a, b],))
+    assert torch.equal(b, kept)

@@ -168,7 +168,7 @@ def check_accepts(
         recorded = item.in_shape if isinstance(item, LoadedModel) else None
         try:
             with torch.no_grad(), _eval_mode(model):
-                out = model(x)
+                out = model(x.clone())  # a model may change its input in place
         except Exception as exc:  # a model that cannot take these inputs: a mismatch, not our bug
             shape = format_shape(x.shape[1:])
             known = ""

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.fx
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from otfuse.discovery.layout import (
     ActivationKind,
@@ -472,11 +473,9 @@ def trace(
 
 
 def copies(inputs: Any) -> Any:
-    """``inputs`` (a tensor, or a tuple of them) with every tensor copied: a model that changes its
-    input in place changes the copy, not the caller's tensor."""
-    if isinstance(inputs, tuple):
-        return tuple(copies(v) for v in inputs)
-    return inputs.clone() if isinstance(inputs, torch.Tensor) else inputs
+    """``inputs`` (a tensor, or tuples, lists and dicts of them) with every tensor copied: a model
+    that changes its input in place changes the copy, not the caller's tensor."""
+    return tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, inputs)
 
 
 @dataclass(frozen=True)

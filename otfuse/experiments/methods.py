@@ -120,7 +120,7 @@ class LogitAverage(nn.Module):
         self.weights = normalise_weights(weights, len(models))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return sum(w * m(x) for w, m in zip(self.weights, self.members))
+        return sum(w * m(x.clone()) for w, m in zip(self.weights, self.members))  # see ensemble
 
 
 def baselines(parents: Sequence[nn.Module]) -> dict[str, nn.Module]:

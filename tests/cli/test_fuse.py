@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 
@@ -11,7 +12,7 @@ import torch
 
 import otfuse
 from otfuse import cli, zoo
-from otfuse.checkpoints import load_state_dict, sha256_file
+from otfuse.checkpoints import load_state_dict, save_model, sha256_file
 from otfuse.config import FusionConfig
 from otfuse.data import load_dataset
 from otfuse.training import evaluate
@@ -163,3 +164,45 @@ def test_device_runs_the_fusion_there_or_fails_in_one_line(work, monkeypatch, ca
         status, _, err = call(work, monkeypatch, capsys, *args, "--device", "cuda", "-o", "x.pt")
         assert status == 2 and not (work / "x.pt").exists()
         one_line_error(err, "--device cuda", "CUDA is not available")
+
+
+MUTATING_MODULE = """
+from torch import nn
+
+class Doubles(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 3))
+
+    def forward(self, x):
+        x.mul_(2.0)  # changes its input in place
+        return self.net(x)
+
+def make_net():
+    return Doubles()
+"""
+
+
+def test_a_model_that_changes_its_input_is_evaluated_and_fused_on_the_data_as_given(
+    tmp_path, monkeypatch, capsys
+):
+    """The trial run of each model, the fusion and every row of ``--eval`` see the data as the
+    user gave it: the same model twice scores the same on every row, and fusing it with itself
+    returns it. Before, each run doubled the inputs for the next (91.67% against 100.00%)."""
+    (tmp_path / "mutnet.py").write_text(MUTATING_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    torch.manual_seed(0)
+    model = importlib.import_module("mutnet").make_net().eval()
+    save_model(tmp_path / "m.safetensors", model)
+    inputs = torch.randn(120, 1, 8, 8)
+    with torch.no_grad():
+        labels = model(inputs.clone()).argmax(1)  # its own predictions: 100% on the data as given
+    torch.save({"inputs": inputs, "labels": labels}, tmp_path / "d.pt")
+    arch = ["--arch", "mutnet:make_net", "--in-shape", "1x8x8"]
+    call_ok(tmp_path, monkeypatch, capsys, "fuse", "m.safetensors", "m.safetensors", *arch,
+            "--data", "d.pt", "--eval", "-o", "f.safetensors")  # fmt: skip
+    ckpt = load_state_dict(tmp_path / "f.safetensors")
+    rows = {r["model"]: r["accuracy"] for r in ckpt.metadata["evaluation"]["rows"]}
+    assert set(rows.values()) == {100.0}, rows
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(ckpt.state_dict[key], value, atol=1e-5, rtol=1e-5)
