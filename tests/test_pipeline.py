@@ -250,3 +250,26 @@ def test_tensors_inside_a_list_input_are_left_as_they_were():
     models = [ScalesItsSecondInput(), ScalesItsSecondInput()]
     otfuse.fuse(models, "paper-wts", example_input=([a, b],))
     assert torch.equal(b, kept)
+
+
+class OptionalMask(torch.nn.Module):
+    """``forward(x, mask=None, scale=1.0)``: torch.fx traces ``mask`` as an input, so the branch
+    ``if mask is not None`` is taken in the graph, which then fails on ``x * None``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(8, 16), torch.nn.Linear(16, 3)
+
+    def forward(self, x, mask=None, scale: float = 1.0):
+        if mask is not None:
+            x = x * mask
+        return self.fc2(torch.relu(self.fc1(x))) * scale
+
+
+def test_arguments_left_to_their_defaults_are_traced_as_those_constants():
+    torch.manual_seed(0)
+    model = OptionalMask().eval()
+    assert otfuse.discovery.discover(model, torch.randn(2, 8)).capture == "fx"
+    twin, _ = permuted(model, torch.randn(2, 8), seed=1)
+    result = otfuse.fuse([model, twin], "paper-wts", example_input=torch.randn(2, 8))
+    assert max_state_diff(result.model, model) < 1e-5  # the planted permutation is undone

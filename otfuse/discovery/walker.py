@@ -10,6 +10,7 @@ union-find.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
@@ -454,22 +455,55 @@ def trace(
 
     Modules of ``leaf_types`` and calls of ``wrapped_functions`` are kept whole (see
     :class:`LeafTracer`). The model is run in eval mode (so BatchNorm statistics are untouched) and
-    restored afterwards.
+    restored afterwards. Arguments of ``forward`` that the example input leaves to their defaults
+    (``mask=None``) are traced as those constants when the graph traced with them as inputs does
+    not run (``if mask is not None`` takes the branch for a traced input).
     """
+    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+    gm = _traced(model, leaf_types, wrapped_functions)
+    try:
+        _record_shapes(gm, model, inputs)
+    except Exception as exc:  # noqa: BLE001
+        defaults = _left_to_defaults(model, len(inputs))
+        if not defaults:
+            raise _does_not_fit(model, exc) from None
+        gm = _traced(model, leaf_types, wrapped_functions, defaults)
+        try:
+            _record_shapes(gm, model, inputs)
+        except Exception:  # noqa: BLE001 - the first failure says more
+            raise _does_not_fit(model, exc) from None
+    return gm
+
+
+def _traced(model, leaf_types, wrapped_functions, concrete_args=None) -> torch.fx.GraphModule:
     tracer = LeafTracer(leaf_types, wrapped_functions)
     try:
-        graph = tracer.trace(model)
-        gm = torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+        graph = tracer.trace(model, concrete_args=concrete_args)
+        return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
     except Exception as exc:  # noqa: BLE001 - any tracing failure is reported the same way
         raise OtfuseError(_trace_failure(model, tracer, exc)) from None
-    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+
+
+def _record_shapes(gm: torch.fx.GraphModule, model: nn.Module, inputs: tuple) -> None:
+    with torch.no_grad(), evaluating([model]):
+        ShapeRecorder(gm).run(*copies(inputs))
+
+
+def _does_not_fit(model: nn.Module, exc: Exception) -> OtfuseError:
+    return OtfuseError(f"example input does not fit {type(model).__name__}: {_first_line(exc)}")
+
+
+def _left_to_defaults(model: nn.Module, given: int) -> dict[str, Any]:
+    """The arguments of ``model.forward`` after the first ``given`` that have defaults, with them
+    (empty when the signature takes ``*args`` or ``**kwargs`` or cannot be read)."""
     try:
-        with torch.no_grad(), evaluating([model]):
-            ShapeRecorder(gm).run(*copies(inputs))
-    except Exception as exc:  # noqa: BLE001
-        name = type(model).__name__
-        raise OtfuseError(f"example input does not fit {name}: {_first_line(exc)}") from None
-    return gm
+        parameters = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in parameters):
+        return {}
+    rest = parameters[given:]
+    return {p.name: p.default for p in rest if p.default is not p.empty}
 
 
 def copies(inputs: Any) -> Any:
