@@ -449,7 +449,8 @@ def save_model(
     format: str | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write the weights atomically, and a sidecar ``<path>.json`` holding ``metadata``.
+    """Write the weights atomically, and a sidecar ``<path>.json`` holding ``metadata`` (neither
+    when either cannot be written; neither over an existing one without ``overwrite``).
 
     ``format`` is ``"safetensors"`` or ``"pt"`` (a plain ``torch.save`` state dict); by default it
     follows the suffix (``.safetensors``; ``.pt``, ``.pth``, ``.bin``, ``.ckpt``), else safetensors.
@@ -460,8 +461,10 @@ def save_model(
     """
     path = Path(path)
     fmt = _infer_format(path, format)
-    if path.exists() and not overwrite:
-        raise CheckpointError(f"{path} exists; pass overwrite=True to replace it")
+    sidecar_path = Path(f"{path}.json")
+    for existing in (path, sidecar_path):
+        if existing.exists() and not overwrite:
+            raise CheckpointError(f"{existing} exists; pass overwrite=True to replace it")
     tensors = _tensors_to_save(model_or_state_dict)
     sidecar = {"schema": SIDECAR_SCHEMA, "file": path.name, "sha256": ""}
     sidecar["metadata"] = _json_metadata(metadata or {})
@@ -474,7 +477,8 @@ def save_model(
         except OSError as exc:
             raise CheckpointError(f"cannot write {path}: {exc.strerror or exc}") from exc
         sidecar["sha256"] = sha256_file(tmp)
-    atomic_write_text(Path(f"{path}.json"), json.dumps(sidecar, indent=2) + "\n")
+        # the sidecar first: when it cannot be written, the weights are not written either
+        atomic_write_text(sidecar_path, json.dumps(sidecar, indent=2) + "\n")
     return path
 
 

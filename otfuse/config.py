@@ -177,6 +177,8 @@ def resolve(
     and ``data-free`` without), then every override that is not None."""
     given = {k: v for k, v in overrides.items() if v is not None}
     recipe = given.pop("recipe", None)
+    if isinstance(config, str) and recipe is not None and recipe != config:
+        raise ConfigError(f"two recipes given, '{config}' and recipe='{recipe}'; pass one")
     if config is None or isinstance(config, str):
         name = config or recipe or ("data" if has_data else "data-free")
         config = FusionConfig.from_recipe(name)

@@ -349,6 +349,23 @@ def test_existing_output_is_refused_without_overwrite(tmp_path, model):
     assert_same_weights(ckpt.state_dict, fresh_model().state_dict())
 
 
+def test_an_existing_sidecar_is_refused_without_overwrite(tmp_path, model):
+    """``OUT.json`` is the checkpoint's too: a file of the user's by that name is not replaced."""
+    out = tmp_path / "fused.safetensors"
+    Path(f"{out}.json").write_text('{"mine": 1}')
+    with pytest.raises(CheckpointError, match="fused.safetensors.json exists"):
+        save_model(out, model)
+    assert Path(f"{out}.json").read_text() == '{"mine": 1}' and not out.exists()
+
+
+def test_a_sidecar_that_cannot_be_written_leaves_no_weights(tmp_path, model):
+    out = tmp_path / "fused.safetensors"
+    Path(f"{out}.json").mkdir()  # a folder where the sidecar goes
+    with pytest.raises(OtfuseError, match="cannot write"):
+        save_model(out, model, overwrite=True)
+    assert not out.exists()  # was: the weights without their sidecar
+
+
 def _fail_midway(tensors, filename, *args, **kwargs):
     Path(filename).write_bytes(b"half a checkpoint")
     raise RuntimeError("disk on fire")

@@ -78,6 +78,9 @@ def test_resolve_picks_the_recipe_by_data_and_applies_given_overrides():
     assert resolve(custom, False, {"seed": 1}) == custom.replace(seed=1)
     with pytest.raises(ConfigError, match="unknown recipe 'nope'"):
         resolve("nope", False, {})
+    assert resolve("data", True, {"recipe": "data"}).recipe == "data"  # the same one twice
+    with pytest.raises(ConfigError, match="two recipes given, 'data' and recipe='paper-wts'"):
+        resolve("data", True, {"recipe": "paper-wts"})  # was: the keyword silently dropped
 
 
 def test_every_field_has_help_and_the_flag_fields_are_named():

@@ -237,7 +237,8 @@ def naming(items: Sequence[LoadedModel]) -> Iterator[None]:
 
 
 def check_output(path: str | None, force: bool, fmt: str | None = None) -> Path:
-    """The output path, refused before any work if it exists (without --force) or contradicts --format."""
+    """The output path, refused before any work if it or its sidecar ``OUT.json`` exists (without
+    --force) or it contradicts --format."""
     if path is None:
         raise UsageError("the output is missing: pass -o OUT")
     out = Path(path)
@@ -245,8 +246,9 @@ def check_output(path: str | None, force: bool, fmt: str | None = None) -> Path:
         raise OtfuseError(f"{out} is a folder; pass a file name to -o")
     if out.parent.exists() and not out.parent.is_dir():
         raise OtfuseError(f"cannot write {out}: {out.parent} is a file, not a folder")
-    if out.exists() and not force:
-        raise OtfuseError(f"{out} exists; pass --force to overwrite it")
+    for existing in (out, Path(f"{out}.json")):  # a checkpoint and its metadata sidecar
+        if existing.exists() and not force:
+            raise OtfuseError(f"{existing} exists; pass --force to overwrite it")
     suffix = out.suffix.lower()
     by_suffix = (
         "pt" if suffix in TORCH_SUFFIXES else "safetensors" if suffix == ".safetensors" else None

@@ -206,3 +206,15 @@ def test_a_model_that_changes_its_input_is_evaluated_and_fused_on_the_data_as_gi
     assert set(rows.values()) == {100.0}, rows
     for key, value in model.state_dict().items():
         torch.testing.assert_close(ckpt.state_dict[key], value, atol=1e-5, rtol=1e-5)
+
+
+def test_an_existing_sidecar_needs_force(work, monkeypatch, capsys):
+    (work / "theirs.safetensors.json").write_text('{"mine": 1}')
+    args = ["a.safetensors", "b.safetensors", "--recipe", "paper-wts", "-o", "theirs.safetensors"]
+    status, _, err = call(work, monkeypatch, capsys, "fuse", *args)
+    assert status != 0
+    assert one_line_error(err, "theirs.safetensors.json exists", "--force")
+    assert (work / "theirs.safetensors.json").read_text() == '{"mine": 1}'
+    assert not (work / "theirs.safetensors").exists()
+    call_ok(work, monkeypatch, capsys, "fuse", *args, "--force")
+    assert load_state_dict(work / "theirs.safetensors").metadata["config"]["recipe"] == "paper-wts"
