@@ -299,9 +299,14 @@ def _strip_wrapper_prefixes(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     return state_dict
 
 
+def sidecar_path(path: str | Path) -> Path:
+    """Where :func:`save_model` writes the metadata of the checkpoint ``path``: ``<path>.json``."""
+    return Path(f"{path}.json")
+
+
 def _read_sidecar(path: Path, digest: str) -> dict[str, Any]:
     """Metadata from a sidecar JSON that :func:`save_model` wrote for exactly these bytes."""
-    for candidate in dict.fromkeys((Path(f"{path}.json"), path.with_suffix(".json"))):
+    for candidate in dict.fromkeys((sidecar_path(path), path.with_suffix(".json"))):
         if candidate == path or not candidate.is_file():
             continue
         try:
@@ -461,8 +466,7 @@ def save_model(
     """
     path = Path(path)
     fmt = _infer_format(path, format)
-    sidecar_path = Path(f"{path}.json")
-    for existing in (path, sidecar_path):
+    for existing in (path, sidecar_path(path)):
         if existing.exists() and not overwrite:
             raise CheckpointError(f"{existing} exists; pass overwrite=True to replace it")
     tensors = _tensors_to_save(model_or_state_dict)
@@ -478,7 +482,7 @@ def save_model(
             raise CheckpointError(f"cannot write {path}: {exc.strerror or exc}") from exc
         sidecar["sha256"] = sha256_file(tmp)
         # the sidecar first: when it cannot be written, the weights are not written either
-        atomic_write_text(sidecar_path, json.dumps(sidecar, indent=2) + "\n")
+        atomic_write_text(sidecar_path(path), json.dumps(sidecar, indent=2) + "\n")
     return path
 
 

@@ -26,8 +26,7 @@ from otfuse.capture import GraphCache
 from otfuse.config import FusionConfig, resolve
 from otfuse.context import Clock, FusionContext, Progress, ProgressCallback, log
 from otfuse.coverage import check_counts
-from otfuse.discovery import SpaceGraph
-from otfuse.discovery.walker import copies
+from otfuse.discovery import SpaceGraph, copies
 from otfuse.errors import DataError, OtfuseError
 from otfuse.modes import evaluating
 from otfuse.refit import output_scores

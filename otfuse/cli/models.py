@@ -27,6 +27,7 @@ from otfuse.checkpoints import (
     ArchitectureUnknownError,
     LoadedModel,
     load_model,
+    sidecar_path,
 )
 from otfuse.cli.common import ArgumentParser, UsageError, format_shape, parse_kwargs, parse_shape
 from otfuse.errors import ArchitectureMismatchError, OtfuseError
@@ -246,7 +247,7 @@ def check_output(path: str | None, force: bool, fmt: str | None = None) -> Path:
         raise OtfuseError(f"{out} is a folder; pass a file name to -o")
     if out.parent.exists() and not out.parent.is_dir():
         raise OtfuseError(f"cannot write {out}: {out.parent} is a file, not a folder")
-    for existing in (out, Path(f"{out}.json")):  # a checkpoint and its metadata sidecar
+    for existing in (out, sidecar_path(out)):
         if existing.exists() and not force:
             raise OtfuseError(f"{existing} exists; pass --force to overwrite it")
     suffix = out.suffix.lower()

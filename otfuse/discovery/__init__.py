@@ -37,7 +37,7 @@ from otfuse.discovery.registry import (
     unregister_rule,
 )
 from otfuse.discovery.rules import Rule, info_of, join, open_space, tracked_input, where
-from otfuse.discovery.walker import Feature, Info, ParamRef, SpaceBuilder, trace
+from otfuse.discovery.walker import Feature, Info, ParamRef, SpaceBuilder, copies, trace
 from otfuse.errors import OtfuseError, UnsupportedOpError
 
 __all__ = [
@@ -52,6 +52,7 @@ __all__ = [
     "Segment",
     "SpaceBuilder",
     "SpaceGraph",
+    "copies",
     "discover",
     "discover_exported",
     "join",
