@@ -15,6 +15,7 @@ computes exactly what B computes.
 
 from __future__ import annotations
 
+import types
 from collections.abc import Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -264,6 +265,59 @@ def check_compatible(graph_b: SpaceGraph, graph_a: SpaceGraph) -> None:
             raise ArchitectureMismatchError(
                 f"models have different architectures: {_difference(sb, sa)}"
             )
+    if graph_b.graph_module.graph is not graph_a.graph_module.graph:
+        _check_same_computation(graph_b, graph_a)
+
+
+def _check_same_computation(graph_b: SpaceGraph, graph_a: SpaceGraph) -> None:
+    """The two graphs run the same operations in the same order (their shapes may differ): models
+    with the same parameters can still compute differently (``self.act = F.relu`` in one,
+    ``torch.tanh`` in the other), and then one model's graph must not stand for the other. Where
+    the widths agree, the operations' non-integer constants must agree too (a LeakyReLU's slope);
+    integers may be sizes, and across widths so may floats (an attention's 1/sqrt(d))."""
+    nodes_b, nodes_a = (
+        list(graph_b.graph_module.graph.nodes),
+        list(graph_a.graph_module.graph.nodes),
+    )
+    same_sizes = graph_b.sizes == graph_a.sizes
+    for b, a in zip(nodes_b, nodes_a):
+        differs = (b.op, _target_key(b.target)) != (a.op, _target_key(a.target))
+        if not differs and same_sizes and _constants(b) != _constants(a):
+            differs = True
+        if differs:
+            constants = _target_key(b.target) == _target_key(a.target)
+            raise ArchitectureMismatchError(
+                f"models compute differently with the same parameters: the anchor runs "
+                f"{_step_name(a, constants)} where another model runs {_step_name(b, constants)}"
+            )
+    if len(nodes_b) != len(nodes_a):
+        raise ArchitectureMismatchError(
+            f"models compute differently with the same parameters ({len(nodes_a)} and "
+            f"{len(nodes_b)} operations in their graphs)"
+        )
+
+
+def _target_key(target: object) -> object:
+    return target if isinstance(target, str) else id(target)
+
+
+def _constants(node: torch.fx.Node) -> tuple:
+    leaves = torch.utils._pytree.tree_leaves((node.args, node.kwargs))
+    return tuple(v for v in leaves if isinstance(v, (bool, float, str)))
+
+
+def _step_name(node: torch.fx.Node, constants: bool) -> str:
+    target = node.target
+    if isinstance(target, str):
+        name = target
+    else:
+        module = getattr(target, "__module__", None) or ""
+        name = getattr(target, "__qualname__", None) or getattr(target, "__name__", repr(target))
+        if isinstance(target, types.BuiltinFunctionType):  # not torch._VariableFunctionsClass
+            name = target.__name__
+        name = f"{module}.{name}" if module else name
+    values = _constants(node) if constants else ()
+    return f"'{name}'" + (f" with {', '.join(map(repr, values))}" if values else "")
 
 
 def _difference(sb: NeuronSpace, sa: NeuronSpace) -> str:

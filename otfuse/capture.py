@@ -11,6 +11,8 @@ nodes: the one interpreter behind activation recording, statistics repair and re
 
 from __future__ import annotations
 
+import functools
+import types
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -23,6 +25,12 @@ from otfuse.discovery import SpaceGraph, discover
 BeforeHook = Callable[[torch.fx.Node, tuple], None]
 AfterHook = Callable[[torch.fx.Node, Any], Any]
 _SIMPLE = (bool, int, float, str, type(None))
+_FUNCTIONS = (
+    types.FunctionType,
+    types.BuiltinFunctionType,
+    types.MethodType,
+    functools.partial,
+)
 
 
 def architecture_key(model: nn.Module) -> tuple:
@@ -32,12 +40,9 @@ def architecture_key(model: nn.Module) -> tuple:
     modules = []
     for name, module in model.named_modules():
         flags = tuple(
-            (
-                k,
-                tuple(v) if isinstance(v, list) else v,
-            )  # lists (Gemma3's layer_types) hash as tuples
+            (k, _flag(v))
             for k, v in sorted(vars(module).items())
-            if not k.startswith("_") and k != "training" and _is_simple(v)
+            if not k.startswith("_") and k != "training" and _is_flag(v)
         )
         modules.append((name, type(module), flags))
     tensors = tuple(
@@ -50,6 +55,52 @@ def _is_simple(value: object) -> bool:
     if isinstance(value, (tuple, list)):
         return all(isinstance(v, _SIMPLE) for v in value)
     return isinstance(value, _SIMPLE)
+
+
+def _is_flag(value: object) -> bool:
+    """Attributes that can change what ``forward`` computes without changing a parameter: simple
+    values and plain functions (``self.act = F.relu`` against ``torch.tanh``)."""
+    return _is_simple(value) or isinstance(value, _FUNCTIONS)
+
+
+def _flag(value: object) -> object:
+    """``value`` as a hashable key: lists as tuples (Gemma3's ``layer_types``), functions by what
+    they compute (:func:`_function_key`)."""
+    if isinstance(value, list):
+        return tuple(value)
+    if isinstance(value, _FUNCTIONS):
+        return _function_key(value)
+    return value
+
+
+def _function_key(fn: object) -> object:
+    """What a function attribute computes, equal across models that hold equal functions: a bound
+    method as its function (each model binds its own), a ``functools.partial`` as its function and
+    arguments (Gemma's ``GELUTanh`` makes one per instance, and a deep copy makes another), a
+    Python function as its code, defaults and closure values (a lambda made per model); anything
+    unhashable in them leaves the object itself (that model is then traced on its own)."""
+    if isinstance(fn, types.MethodType):
+        return _function_key(fn.__func__)
+    if isinstance(fn, functools.partial):
+        key = (_function_key(fn.func), fn.args, tuple(sorted(fn.keywords.items())))
+    elif isinstance(fn, types.FunctionType):
+        cells = tuple(_cell_value(c) for c in fn.__closure__ or ())
+        key = (fn.__code__, fn.__defaults__, cells)
+    else:
+        return fn
+    try:
+        hash(key)
+    except TypeError:
+        return fn
+    return key
+
+
+def _cell_value(cell: types.CellType) -> object:
+    try:
+        value = cell.cell_contents
+    except ValueError:  # an empty cell
+        return None
+    return _function_key(value) if isinstance(value, _FUNCTIONS) else value
 
 
 def rebind(graph: SpaceGraph, model: nn.Module) -> SpaceGraph:

@@ -123,8 +123,9 @@ def check_anchor(anchor: int, k: int) -> int:
 def sample_inputs(data: object, n: int, seed: int) -> torch.Tensor:
     """A seeded sample of at most ``n`` inputs (rows) from ``data``, checked.
 
-    ``data`` may be a tensor or array (N, ...), a dataset with ``.images`` (:mod:`otfuse.data`), a
-    map-style ``torch.utils.data.Dataset`` whose items are inputs or (input, label) pairs (e.g. a
+    ``data`` may be a tensor or array (N, ...), a pair ``(inputs, labels)`` of them (the labels
+    are not read), a dataset with ``.images`` (:mod:`otfuse.data`), a map-style
+    ``torch.utils.data.Dataset`` whose items are inputs or (input, label) pairs (e.g. a
     ``TensorDataset``), or an iterable of batches (a ``DataLoader``).
     """
     if n < 1:
@@ -231,6 +232,11 @@ def _mismatch(got: tuple[int, ...], expected: tuple[int, ...], model: nn.Module)
     if len(got) == len(expected) >= 2 and got[1:] == expected[1:] and got[0] != expected[0]:
         unit = "channel" if got[0] == 1 else "channels"
         return f"data has {got[0]} {unit}, the models expect {expected[0]}"
+    if np.prod(got) == np.prod(expected):
+        return (
+            f"data inputs have shape {_shape(got)}, the example input {_shape(expected)} (the "
+            "same number of values): give the example input in the data's shape, or leave it out"
+        )
     if isinstance(layer, nn.Linear) and len(expected) == 1:
         return f"data has {int(np.prod(got))} features per input, the models expect {expected[0]}"
     return f"data inputs have shape {_shape(got)}, the models expect {_shape(expected)}"
@@ -247,6 +253,9 @@ def _as_tensor(data: object, n: int, seed: int) -> torch.Tensor:
         data = torch.from_numpy(data)
     if isinstance(data, torch.Tensor):
         return data
+    pair = _inputs_of_labelled_pair(data)
+    if pair is not None:
+        return pair
     if isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__"):
         return _from_dataset(data, n, seed)
     if not isinstance(data, Iterable) or isinstance(data, (str, bytes)):
@@ -254,6 +263,28 @@ def _as_tensor(data: object, n: int, seed: int) -> torch.Tensor:
             f"data must be a tensor, a dataset or batches of inputs, not {type(data).__name__}"
         )
     return _take_batches(data, n)
+
+
+def _inputs_of_labelled_pair(data: object) -> torch.Tensor | None:
+    """The inputs of ``data = (inputs, labels)``: two tensors or arrays of equal length, the second
+    one label per input (1-D), the first with more dimensions or floating-point against integer
+    labels. Read as two batches, the pair would be refused (their shapes differ)."""
+    if not isinstance(data, (tuple, list)) or len(data) != 2:
+        return None
+    inputs, labels = data
+    if not all(isinstance(d, (torch.Tensor, np.ndarray)) for d in data):
+        return None
+    if labels.ndim != 1 or inputs.ndim == 0 or len(inputs) != len(labels):
+        return None
+    if inputs.ndim >= 2 or (_is_float(inputs) and not _is_float(labels)):
+        return torch.from_numpy(inputs) if isinstance(inputs, np.ndarray) else inputs
+    return None
+
+
+def _is_float(x: torch.Tensor | np.ndarray) -> bool:
+    if isinstance(x, np.ndarray):
+        return np.issubdtype(x.dtype, np.floating)
+    return x.is_floating_point()
 
 
 def _first(item: object) -> object:

@@ -158,15 +158,20 @@ def mlpnet(
     bias: bool = False,
 ) -> MLPNet:
     """The paper's MLPNet: hidden sizes (400, 200, 100) times ``width``, or exactly ``hidden``
-    (any number of layers; ``width`` is then ignored)."""
+    (any number of layers, one integer for one layer; ``width`` is then ignored)."""
     shape = _check_in_shape(in_shape)
     _check_common(width, num_classes)
     if hidden is None:
         hidden = tuple(_scaled(h, width) for h in (400, 200, 100))
-    elif not isinstance(hidden, (tuple, list)) or not all(
-        isinstance(h, int) and h >= 1 for h in hidden
+    elif isinstance(hidden, int) and not isinstance(hidden, bool):
+        hidden = (hidden,)  # one hidden layer
+    if not isinstance(hidden, (tuple, list)) or not all(
+        isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden
     ):
-        raise ModelConfigError(f"hidden must be positive integers, got {hidden}")
+        raise ModelConfigError(
+            f"hidden must be positive layer sizes, one integer or several (e.g. (400,200)), "
+            f"got {hidden}"
+        )
     return MLPNet(math.prod(shape), tuple(hidden), num_classes, bias)
 
 

@@ -1,8 +1,11 @@
 """Alignment and fusion: planted permutations, function preservation, marginals, widths, K models."""
 
+import functools
+
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import fuse, max_state_diff, permuted
 from models import FIXTURES, build, example
 
@@ -205,6 +208,48 @@ def test_architectures_that_differ_are_refused():
 
     with pytest.raises(ArchitectureMismatchError, match="different architectures"):
         fuse([build("mlp"), Deeper()], example_input=example("mlp"))
+
+
+class Activated(torch.nn.Module):
+    """Two models of this class with the same parameters compute differently by ``act``."""
+
+    def __init__(self, act, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.fc1, self.fc2, self.act = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4), act
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+@pytest.mark.parametrize("mode", ["wts", "acts"])
+def test_models_whose_functions_differ_are_refused(mode):
+    """Same class, same parameters, a different activation function held as an attribute: the
+    anchor's graph must not stand for the other model (its activations, its fused function)."""
+    relu, tanh, x = Activated(torch.relu), Activated(torch.tanh, seed=1), torch.randn(16, 8)
+    message = "'torch.relu' where another model runs 'torch.tanh'"
+    with pytest.raises(ArchitectureMismatchError, match=message):
+        fuse([relu, tanh], mode=mode, data=x, example_input=x)
+
+
+def test_function_attributes_with_other_arguments_are_refused_and_equal_ones_share_a_trace():
+    """A ``functools.partial`` made per instance (Gemma's GELUTanh) keys by its function and
+    arguments: equal ones share one trace, a different slope is refused."""
+    x = torch.randn(16, 8)
+    slopes = [Activated(functools.partial(F.leaky_relu, negative_slope=s)) for s in (0.01, 0.5)]
+    with pytest.raises(ArchitectureMismatchError, match="0.01.* where another model runs .*0.5"):
+        fuse(slopes, mode="acts", data=x, example_input=x)
+    gelus = [Activated(functools.partial(F.gelu, approximate="tanh"), seed=s) for s in (0, 1)]
+    assert fuse(gelus, mode="acts", data=x, example_input=x).traces == 1
+
+
+def test_models_with_the_same_function_attribute_fuse_with_one_trace():
+    models = [Activated(torch.tanh, seed=s) for s in (0, 1)]
+    x = torch.randn(32, 8)
+    result = fuse(models, mode="acts", data=x, example_input=x)
+    assert result.model.act is torch.tanh and result.traces == 1
+    itself = fuse([models[1], models[1]], mode="acts", data=x, example_input=x).model
+    torch.testing.assert_close(itself(x), models[1](x), atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

@@ -53,15 +53,23 @@ def accuracy(model, fashion):
 
 
 def test_ot_fusion_beats_vanilla_averaging_and_stays_near_the_parents(parents, fashion):
-    sample = sample_inputs(fashion[0], 300, seed=0)
+    """The paper-acts plan depends on the sample (these parents had two short epochs): its
+    accuracy over three samples of 300 inputs spans 2.5 points on some machines (77.5-80.0), so
+    the median of three is asserted; the other recipes on one sample."""
+    samples = [sample_inputs(fashion[0], 300, seed=s) for s in (0, 1, 2)]
     mean_parent = np.mean([accuracy(p, fashion) for p in parents])
     vanilla = accuracy(otfuse.vanilla_average(parents), fashion)
-    for options in (
-        {"recipe": "paper-wts"},
-        {"recipe": "paper-acts", "data": sample},
-        {"data": sample},
+    for options, samples_used in (
+        ({"recipe": "paper-wts"}, [None]),
+        ({"recipe": "paper-acts"}, samples),
+        ({}, samples[:1]),
     ):
-        fused = accuracy(otfuse.fuse(parents, **options).model, fashion)
+        fused = np.median(
+            [
+                accuracy(otfuse.fuse(parents, **options, data=sample).model, fashion)
+                for sample in samples_used
+            ]
+        )
         assert fused > vanilla + 2, options
         assert fused > mean_parent - 4, options
 
@@ -91,7 +99,9 @@ def test_activation_alignment_barely_depends_on_the_sample(parents, fashion):
 def test_data_recipe_repairs_statistics_on_real_data(parents, fashion):
     sample = sample_inputs(fashion[0], 300, seed=0)
     plain = otfuse.fuse(parents, recipe="paper-acts", data=sample).model
-    repaired = otfuse.fuse(parents, recipe="paper-acts", stages=("bn_reset", "repair"), data=sample).model
+    repaired = otfuse.fuse(
+        parents, recipe="paper-acts", stages=("bn_reset", "repair"), data=sample
+    ).model
     # the fused model's hidden units should regain the spread their parents had
     x = fashion[1].images[:500]
     with torch.no_grad():
@@ -104,13 +114,17 @@ def test_data_recipe_repairs_statistics_on_real_data(parents, fashion):
 @pytest.mark.parametrize("batch_norm", [True, False])
 def test_data_free_fusion_of_conv_nets_synthesises_what_it_needs(fashion, batch_norm):
     """Convnets trained here: with BatchNorm, the paper's data-free fusion keeps averaged statistics
-    that no longer fit; inputs synthesised from the parents (no data read) rescue it."""
+    that no longer fit; inputs synthesised from the parents (no data read) rescue it. The BatchNorm
+    parents train for two epochs: after one, on an AVX2 machine (other float rounding than the
+    AVX-512 machines this was first written on), one parent was at 65% and the rescue 7 points
+    (paper 42%, synthesised 47-51%); after two, 40.5% against 72-72.4% over three seeds."""
     train_set, _ = fashion
     models = []
+    epochs = 2 if batch_norm else 1
     for seed in (0, 1):
         torch.manual_seed(seed)
         model = zoo.create("convnet", width=0.5, batch_norm=batch_norm, in_shape=(1, 28, 28))
-        train(model, train_set, TrainConfig(epochs=1, lr=0.05, seed=seed), progress=False)
+        train(model, train_set, TrainConfig(epochs=epochs, lr=0.05, seed=seed), progress=False)
         models.append(model.eval())
     example_input = torch.zeros(2, 1, 28, 28)
     paper = otfuse.fuse(models, recipe="paper-wts", example_input=example_input).model

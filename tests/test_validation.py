@@ -59,6 +59,30 @@ def test_data_alone_that_does_not_fit_the_models_is_one_line(data, message):
     assert "\n" not in str(caught.value) and "Traceback" not in str(caught.value)
 
 
+def test_an_example_input_in_another_shape_than_the_data_is_said_so():
+    """(N, 1, 28, 28) data against a flattened (N, 784) example input of a Flatten-first model:
+    the message names both shapes, not "784 features, the models expect 784"."""
+    models = [build("mlp"), build("mlp", seed=1)]
+    x = example("mlp", n=16)
+    flat = x.flatten(1)[:2]
+    with pytest.raises(DataError, match="the same number of values") as caught:
+        otfuse.fuse(models, "paper-acts", data=x, example_input=flat)
+    assert _shape_words(x) in str(caught.value) and "\n" not in str(caught.value)
+
+
+def _shape_words(x: torch.Tensor) -> str:
+    return "x".join(str(d) for d in x.shape[1:])
+
+
+def test_data_given_as_inputs_and_labels_reads_the_inputs():
+    models = [build("vgg"), build("vgg", seed=1)]
+    labels = torch.arange(len(GOOD)) % 10
+    paired = otfuse.fuse(models, "paper-acts", data=(GOOD, labels)).model
+    alone = otfuse.fuse(models, "paper-acts", data=GOOD).model
+    for a, b in zip(paired.state_dict().values(), alone.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
 def test_float32_data_fuses_float64_models_in_float64():
     models = [build("mlp").double(), build("mlp", seed=1).double()]
     x = example("mlp", n=32)

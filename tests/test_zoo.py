@@ -126,10 +126,18 @@ def test_unknown_keyword_names_the_valid_ones() -> None:
         ("mlpnet", {"width": 0}, "width must be a positive number"),
         ("vgg11", {"in_shape": (28, 28)}, "in_shape must be 3 positive integers"),
         ("resnet18", {"num_classes": 0}, "num_classes must be a positive integer"),
-        ("mlpnet", {"hidden": [10, -1]}, "hidden must be positive integers"),
+        ("mlpnet", {"hidden": [10, -1]}, "hidden must be positive layer sizes"),
         ("convnet", {"in_shape": (1, 2, 2)}, "at least 4x4"),
     ],
 )
 def test_bad_values_raise_model_config_errors(name: str, kwargs: dict, fragment: str) -> None:
     with pytest.raises(ModelConfigError, match=fragment):
         create(name, **kwargs)
+
+
+def test_one_integer_hidden_is_one_hidden_layer() -> None:
+    model = create("mlpnet", hidden=3)
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert [tuple(m.weight.shape) for m in layers] == [(3, 784), (10, 3)]
+    with pytest.raises(ModelConfigError, match="positive layer sizes"):
+        create("mlpnet", hidden=True)

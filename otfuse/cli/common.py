@@ -139,8 +139,12 @@ def add_output(p: ArgumentParser, what: str, metavar: str = "OUT", force: bool =
 
 def parse_shape(text: str) -> tuple[int, ...]:
     """``1x28x28`` or ``1,28,28`` -> (1, 28, 28)."""
-    parts = [p for p in re.split(r"[x,\s]+", str(text).strip().strip("()[]")) if p]
-    if not parts or not all(p.isdigit() and int(p) > 0 for p in parts):
+    inner = str(text).strip()
+    if inner[:1] in "([" and inner[-1:] in ")]":
+        inner = inner[1:-1].strip()
+    inner = inner.removesuffix(",").strip()  # Python's one-element tuple: (784,)
+    parts = re.split(r"\s*[x,]\s*|\s+", inner)  # an empty part: a separator too many
+    if not inner or not all(p.isdigit() and int(p) > 0 for p in parts):
         raise argparse.ArgumentTypeError(f"'{text}' is not a shape like 1x28x28")
     return tuple(int(p) for p in parts)
 

@@ -105,6 +105,10 @@ def load_models(
     for path, arch in zip(paths, archs):
         try:
             loaded.append(load_model(path, arch, defaults))
+        except zoo.ModelConfigError as exc:
+            if arch is None:  # the checkpoint's own record is at fault, not the command line
+                raise
+            raise UsageError(f"--arch {arch}: {exc}") from exc
         except ArchitectureUnknownError as exc:
             if exc.recorded is None:
                 raise UsageError(

@@ -35,7 +35,8 @@ FAILURES = {
     "repeated stage": (["fuse", "a.safetensors", "b.safetensors", "--stages", "repair,repair"], 2, ["repeat"]),
     "negative synthesis count": (["fuse", "a.safetensors", "b.safetensors", "--synthesize", "-1"], 2, ["synthesize", "0 or more"]),
     "unknown zoo name": (["fuse", "a.safetensors", "b.safetensors", "--arch", "resnet9000"], 2, ["resnet9000"]),
-    "bad zoo argument": (["fuse", "plain.pt", "plain.pt", "--arch", "mlpnet:depth=3"], 1, ["depth"]),
+    "bad zoo argument": (["fuse", "plain.pt", "plain.pt", "--arch", "mlpnet:depth=3"], 2, ["--arch mlpnet:depth=3", "depth"]),
+    "in-shape with a separator too many": (["fuse", "a.safetensors", "b.safetensors", "--in-shape", "1x28x28x"], 2, ["1x28x28x", "not a shape"]),
     "no architecture recorded": (["fuse", "plain.pt", "plain.pt"], 2, ["--arch"]),
     "recorded callable is not imported": (["fuse", "rec16.safetensors", "rec12.safetensors"], 2, ["--arch usernet:make_net:width=16"]),
     "--arch once per checkpoint": (
