@@ -151,7 +151,9 @@ def load_inputs(
     if labels is not None:
         found, classes = read_labels(labels), None
     if found is not None:
-        found = _check_labels(found, len(inputs), Path(labels) if labels is not None else path)
+        found = _check_labels(
+            found, len(inputs), Path(labels) if labels is not None else path, inputs_in=path
+        )
     if normalize is not None:
         inputs = _normalise(inputs, normalize, path)
     return UserData(str(path), kind, inputs, found, classes)
@@ -315,8 +317,8 @@ def _check_inputs(inputs: Any, path: Path) -> Tensor:
     return inputs.contiguous()
 
 
-def _check_labels(labels: Any, n: int, path: Path) -> Tensor:
-    """int64 (N,), values >= 0."""
+def _check_labels(labels: Any, n: int, path: Path, inputs_in: str | Path | None = None) -> Tensor:
+    """int64 (N,), values >= 0 (``inputs_in``: the file of the inputs, where not ``path``)."""
     if not isinstance(labels, Tensor):
         raise DataError(f"{path}: the labels are a {type(labels).__name__}, not a tensor")
     labels = labels.reshape(-1) if labels.ndim == 2 and labels.shape[1] == 1 else labels
@@ -330,7 +332,12 @@ def _check_labels(labels: Any, n: int, path: Path) -> Tensor:
             "class indices"
         )
     if len(labels) != n:
-        raise DataError(f"{path} holds {n} inputs but {len(labels)} labels; give one label each")
+        where = (
+            f"{path} holds {len(labels)} labels for the {n} inputs of {inputs_in}"
+            if inputs_in is not None and Path(inputs_in) != path
+            else f"{path} holds {n} inputs but {len(labels)} labels"
+        )
+        raise DataError(f"{where}; give one label each")
     labels = labels.long()
     if int(labels.min()) < 0:
         raise DataError(f"{path}: the labels include {int(labels.min())}; class indices are >= 0")

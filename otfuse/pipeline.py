@@ -368,6 +368,7 @@ def align(
     example = example_input_for(anchor, example_input, sample)
     device = model_device(anchor)
     sample, example = to_device(sample, device), to_device(example, device)
+    sample, example = to_model_dtype(sample, anchor), to_model_dtype(example, anchor)
     check_token_ids(sample, example, anchor)
     if sample is not None:
         check_fits(sample, example, anchor)

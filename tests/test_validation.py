@@ -83,6 +83,14 @@ def test_data_given_as_inputs_and_labels_reads_the_inputs():
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
+def test_float32_data_aligns_float64_models():
+    """``align`` reads inputs in the models' precision, as ``fuse`` does (it refused them)."""
+    anchor, model = build("mlp").double(), build("mlp", seed=1).double()
+    x = example("mlp", n=32)
+    aligned = otfuse.align(model, anchor, mode="acts", data=x)
+    torch.testing.assert_close(aligned(x.double()), model(x.double()), atol=1e-10, rtol=1e-10)
+
+
 def test_float32_data_fuses_float64_models_in_float64():
     models = [build("mlp").double(), build("mlp", seed=1).double()]
     x = example("mlp", n=32)

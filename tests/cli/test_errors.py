@@ -76,7 +76,7 @@ FAILURES = {
     ),
     "own data does not fit the model": (["fuse", "a.safetensors", "b.safetensors", "--data", "small.pt"], 1, ["does not accept the inputs of small.pt of shape 3x8x8"]),
     "own data without labels": (["eval", "a.safetensors", "--data", "own.npy"], 1, ["own.npy holds no labels", "--labels"]),
-    "labels of the wrong length": (["eval", "a.safetensors", "--data", "own.npy", "--labels", "short_labels.npy"], 1, ["300 inputs but 5 labels"]),
+    "labels of the wrong length": (["eval", "a.safetensors", "--data", "own.npy", "--labels", "short_labels.npy"], 1, ["short_labels.npy holds 5 labels for the 300 inputs of own.npy"]),
     "NaN inputs": (["fuse", "a.safetensors", "b.safetensors", "--data", "nan.npy"], 1, ["NaN"]),
     "pickled numpy objects": (["eval", "a.safetensors", "--data", "objects.npy"], 1, ["Python objects"]),
     "truncated data file": (["eval", "a.safetensors", "--data", "broken.pt"], 1, ["broken.pt", "cannot be read"]),

@@ -98,6 +98,11 @@ def run(args: argparse.Namespace) -> Report:
         atomic_write_text(files["json"], json.dumps(jsonable(summary), indent=2) + "\n")
     payload = {**summary, "files": {k: str(v) for k, v in files.items()}}
     notes = [f"wrote {', '.join(str(p) for p in files.values())}"]
+    if plain is None:
+        notes.append(
+            "the models differ in width: the aligned path ends at B transported into A's width "
+            "(its units merged by the plan), not at B itself, and its barrier is measured to there"
+        )
     return Report(interpolation_text(plain, rows, summary), payload, notes)
 
 
