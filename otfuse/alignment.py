@@ -281,10 +281,8 @@ def _check_same_computation(graph_b: SpaceGraph, graph_a: SpaceGraph) -> None:
     )
     same_sizes = graph_b.sizes == graph_a.sizes
     for b, a in zip(nodes_b, nodes_a):
-        differs = (b.op, _target_key(b.target)) != (a.op, _target_key(a.target))
-        if not differs and same_sizes and _constants(b) != _constants(a):
-            differs = True
-        if differs:
+        same_step = (b.op, _target_key(b.target)) == (a.op, _target_key(a.target))
+        if not same_step or (same_sizes and _constants(b) != _constants(a)):
             constants = _target_key(b.target) == _target_key(a.target)
             raise ArchitectureMismatchError(
                 f"models compute differently with the same parameters: the anchor runs "
