@@ -118,15 +118,19 @@ def transport_space(
     """Transport every member axis of ``space`` in ``state`` (updated in place) by ``plan``.
 
     Names of one tensor (tied weights, such as a language model's input embedding and output head)
-    are transported once and keep sharing the result.
+    are transported once and keep sharing the result. Each transported tensor is kept alive with
+    its result until the space is done: a tensor's identity is its address, and a freed tensor's
+    address may be reused by a new one (a weight whose two axes lie in this space is transported
+    twice, and its first result is a new tensor).
     """
-    done: dict[tuple, torch.Tensor] = {}
+    done: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
     for member in space.members:
         tensor = state[member.param]
         key = (tensor_identity(tensor), member.axis, member.layout, member.role, member.groups)
         if key not in done:
-            done[key] = transport_member(tensor, member, space.index, plan, sizes, outgoing)
-        state[member.param] = done[key]
+            moved = transport_member(tensor, member, space.index, plan, sizes, outgoing)
+            done[key] = (tensor, moved)
+        state[member.param] = done[key][1]
 
 
 def tensor_identity(t: torch.Tensor) -> tuple:
