@@ -747,6 +747,58 @@ def test_in_place_arithmetic_in_an_exported_graph_is_fused():
     torch.manual_seed(0)
     model, other, x = InPlaceResidual().eval(), InPlaceResidual().eval(), torch.randn(24, 3, 6, 6)
     graph = otfuse.spaces(model, x[:2])
-    assert graph.capture == "export" and [s.size for s in graph.transportable()] == [8]  # one stream
+    assert graph.capture == "export" and [s.size for s in graph.transportable()] == [
+        8
+    ]  # one stream
     twin = _preserves_and_recovers(model, other, x, ("paper-wts", "paper-acts", "data"))
     assert not torch.equal(twin.conv.weight, model.conv.weight)
+
+
+class TiedAutoencoder(nn.Module):
+    """The encoder's weight decodes too, transposed: its input axis (the model's input, which
+    never moves) then also indexes the reconstruction's units."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc, self.out = nn.Linear(12, 6), nn.Linear(12, 3)
+        self.dec_bias = nn.Parameter(torch.randn(12))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = F.linear(torch.relu(self.enc(x)), self.enc.weight.t(), self.dec_bias)
+        return self.out(torch.relu(r))
+
+
+class AppliedTwice(nn.Module):
+    """One layer on the input and again on its own output: its columns read the input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer, self.out = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.layer(torch.relu(self.layer(x)))))
+
+
+@pytest.mark.parametrize(
+    ("make", "shape", "moved"),
+    [
+        (TiedAutoencoder, (2, 12), [["enc.bias", 0], ["enc.weight", 0]]),
+        (AppliedTwice, (2, 4, 6, 6), []),
+    ],
+)
+def test_a_weight_axis_that_reads_the_models_input_never_moves(make, shape, moved):
+    # the spaces these axes joined through the weight's other use were transported, so the
+    # aligned model no longer read its input as the original did (off by 0.3 of the output)
+    from otfuse.discovery import discover_exported
+
+    torch.manual_seed(0)
+    a, b = make().eval(), make().eval()
+    x = torch.randn(16, *shape[1:])
+    graph = otfuse.spaces(a, x[:2])
+    assert [
+        sorted(map(list, ((m.param, m.axis) for m in s.members))) for s in graph.transportable()
+    ] == ([moved] if moved else [])
+    assert _members(discover_exported(a, x[:2])) == _members(graph)
+    torch.testing.assert_close(otfuse.align(b, a, example_input=x[:2])(x), b(x))
+    fused = otfuse.fuse([a, permuted(a, x[:2], seed=1)[0]], "paper-wts", example_input=x[:2])
+    torch.testing.assert_close(fused.model(x), a(x))

@@ -59,10 +59,9 @@ def _dense(b, node, x_arg: int, w, bias, *, reads: int, writes: int) -> object:
             fixed = Layout.of(b.new_space(size, label(node), fixed=True))
             b.add_member(view.name, param_axis(node, view, j), fixed, "norm")
         return x  # mixes positions (MLP-Mixer's token mixing): the units pass through
-    if isinstance(x, Feature):
-        b.add_member(w.name, param_axis(node, w, reads), x.layout, "consumer")
-    elif isinstance(x, TRACKED):
+    if isinstance(x, TRACKED) and not isinstance(x, Feature):
         raise UnsupportedOpError(f"{label(node)}: a projection of split heads")
+    b.add_reader(w.name, param_axis(node, w, reads), x)
     producers = [(w, writes), (bias, len(bias.axes) - 1 if bias is not None else 0)]
     return open_space(b, node, shape_of(node)[-1], ndim - 1, producers)
 
@@ -86,10 +85,9 @@ def _conv(b: SpaceBuilder, node: torch.fx.Node, w: ParamView, bias, groups: int)
             if view is not None:
                 b.add_member(view.name, param_axis(node, view, 0), layout, "norm")
         return Feature(1, layout)
-    if isinstance(x, Feature):
-        if groups > 1:
-            b.constrain_groups(x.layout, groups, label(node))
-        b.add_member(w.name, param_axis(node, w, 1), x.layout, "consumer", groups=groups)
+    if isinstance(x, Feature) and groups > 1:
+        b.constrain_groups(x.layout, groups, label(node))
+    b.add_reader(w.name, param_axis(node, w, 1), x, groups=groups)
     return open_space(b, node, c_out, 1, [(w, 0), (bias, 0)], groups=groups)
 
 
@@ -104,8 +102,7 @@ def conv_transpose(b: SpaceBuilder, node: torch.fx.Node) -> object:
     x = info_of(b, node.args[0])
     if isinstance(x, TRACKED) and (not isinstance(x, Feature) or x.axis != 1):
         raise UnsupportedOpError(f"{label(node)}: the units are not on the channel axis")
-    if isinstance(x, Feature):
-        b.add_member(w.name, param_axis(node, w, 0), x.layout, "consumer")
+    b.add_reader(w.name, param_axis(node, w, 0), x)
     return open_space(b, node, shape_of(node)[1], 1, [(w, 1), (bias, 0)])
 
 
@@ -375,8 +372,7 @@ def recurrent_cell(b: SpaceBuilder, node: torch.fx.Node) -> object:
             if view is not None:
                 b.add_member(view.name, param_axis(node, view, 0), gated, "producer")
         b.add_member(w_hh.name, param_axis(node, w_hh, 1), own, "consumer")
-    if isinstance(x, Feature):
-        b.add_member(w_ih.name, param_axis(node, w_ih, 1), x.layout, "consumer")
+    b.add_reader(w_ih.name, param_axis(node, w_ih, 1), x)
     states = node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]]
     for state in states:
         info = info_of(b, state)
@@ -431,8 +427,7 @@ def recurrent(b: SpaceBuilder, node: torch.fx.Node) -> object:
                     view.name, param_axis(node, view, 0), own.repeated(outer=gates), "producer"
                 )
             b.add_member(group[1].name, param_axis(node, group[1], 1), own, "consumer")
-            if reads is not None:
-                b.add_member(group[0].name, param_axis(node, group[0], 1), reads, "consumer")
+            b.add_reader(group[0].name, param_axis(node, group[0], 1), reads)
             layouts.append(own)
         reads = Layout(tuple(seg for layout in layouts for seg in layout.segments))
     out = Feature(ndim - 1, reads)

@@ -22,6 +22,7 @@ factories :func:`linear_rule` and :func:`norm_rule` write the common ones, and
 
 from __future__ import annotations
 
+import operator
 import types
 from collections.abc import Callable, Mapping, Sequence
 
@@ -179,6 +180,12 @@ def linear_rule(
             require_axis(node, x, axis, len(shape_of(node.args[0])), "the registered rule")
             for param, param_axis in reads.items():
                 join(b, node, param, param_axis, x, role="consumer")
+        else:  # the model's input or a constant: these axes read units that never move
+            module = b.modules[node.target]
+            for param, param_axis in reads.items():
+                tensor = operator.attrgetter(param)(module)
+                if tensor is not None:
+                    b.add_reader(f"{node.target}.{param}", param_axis % tensor.dim(), None)
         out_axis = axis % ndim
         return open_space(b, node, shape_of(node)[out_axis], out_axis, producers=writes)
 

@@ -83,8 +83,7 @@ def linear(b: SpaceBuilder, node: torch.fx.Node) -> Info:
                 fixed = Layout.of(b.new_space(tensor.shape[axis], str(node.target), fixed=True))
                 b.add_member(f"{node.target}.{name}", axis, fixed, "norm")
         return x  # the units pass through
-    if isinstance(x, Feature):
-        b.add_member(f"{node.target}.weight", 1, x.layout, "consumer")
+    b.add_reader(f"{node.target}.weight", 1, x)
     return open_space(b, node, mod.out_features, ndim - 1)
 
 
@@ -191,8 +190,7 @@ def conv(b: SpaceBuilder, node: torch.fx.Node) -> Info:
     require_axis(node, x, 1, len(shape_of(node)), type(mod).__name__)
     g, c_in, c_out = mod.groups, mod.in_channels, mod.out_channels
     if g == 1:
-        if isinstance(x, Feature):
-            b.add_member(f"{node.target}.weight", 1, x.layout, "consumer")
+        b.add_reader(f"{node.target}.weight", 1, x)
         return open_space(b, node, c_out, 1)
     if g == c_in:  # depthwise: output channel o reads input channel o // (c_out // c_in)
         if not isinstance(x, Feature):
@@ -202,7 +200,7 @@ def conv(b: SpaceBuilder, node: torch.fx.Node) -> Info:
         return Feature(1, layout)
     if isinstance(x, Feature):
         b.constrain_groups(x.layout, g, where(node))
-        b.add_member(f"{node.target}.weight", 1, x.layout, "consumer", groups=g)
+    b.add_reader(f"{node.target}.weight", 1, x, groups=g)
     return open_space(b, node, c_out, 1, groups=g)
 
 
@@ -294,8 +292,7 @@ def _recurrent_members(
         if getattr(mod, f"{name}{suffix}", None) is not None:
             b.add_member(f"{prefix}.{name}{suffix}", 0, own.repeated(outer=gates), "producer")
     b.add_member(f"{prefix}.weight_hh{suffix}", 1, own, "consumer")
-    if reads is not None:
-        b.add_member(f"{prefix}.weight_ih{suffix}", 1, reads, "consumer")
+    b.add_reader(f"{prefix}.weight_ih{suffix}", 1, reads)
 
 
 #: how a traced state of zeros is made (an RNN's initial state that need not be permuted)
@@ -323,8 +320,7 @@ def conv_transpose(b: SpaceBuilder, node: torch.fx.Node) -> Info:
     require_axis(node, x, 1, len(shape_of(node)), type(mod).__name__)
     if mod.groups != 1:
         raise UnsupportedOpError(f"{where(node)}: grouped {type(mod).__name__} is not supported")
-    if isinstance(x, Feature):
-        b.add_member(f"{node.target}.weight", 0, x.layout, "consumer")
+    b.add_reader(f"{node.target}.weight", 0, x)
     producers = {"weight": 1, **({"bias": 0} if mod.bias is not None else {})}
     return open_space(b, node, mod.out_channels, 1, producers=producers)
 

@@ -95,6 +95,8 @@ class SpaceBuilder:
         self.heads_fixed: set[int] = set()
         self.aliases: dict[str, tuple[str, ...]] = {}  # parameter -> its other state_dict names
         self.canonical: dict[str, str] = {}  # state_dict name -> the first name of its tensor
+        # (param, axis) that read values whose units never move (the model's input, a constant)
+        self.reads_fixed: set[tuple[str, int]] = set()
 
     def know_tied(self, model: nn.Module) -> None:
         """Learn ``model``'s tied tensors (one tensor under several ``state_dict`` names: a shared
@@ -299,6 +301,21 @@ class SpaceBuilder:
         self.members.append(member)
         self.params_seen.add(param)
 
+    def add_reader(
+        self, param: str, axis: int, reads: Info | Layout, role: Role = "consumer", groups: int = 1
+    ) -> None:
+        """Record that axis ``axis`` of ``param`` reads the units ``reads`` (a weight's columns): a
+        member of their space when they are tracked (a :class:`Feature`, or their
+        :class:`Layout`). Otherwise it reads values
+        whose units never move (the model's input, a constant), so neither may this axis: a space
+        it joins through another use of the parameter (a weight used again, or transposed, along
+        units) is fixed when the graph is built."""
+        layout = reads.layout if isinstance(reads, Feature) else reads
+        if isinstance(layout, Layout):
+            self.add_member(param, axis, layout, role, groups)
+        else:
+            self.reads_fixed.add((self.canonical.get(param, param), axis))
+
     def add_module_members(
         self, prefix: str, names: Iterable[str], axis: int, layout: Layout, role: Role
     ) -> None:
@@ -317,6 +334,9 @@ class SpaceBuilder:
 
     # -- result ---------------------------------------------------------------------------------
     def build(self, capture: str = "fx") -> SpaceGraph:
+        for member in self.members:  # an axis that also reads unmoving values cannot move
+            if (member.param, member.axis) in self.reads_fixed:
+                self.fix(member.layout)
         members = [replace(m, layout=self.expand(m.layout)) for m in self.members]
         members += [replace(m, param=a) for m in members for a in self.aliases.get(m.param, ())]
         roots = sorted({self.find(m_space) for m in members for m_space in m.layout.spaces()})
