@@ -157,7 +157,15 @@ def check_inputs(inputs: torch.Tensor) -> torch.Tensor:
 
 
 def check_fits(inputs: torch.Tensor, example: torch.Tensor | tuple, model: nn.Module) -> None:
-    """``inputs`` (N, ...) have the per-input shape of ``example``, in words when they do not."""
+    """``inputs`` (N, ...) have the per-input shape of ``example``, in words when they do not; a
+    model of several inputs (``example`` a tuple of them) takes no data: the stages that read data
+    run the models on one tensor."""
+    if isinstance(example, (tuple, list)) and len(example) != 1:
+        raise DataError(
+            f"the models take {len(example)} inputs (example_input is a tuple of {len(example)}); "
+            "fusing them with data is not supported: the data stages run the models on one tensor "
+            "of inputs (fuse without data, e.g. recipe='paper-wts')"
+        )
     if not isinstance(example, torch.Tensor) or inputs.shape[1:] == example.shape[1:]:
         return
     raise DataError(_mismatch(tuple(inputs.shape[1:]), tuple(example.shape[1:]), model))

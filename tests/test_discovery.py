@@ -802,3 +802,64 @@ def test_a_weight_axis_that_reads_the_models_input_never_moves(make, shape, move
     torch.testing.assert_close(otfuse.align(b, a, example_input=x[:2])(x), b(x))
     fused = otfuse.fuse([a, permuted(a, x[:2], seed=1)[0]], "paper-wts", example_input=x[:2])
     torch.testing.assert_close(fused.model(x), a(x))
+
+
+class Unpooling(nn.Module):
+    """Max pooling that returns its indices, and unpooling by them (a SegNet-style decoder)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.out = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 3, 3, padding=1)
+        self.pool, self.unpool = nn.MaxPool2d(2, return_indices=True), nn.MaxUnpool2d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        up = self.unpool(*self.pool(F.relu(self.conv(x))))
+        return self.out(F.max_unpool2d(*F.max_pool2d(up, 2, return_indices=True), 2))
+
+
+class ChannelConstant(nn.Module):
+    """A per-channel tensor made in forward: not a parameter, so its channels cannot move."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c, self.d, self.e = (
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.Conv2d(8, 6, 1),
+            nn.Conv2d(6, 4, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.c(x) * torch.linspace(0.5, 1, 8).view(1, 8, 1, 1)
+        return self.e(torch.relu(self.d(h) * 2.0)).mean((2, 3))
+
+
+@pytest.mark.parametrize(("make", "sizes"), [(Unpooling, [8]), (ChannelConstant, [6])])
+def test_unpooling_and_constants_made_in_forward_are_captured(make, sizes):
+    # unpooling was a TypeError inside the pooling rule, the constant a KeyError when transported
+    from otfuse.discovery import discover_exported
+
+    torch.manual_seed(0)
+    a, b = make().eval(), make().eval()
+    x = torch.randn(16, 3, 8, 8)
+    graph = otfuse.spaces(a, x[:2])
+    assert [s.size for s in graph.transportable()] == sizes
+    assert _members(discover_exported(a, x[:2])) == _members(graph)
+    torch.testing.assert_close(otfuse.align(b, a, example_input=x[:2])(x), b(x))
+    fused = otfuse.fuse([a, permuted(a, x[:2], seed=1)[0]], "paper-wts", example_input=x[:2])
+    torch.testing.assert_close(fused.model(x), a(x))
+
+
+class NamedMeta(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.meta, self.out = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.meta(x)))
+
+
+def test_a_submodule_named_as_a_graph_modules_attribute_is_one_line():
+    # torch.export's graph then failed its own check with a traceback
+    with pytest.raises(OtfuseError, match="attribute 'meta' .* rename it") as error:
+        otfuse.spaces(NamedMeta(), torch.randn(2, 4))
+    assert "\n" not in str(error.value)

@@ -195,3 +195,29 @@ def test_token_ids_outside_the_vocabulary_or_floats_are_one_line(data, example_i
             call()
     ok = otfuse.fuse(models, "data", data=torch.randint(0, 13, (16, 5)), example_input=x[:2] % 13)
     assert ok.model(x % 13).shape == (2, 5, 13)
+
+
+class TwoInputs(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.image, self.extra = torch.nn.Conv2d(3, 8, 3), torch.nn.Linear(4, 8)
+        self.out = torch.nn.Linear(8, 5)
+
+    def forward(self, image: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.image(image)).mean((2, 3)) + torch.relu(self.extra(meta)))
+
+
+def test_models_of_two_inputs_fuse_without_data_and_refuse_data_in_one_line():
+    # data for them was a torch.fx RuntimeError (the data stages run the models on one tensor)
+    torch.manual_seed(0)
+    models = [TwoInputs().eval() for _ in range(2)]
+    x = (torch.randn(16, 3, 8, 8), torch.randn(16, 4))
+    fused = otfuse.fuse(models, "paper-wts", example_input=x).model
+    assert fused(*x).shape == (16, 5)
+    itself = otfuse.fuse([models[0], models[0]], example_input=x).model  # the no-data default
+    torch.testing.assert_close(itself(*x), models[0](*x))
+    items = [(torch.randn(3, 8, 8), torch.randn(4)) for _ in range(32)]
+    for call in (otfuse.fuse, lambda ms, **kw: otfuse.align(ms[1], ms[0], **kw)):
+        with pytest.raises(DataError, match="take 2 inputs .* not supported") as error:
+            call(models, example_input=x, data=items)
+        assert "\n" not in str(error.value)

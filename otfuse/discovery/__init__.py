@@ -181,6 +181,8 @@ def _visit(b: SpaceBuilder, node: torch.fx.Node) -> Info:
     if node.op == "placeholder":
         return None
     if node.op == "get_attr":
+        if str(node.target) not in b.aliases:  # b.know_tied learnt the state dict's names
+            return None  # a constant made in forward (fx's _tensor_constant): never transported
         return ParamRef(str(node.target))
     if node.op == "output":
         for arg in _flatten(node.args):

@@ -37,11 +37,13 @@ from otfuse.discovery.aten_layers import (
     nonlinearity,
     padding,
     pooling,
+    pooling_with_indices,
     prelu,
     recurrent,
     recurrent_cell,
     reduction,
     unary,
+    unpooling,
     vector_norm,
 )
 from otfuse.discovery.aten_shapes import (
@@ -107,6 +109,14 @@ ATEN_RULES: dict[object, Rule] = {
             "clamp_min_ clamp_max_"
         )
     },
+    **{
+        p: pooling_with_indices
+        for p in _packets(
+            "max_pool1d_with_indices max_pool2d_with_indices max_pool3d_with_indices "
+            "adaptive_max_pool1d adaptive_max_pool2d adaptive_max_pool3d"
+        )
+    },
+    **{p: unpooling for p in _packets("max_unpool2d max_unpool3d")},
     **{
         p: pooling
         for p in _packets(

@@ -199,6 +199,23 @@ def pooling(b: SpaceBuilder, node: torch.fx.Node) -> object:
     return x if isinstance(x, Feature) else None
 
 
+def pooling_with_indices(b: SpaceBuilder, node: torch.fx.Node) -> object:
+    """``max_pool*_with_indices`` / ``adaptive_max_pool*``: (pooled, indices), both with the
+    input's channels (axis 1)."""
+    x = pooling(b, node)
+    return (x, x) if x is not None else None
+
+
+def unpooling(b: SpaceBuilder, node: torch.fx.Node) -> object:
+    """``max_unpool2d/3d(x, indices, ...)``: the channels keep their units, the indices' own."""
+    x, indices = pooling(b, node), info_of(b, node.args[1])
+    if isinstance(x, Feature) and isinstance(indices, Feature):
+        b.merge_layouts(x.layout, indices.layout, label(node))
+    elif isinstance(x, Feature) != isinstance(indices, Feature):
+        raise UnsupportedOpError(f"{label(node)}: unpools with indices of other units")
+    return x
+
+
 def padding(b: SpaceBuilder, node: torch.fx.Node) -> object:
     """``constant_pad_nd`` / ``reflection_pad*`` / ``replication_pad*``: pads the last
     ``len(pad) // 2`` axes; the units' axis only by zero (:func:`rules.pads_axis`)."""

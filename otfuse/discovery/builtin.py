@@ -35,6 +35,7 @@ from otfuse.discovery.rules import (
     reduction,
     reshape,
     stack,
+    unpooling,
 )
 
 MODULE_RULES: list[tuple[tuple[type, ...], Rule]] = [
@@ -97,6 +98,7 @@ MODULE_RULES: list[tuple[tuple[type, ...], Rule]] = [
         ),
         pooling,
     ),
+    ((nn.MaxUnpool1d, nn.MaxUnpool2d, nn.MaxUnpool3d), unpooling),
     (
         (
             nn.ZeroPad1d,
@@ -237,6 +239,7 @@ FUNCTION_RULES: dict[object, Rule] = {
     **{t: elementwise for t in _ELEMENTWISE},
     **{t: pooling for t in _POOLING},
     F.pad: padding,
+    **{t: unpooling for t in (F.max_unpool1d, F.max_unpool2d, F.max_unpool3d)},
     **{t: reshape for t in _RESHAPE},
     **{t: permute for t in _PERMUTE},
     **{t: reduction for t in _REDUCTION},

@@ -44,12 +44,11 @@ def export_graph(model: nn.Module, example_input: torch.Tensor | tuple) -> torch
     name = type(model).__name__
     with evaluating([model]), _quiet():
         try:
-            program = _export(model, inputs)
+            gm = _export(model, inputs).module()
         except Exception as exc:  # noqa: BLE001 - any capture failure is reported the same way
             raise OtfuseError(
                 f"cannot capture {name} with torch.export ({_first_line(exc)})"
             ) from None
-        gm = program.module()
         if _shapes_from_export(gm):
             return gm
         try:

@@ -392,8 +392,23 @@ def nonlinearity(b: SpaceBuilder, node: torch.fx.Node) -> Info:
 
 
 def pooling(b: SpaceBuilder, node: torch.fx.Node) -> Info:
+    """Pooling over the positions: the channels (axis 1) keep their units; max pooling that returns
+    its indices as well gives (pooled, indices), both with the input's units on axis 1."""
     x = tracked_input(b, node)
-    require_axis(node, x, 1, len(shape_of(node)), "pooling")
+    shape = shape_of(node) or shape_of(node.args[0])
+    require_axis(node, x, 1, len(shape), "pooling")
+    return (x, x) if shape_of(node) is None and isinstance(x, Feature) else x
+
+
+def unpooling(b: SpaceBuilder, node: torch.fx.Node) -> Info:
+    """``MaxUnpool(x, indices)``: scatters each channel's values back to the positions its indices
+    name; the channels keep their units, which must be those of the indices'."""
+    x, indices = tracked_input(b, node), info_of(b, node.args[1]) if len(node.args) > 1 else None
+    require_axis(node, x, 1, len(shape_of(node)), "unpooling")
+    if isinstance(x, Feature) and isinstance(indices, Feature):
+        b.merge_layouts(x.layout, indices.layout, where(node))
+    elif isinstance(x, Feature) != isinstance(indices, Feature):
+        raise UnsupportedOpError(f"{where(node)}: unpools with indices of other units")
     return x
 
 

@@ -553,6 +553,12 @@ class ShapeRecorder(torch.fx.Interpreter):
 
 
 def _trace_failure(model: nn.Module, tracer: LeafTracer, exc: Exception) -> str:
+    clash = _graph_module_names(model)
+    if clash:
+        return (
+            f"cannot trace {type(model).__name__}: its attribute '{clash[0]}' has the name of an "
+            "attribute of torch.fx's GraphModule, which the traced graph holds it in; rename it"
+        )
     inside, hint = "", ""
     if tracer.failed_in is not None:
         path, cls = tracer.failed_in
@@ -562,6 +568,17 @@ def _trace_failure(model: nn.Module, tracer: LeafTracer, exc: Exception) -> str:
         f"cannot trace {type(model).__name__} with torch.fx ({inside}{_first_line(exc)}); "
         f"otfuse needs a model without data-dependent Python control flow{hint}"
     )
+
+
+def _graph_module_names(model: nn.Module) -> list[str]:
+    """The names of ``model``'s own submodules, parameters and buffers that a traced graph
+    (:class:`torch.fx.GraphModule`, which holds them as its attributes) already uses itself, such
+    as ``meta``."""
+    own = vars(torch.fx.GraphModule(nn.Module(), torch.fx.Graph()))
+    names = [n for n, _ in model.named_children()]
+    names += [n for n, _ in model.named_parameters(recurse=False)]
+    names += [n for n, _ in model.named_buffers(recurse=False)]
+    return [n for n in names if n in own or hasattr(torch.fx.GraphModule, n)]
 
 
 def _first_line(exc: Exception) -> str:
