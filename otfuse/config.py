@@ -9,9 +9,9 @@ declared twice. Recipes are named configs:
   alignment (weights, correlation of pre-activations, or post-activations) whose fused model is
   closest to the parents' prediction ensemble on those inputs (no labels), then the stages
   ``bn_reset``, ``repair`` and ``refit``.
-* ``data-free``: without data, 64 inputs synthesised from the parents (their BatchNorm statistics or
-  the classes they recognise; 60 Adam steps at 0.3, the models in bfloat16 where the device computes
-  it natively), then the ``data`` recipe on them with its two
+* ``data-free``: without data, inputs synthesised from the parents (64 in 60 Adam steps at 0.3 from
+  their BatchNorm statistics, or 128 in 30 steps from the classes they recognise; the models in
+  bfloat16 where the device computes it natively), then the ``data`` recipe on them with its two
   activation-based candidate alignments; for models where neither applies,
   weight-matching refinement and (K > 2) alignment to the average.
 
@@ -38,6 +38,7 @@ Outgoing = Literal["average", "sum"]
 StageName = Literal["bn_reset", "repair", "refit", "distill"]
 Targets = Literal["average", "ensemble", "confident", "coverage"]
 SynthesisPrecision = Literal["auto", "float32", "bfloat16"]
+Auto = Literal["auto"]
 RecipeName = Literal["paper-wts", "paper-acts", "data", "data-free", "custom"]
 
 ALIGNMENT_FIELDS = ("mode", "solver", "cost", "marginals", "reg", "activations", "outgoing")
@@ -100,10 +101,16 @@ class FusionConfig:
     distill_steps: int = _option(300, "distill stage: Adam steps towards the parents' mixture")
     distill_lr: float = _option(3e-4, "distill stage: Adam's step size")
     distill_batch: int = _option(128, "distill stage: inputs per step")
-    synthesize: int = _option(
-        0, "without data: synthesise this many inputs from the models (0: off)"
+    synthesize: int | Auto = _option(
+        0,
+        "without data: synthesise this many inputs from the models (0: off; auto: 64 for models "
+        "with BatchNorm statistics, 128 for classifiers without, 64 sequences for language models)",
     )
-    synthesis_steps: int = _option(60, "optimisation steps of the synthesised inputs")
+    synthesis_steps: int | Auto = _option(
+        "auto",
+        "optimisation steps of the synthesised inputs (auto: 60 with BatchNorm statistics, 30 for "
+        "classifiers without)",
+    )
     synthesis_lr: float = _option(0.3, "Adam's step size for the synthesised inputs")
     synthesis_precision: SynthesisPrecision = _option(
         "auto",
@@ -201,6 +208,10 @@ def _hints() -> dict[str, Any]:
     return _HINTS
 
 
+# whole-number fields that also take "auto" (a value chosen where it is used)
+AUTO_NUMBERS = ("synthesize", "synthesis_steps")
+
+
 def _coerce(name: str, value: Any, hint: Any) -> Any:
     """Check ``value`` against the field's type; sequences become tuples."""
     allowed = choices(name)
@@ -229,9 +240,12 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         if not isinstance(value, bool):
             raise ConfigError(f"{name} must be true or false, not {value!r}")
         return value
-    if hint is int:
+    if name in AUTO_NUMBERS and value == "auto":
+        return value
+    if hint is int or name in AUTO_NUMBERS:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{name} must be a whole number, not {value!r}")
+            auto = " or auto" if name in AUTO_NUMBERS else ""
+            raise ConfigError(f"{name} must be a whole number{auto}, not {value!r}")
         return value
     if hint is float:
         return _number(name, value)
@@ -284,9 +298,9 @@ def _check_ranges(c: FusionConfig) -> None:
     if not c.distill_lr > 0:
         raise ConfigError(f"distill_lr must be positive, not {c.distill_lr}")
     for name in ("num_samples", "max_sweeps", "synthesis_steps", "distill_steps", "distill_batch"):
-        if getattr(c, name) < 1:
+        if getattr(c, name) != "auto" and getattr(c, name) < 1:
             raise ConfigError(f"{name} must be at least 1, not {getattr(c, name)}")
-    if c.synthesize < 0:
+    if c.synthesize != "auto" and c.synthesize < 0:
         raise ConfigError(f"synthesize must be a number of inputs (0 or more), not {c.synthesize}")
     if c.anchor < 0:
         raise ConfigError(f"anchor must be an index (0 or more), not {c.anchor}")
@@ -336,7 +350,7 @@ RECIPES: dict[str, FusionConfig] = {
 # best of 12 VGG11 / ResNet-18 fusions measured, yet was chosen in 2 of them, 5-9 points worse)
 RECIPES["data-free"] = RECIPES["data"].replace(
     recipe="data-free",
-    synthesize=64,
+    synthesize="auto",
     candidates=tuple(c for c in RECIPES["data"].candidates if c["mode"] == "acts"),
 )
 

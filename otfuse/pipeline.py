@@ -31,7 +31,7 @@ from otfuse.errors import DataError, OtfuseError
 from otfuse.modes import evaluating
 from otfuse.refit import output_scores
 from otfuse.stages import run_stages, stage_names
-from otfuse.synthesis import can_synthesize, scores_of, synthesize_inputs
+from otfuse.synthesis import budget, can_synthesize, scores_of, synthesize_inputs
 from otfuse.transport import TransportPlan
 from otfuse.validation import (
     check_anchor,
@@ -201,6 +201,8 @@ def _without_data(
             stages=(), candidates=(),
         )  # fmt: skip
         return None, fallback.replace(**given) if given else fallback
+    count, steps = budget(models, example, config.synthesize, config.synthesis_steps)
+    config = config.replace(synthesize=count, synthesis_steps=max(steps, 1))  # what runs
     inputs = synthesized_inputs(models, example, config, progress=clock.progress.bars)
     clock.lap("synthesize")
     return inputs, config.replace(num_samples=len(inputs))

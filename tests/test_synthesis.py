@@ -74,7 +74,7 @@ def test_classifiers_get_inputs_they_recognise_as_the_assigned_classes():
     x = example("mlp")
     # light smoothing: this untrained fixture's class directions are pixel noise, which the default
     # CLASS_SMOOTHNESS (chosen on trained models) smooths away
-    synthetic = synthesize_inputs(models, x, num_samples=50, smoothness=0.05)
+    synthetic = synthesize_inputs(models, x, num_samples=50, steps=60, smoothness=0.05)
     noise = torch.randn(synthetic.shape, generator=torch.Generator().manual_seed(0))
     labels = torch.arange(50) % 5
     for model in models:
@@ -138,9 +138,33 @@ def test_a_model_passed_twice_comes_back_as_it_was():
     assert model.training and all(p.requires_grad for p in model.parameters())
 
 
-@pytest.mark.parametrize("count", [-1, 2.5, True])
+def test_the_automatic_budget_follows_the_objective_and_records_what_ran(monkeypatch):
+    import otfuse.pipeline
+
+    seen = []
+    original = otfuse.pipeline.synthesize_inputs
+
+    def spy(models, example_input, **kwargs):
+        out = original(models, example_input, **{**kwargs, "steps": 2})  # the fixtures: fast
+        seen.append((kwargs["num_samples"], kwargs["steps"], len(out)))
+        return out
+
+    monkeypatch.setattr(otfuse.pipeline, "synthesize_inputs", spy)
+    resnets = [build("resnet", seed=0), build("resnet", seed=1)]  # BatchNorm statistics
+    mlps = [build("mlp", seed=0), build("mlp", seed=1)]  # the class term
+    assert otfuse.FusionConfig.from_recipe("data-free").synthesis_steps == "auto"
+    stats = otfuse.fuse(resnets, example_input=example("resnet")).config
+    classes = otfuse.fuse(mlps, example_input=example("mlp")).config
+    given = otfuse.fuse(mlps, example_input=example("mlp"), synthesize=16).config
+    assert seen == [(64, 60, 64), (128, 30, 128), (16, 30, 16)]
+    assert (stats.synthesize, stats.synthesis_steps, stats.num_samples) == (64, 60, 64)
+    assert (classes.synthesize, classes.synthesis_steps, classes.num_samples) == (128, 30, 128)
+    assert (given.synthesize, given.synthesis_steps) == (16, 30)
+
+
+@pytest.mark.parametrize("count", [-1, 2.5, True, "many"])
 def test_a_bad_synthesis_count_is_a_clear_error(count):
-    with pytest.raises(OtfuseError, match="synthesize must be a (whole|number)"):
+    with pytest.raises(OtfuseError, match="synthesize must be a (whole|number)|or auto"):
         otfuse.fuse(
             [build("mlp"), build("mlp", seed=1)], example_input=example("mlp"), synthesize=count
         )

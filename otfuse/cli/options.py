@@ -6,7 +6,7 @@ Every field of :func:`otfuse.config.option_fields` is a flag of the same name (`
 
 * a ``Literal`` (``mode``, ``solver``, ...): one of its values (``--recipe``: a recipe name);
 * ``bool``: ``--refine`` / ``--no-refine``;
-* ``int`` / ``float``: a number;
+* ``int`` / ``float``: a number (or a word the field also takes: ``--synthesize auto``);
 * a tuple (``stages``, ``weights``): a comma list, ``--stages bn_reset,repair``; ``none`` for an
   empty one (``--stages none``) or, where the field may be None, for None (``--weights none``);
 * rows of numbers (``class_counts``): rows split by ``;``, ``--class-counts '6000,600;0,5400'`` (quoted for the shell), or
@@ -50,6 +50,7 @@ class Kind:
     base: Any  # bool, int, float, str, ROWS, or a tuple of allowed strings (a Literal)
     is_list: bool = False
     optional: bool = False
+    words: tuple[str, ...] = ()  # words a number field also takes ("auto")
 
     def parse(self, text: str) -> Any:
         """Text (a flag's value, or a string in YAML) -> the field's value."""
@@ -65,6 +66,8 @@ class Kind:
     def parse_item(self, text: str) -> Any:
         """One value (of a list, or of a scalar field)."""
         text = text.strip()
+        if text in self.words:
+            return text
         if self.base == ROWS:
             return parse_rows(text)
         if isinstance(self.base, tuple):
@@ -88,7 +91,8 @@ class Kind:
         one = "{" + ",".join(self.base) + "}" if isinstance(self.base, tuple) else None
         if self.is_list:
             return f"{'|'.join(self.base)},..." if isinstance(self.base, tuple) else "X,Y,..."
-        return one or {int: "N", float: "X"}.get(self.base)
+        number = {int: "N", float: "X"}.get(self.base)
+        return one or ("|".join((number, *self.words)) if number and self.words else number)
 
 
 ROWS = "rows"  # Kind.base of a field holding rows of numbers (a tuple of tuples)
@@ -139,10 +143,12 @@ def kind_of(name: str) -> Kind:
     hint = typing.get_type_hints(FusionConfig)[name]
     if _holds_rows(hint):
         return Kind(ROWS, optional=True)
-    optional = False
+    optional, words = False, ()
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         optional, hint = len(args) < len(typing.get_args(hint)), args[0]
+        literals = [a for a in args[1:] if typing.get_origin(a) is Literal]
+        words = tuple(w for a in literals for w in typing.get_args(a))
     is_list = typing.get_origin(hint) is tuple
     if is_list:
         hint = typing.get_args(hint)[0]
@@ -151,7 +157,7 @@ def kind_of(name: str) -> Kind:
     if typing.get_origin(hint) is Literal:
         return Kind(tuple(typing.get_args(hint)), is_list, optional)
     if hint in (bool, int, float, str):
-        return Kind(hint, is_list, optional)
+        return Kind(hint, is_list, optional, words)
     return Kind(str, is_list, optional)
 
 

@@ -15,6 +15,7 @@ from otfuse import cli, zoo
 from otfuse.checkpoints import load_state_dict, save_model, sha256_file
 from otfuse.config import FusionConfig
 from otfuse.data import load_dataset
+from otfuse.synthesis import AUTO_BUDGET
 from otfuse.training import evaluate
 
 from .util import call, call_ok, mlp, one_line_error, save, succeeded
@@ -32,7 +33,9 @@ def test_fusing_a_permuted_copy_gives_back_the_same_weights(work, results):
     ]
     assert report["given"] == {}
     assert report["config"]["recipe"] == "data-free"  # the library's default without data
-    assert report["config"]["synthesize"] == FusionConfig.from_recipe("data-free").synthesize
+    assert FusionConfig.from_recipe("data-free").synthesize == "auto"
+    assert report["config"]["synthesize"] == AUTO_BUDGET["classes"][0]  # what ran: no BatchNorm
+    assert report["config"]["synthesis_steps"] == AUTO_BUDGET["classes"][1]
     assert report["inputs"] in ("synthesized", "none")  # no --data
     assert report["data"] is None
     assert report["costs"][0] == {}  # the anchor

@@ -42,6 +42,10 @@ def test_every_option_field_is_a_flag_with_its_help():
         (["--no-refine", "--to-average"], {"refine": False, "to_average": True}),
         (["--reg", "1e-3", "--num-samples", "64"], {"reg": 0.001, "num_samples": 64}),
         (["--mode", "acts", "--cost", "cosine"], {"mode": "acts", "cost": "cosine"}),
+        (
+            ["--synthesize", "auto", "--synthesis-steps", "12"],
+            {"synthesize": "auto", "synthesis_steps": 12},
+        ),
     ],
 )
 def test_flags_take_the_fields_types(flags, want):
