@@ -97,13 +97,15 @@ ATEN_RULES: dict[object, Rule] = {
         p: nonlinearity
         for p in _packets(
             "relu relu_ gelu silu tanh sigmoid elu leaky_relu hardswish mish softplus hardtanh "
-            "relu6 gelu_ silu_ tanh_ sigmoid_ elu_ leaky_relu_ hardswish_ mish_ hardtanh_"
+            "relu6 gelu_ silu_ tanh_ sigmoid_ elu_ leaky_relu_ hardswish_ mish_ hardtanh_ "
+            "selu selu_ celu celu_ hardsigmoid hardsigmoid_ log_sigmoid softshrink hardshrink "
+            "threshold threshold_ rrelu rrelu_ rrelu_with_noise softsign"
         )
     },
     **{
         p: unary
         for p in _packets(
-            "dropout alias clone contiguous detach to _to_copy type_as lift_fresh_copy neg exp "
+            "dropout alpha_dropout feature_alpha_dropout feature_dropout alias clone contiguous detach to _to_copy type_as lift_fresh_copy neg exp "
             "rsqrt sqrt abs cos sin erf log reciprocal square softmax _softmax log_softmax "
             "_log_softmax clamp clamp_min clamp_max neg_ exp_ rsqrt_ sqrt_ abs_ clamp_ "
             "clamp_min_ clamp_max_"
