@@ -9,6 +9,7 @@ from dataclasses import replace
 import torch
 import torch.fx
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from otfuse.discovery.aten_layers import (
     _conv,
@@ -492,7 +493,7 @@ def matmul(b: SpaceBuilder, node: torch.fx.Node) -> object:
 
 
 def module_call(b: SpaceBuilder, node: torch.fx.Node) -> object:
-    """A model's ``nn.Linear``, ``nn.Conv1d/2d`` or ``nn.LayerNorm`` called as a module (see
+    """A model's ``nn.Linear``, ``nn.Conv1d/2d``, ``nn.LayerNorm`` or BatchNorm called as a module (see
     :func:`otfuse.discovery.export.modularize`); any other module is not understood."""
     module = b.modules[node.target]
     views = {
@@ -507,9 +508,23 @@ def module_call(b: SpaceBuilder, node: torch.fx.Node) -> object:
         return _conv(b, node, w, bias, module.groups)
     if isinstance(module, nn.LayerNorm):
         return _norm(b, node, len(module.normalized_shape), [w, bias])
+    if isinstance(module, _BatchNorm):
+        return _batch_norm_module(b, node)
     if views:
         raise UnsupportedOpError(f"module '{node.target}' of the exported graph holds weights")
     return None
+
+
+def _batch_norm_module(b: SpaceBuilder, node: torch.fx.Node) -> object:
+    """A BatchNorm module on channels (axis 1): its weight, bias and running statistics join them."""
+    x = info_of(b, node.args[0])
+    if isinstance(x, TRACKED) and (not isinstance(x, Feature) or x.axis != 1):
+        raise UnsupportedOpError(f"{label(node)}: the units are not on the channel axis")
+    if isinstance(x, Feature):
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            b.add_member(b.canonical[f"{node.target}.{name}"], 0, x.layout, "norm")
+        b.tag(node, x, "norm")
+    return x
 
 
 def no_units(b: SpaceBuilder, node: torch.fx.Node) -> object:

@@ -113,7 +113,8 @@ def _export(model: nn.Module, inputs: tuple):
 
 
 def modularize(gm: torch.fx.GraphModule, model: nn.Module) -> torch.fx.GraphModule:
-    """Calls of the model's ``nn.Linear``, ``nn.Conv1d/2d`` and ``nn.LayerNorm`` become
+    """Calls of the model's ``nn.Linear``, ``nn.Conv1d/2d``, ``nn.LayerNorm`` and (eval-mode)
+    ``nn.BatchNorm1d/2d/3d`` become
     ``call_module`` nodes again (same name, same shape annotation), so the stages that work layer
     by layer (repair, refit) find them as in an fx trace. ``gm`` is changed in place and returned."""
     modules = dict(model.named_modules())
@@ -134,9 +135,30 @@ def modularize(gm: torch.fx.GraphModule, model: nn.Module) -> torch.fx.GraphModu
     return gm
 
 
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _batch_norm_of(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str | None:
+    """The BatchNorm module whose eval-mode call ``node`` (``aten.batch_norm(x, weight, bias,
+    running_mean, running_var, training=False, momentum, eps, ...)``) is exactly, or None."""
+    names = [
+        a.target if isinstance(a, torch.fx.Node) and a.op == "get_attr" else a for a in node.args
+    ]
+    if len(names) < 8 or not isinstance(names[1], str) or names[5] is not False:
+        return None
+    path = names[1].rsplit(".", 1)[0]
+    module = modules.get(path)
+    wanted = [f"{path}.{n}" for n in ("weight", "bias", "running_mean", "running_var")]
+    if type(module) not in _BATCH_NORMS or names[1:5] != wanted or names[7] != module.eps:
+        return None
+    return path if module.affine and module.track_running_stats else None
+
+
 def _module_of(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str | None:
     """The module whose call ``node`` is exactly, or None."""
     packet = getattr(node.target, "overloadpacket", None)
+    if node.op == "call_function" and packet is aten.batch_norm:
+        return _batch_norm_of(node, modules)
     if node.op != "call_function" or packet not in (aten.linear, aten.conv1d, aten.conv2d):
         if packet is not aten.layer_norm:
             return None
