@@ -37,6 +37,7 @@ from otfuse.validation import (
     check_anchor,
     check_fits,
     check_models,
+    check_one_input,
     check_token_ids,
     data_does_not_fit,
     example_input_for,
@@ -138,6 +139,8 @@ def fuse(
     sample, example = to_model_dtype(sample, anchor), to_model_dtype(example, anchor)
     check_token_ids(sample, example, anchor)
     if sample is not None:
+        acts = any(c.get("mode") == "acts" for c in config.candidates)
+        check_one_input(example, config.needs_data or acts)
         check_fits(sample, example, anchor)
     cache = GraphCache(example)
     try:
@@ -373,6 +376,7 @@ def align(
     sample, example = to_model_dtype(sample, anchor), to_model_dtype(example, anchor)
     check_token_ids(sample, example, anchor)
     if sample is not None:
+        check_one_input(example, config.mode == "acts")
         check_fits(sample, example, anchor)
     if config.mode == "acts" and sample is None:
         raise DataError("mode='acts' needs data: pass data=<inputs> (a tensor or a dataset)")

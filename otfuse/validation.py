@@ -156,16 +156,19 @@ def check_inputs(inputs: torch.Tensor) -> torch.Tensor:
     return inputs
 
 
-def check_fits(inputs: torch.Tensor, example: torch.Tensor | tuple, model: nn.Module) -> None:
-    """``inputs`` (N, ...) have the per-input shape of ``example``, in words when they do not; a
-    model of several inputs (``example`` a tuple of them) takes no data: the stages that read data
-    run the models on one tensor."""
-    if isinstance(example, (tuple, list)) and len(example) != 1:
+def check_one_input(example: torch.Tensor | tuple, reads_data: bool) -> None:
+    """A model of several inputs (``example`` a tuple of them) is not fused on data: the stages and
+    activations that read data run the models on one tensor of inputs."""
+    if reads_data and isinstance(example, (tuple, list)) and len(example) != 1:
         raise DataError(
             f"the models take {len(example)} inputs (example_input is a tuple of {len(example)}); "
-            "fusing them with data is not supported: the data stages run the models on one tensor "
-            "of inputs (fuse without data, e.g. recipe='paper-wts')"
+            "fusing them on data is not supported: what reads data runs the models on one tensor "
+            "of inputs (fuse without data, or with weights alone: recipe='paper-wts')"
         )
+
+
+def check_fits(inputs: torch.Tensor, example: torch.Tensor | tuple, model: nn.Module) -> None:
+    """``inputs`` (N, ...) have the per-input shape of ``example``, in words when they do not."""
     if not isinstance(example, torch.Tensor) or inputs.shape[1:] == example.shape[1:]:
         return
     raise DataError(_mismatch(tuple(inputs.shape[1:]), tuple(example.shape[1:]), model))

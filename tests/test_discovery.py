@@ -897,3 +897,47 @@ def test_elementwise_activations_keep_the_units_in_both_captures(act):
         [model, permuted(model, x[:2], seed=1)[0]], "paper-wts", example_input=x[:2]
     )
     torch.testing.assert_close(fused.model(x), model(x))
+
+
+class ZeroStartRecurrence(nn.Module):
+    """A hand-written recurrence from a state of zeros (the character-level RNN of PyTorch's
+    tutorial): at the first step its weight reads zeros, which any permutation leaves as they are."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.i2h, self.h2o = nn.Linear(5 + 8, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = torch.zeros(x.shape[0], 8)
+        for t in range(x.shape[1]):
+            hidden = torch.tanh(self.i2h(torch.cat((x[:, t], hidden), 1)))
+        return self.h2o(hidden)
+
+
+class ZeroStartCell(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc, self.wh, self.fc = nn.Linear(5, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.enc(x))
+        state = torch.zeros_like(h)
+        for _ in range(3):
+            state = torch.tanh(self.wh(state) + h)
+        return self.fc(state)
+
+
+@pytest.mark.parametrize(
+    ("make", "shape"), [(ZeroStartRecurrence, (16, 4, 5)), (ZeroStartCell, (16, 5))]
+)
+def test_a_recurrence_from_zeros_keeps_its_hidden_units_transportable(make, shape):
+    # reading zeros at the first step is not reading the model's input: the hidden space was
+    # fixed (no alignment at all) when a weight axis reading any untracked value fixed its space
+    torch.manual_seed(0)
+    a, b = make().eval(), make().eval()
+    x = torch.randn(*shape)
+    assert [s.size for s in otfuse.spaces(a, x[:2]).transportable()] == [8]
+    aligned = otfuse.align(b, a, example_input=x[:2])
+    torch.testing.assert_close(aligned(x), b(x))
+    head = f"{list(dict(a.named_children()))[-1]}.weight"  # the output layer reads the units
+    assert not torch.equal(aligned.state_dict()[head], b.state_dict()[head])  # they moved

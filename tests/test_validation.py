@@ -217,7 +217,11 @@ def test_models_of_two_inputs_fuse_without_data_and_refuse_data_in_one_line():
     itself = otfuse.fuse([models[0], models[0]], example_input=x).model  # the no-data default
     torch.testing.assert_close(itself(*x), models[0](*x))
     items = [(torch.randn(3, 8, 8), torch.randn(4)) for _ in range(32)]
-    for call in (otfuse.fuse, lambda ms, **kw: otfuse.align(ms[1], ms[0], **kw)):
+    for call in (otfuse.fuse, lambda ms, **kw: otfuse.align(ms[1], ms[0], mode="acts", **kw)):
         with pytest.raises(DataError, match="take 2 inputs .* not supported") as error:
             call(models, example_input=x, data=items)
         assert "\n" not in str(error.value)
+    # data that nothing reads is no reason to refuse
+    fused = otfuse.fuse(models, "paper-wts", example_input=x, data=items).model
+    assert fused(*x).shape == (16, 5)
+    assert otfuse.align(models[1], models[0], example_input=x, data=items)(*x).shape == (16, 5)

@@ -61,7 +61,7 @@ def _dense(b, node, x_arg: int, w, bias, *, reads: int, writes: int) -> object:
         return x  # mixes positions (MLP-Mixer's token mixing): the units pass through
     if isinstance(x, TRACKED) and not isinstance(x, Feature):
         raise UnsupportedOpError(f"{label(node)}: a projection of split heads")
-    b.add_reader(w.name, param_axis(node, w, reads), x)
+    b.add_reader(w.name, param_axis(node, w, reads), x, source=node.args[x_arg])
     producers = [(w, writes), (bias, len(bias.axes) - 1 if bias is not None else 0)]
     return open_space(b, node, shape_of(node)[-1], ndim - 1, producers)
 
@@ -87,7 +87,7 @@ def _conv(b: SpaceBuilder, node: torch.fx.Node, w: ParamView, bias, groups: int)
         return Feature(1, layout)
     if isinstance(x, Feature) and groups > 1:
         b.constrain_groups(x.layout, groups, label(node))
-    b.add_reader(w.name, param_axis(node, w, 1), x, groups=groups)
+    b.add_reader(w.name, param_axis(node, w, 1), x, groups=groups, source=node.args[0])
     return open_space(b, node, c_out, 1, [(w, 0), (bias, 0)], groups=groups)
 
 
@@ -102,7 +102,7 @@ def conv_transpose(b: SpaceBuilder, node: torch.fx.Node) -> object:
     x = info_of(b, node.args[0])
     if isinstance(x, TRACKED) and (not isinstance(x, Feature) or x.axis != 1):
         raise UnsupportedOpError(f"{label(node)}: the units are not on the channel axis")
-    b.add_reader(w.name, param_axis(node, w, 0), x)
+    b.add_reader(w.name, param_axis(node, w, 0), x, source=node.args[0])
     return open_space(b, node, shape_of(node)[1], 1, [(w, 1), (bias, 0)])
 
 
@@ -389,7 +389,7 @@ def recurrent_cell(b: SpaceBuilder, node: torch.fx.Node) -> object:
             if view is not None:
                 b.add_member(view.name, param_axis(node, view, 0), gated, "producer")
         b.add_member(w_hh.name, param_axis(node, w_hh, 1), own, "consumer")
-    b.add_reader(w_ih.name, param_axis(node, w_ih, 1), x)
+    b.add_reader(w_ih.name, param_axis(node, w_ih, 1), x, source=node.args[0])
     states = node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]]
     for state in states:
         info = info_of(b, state)

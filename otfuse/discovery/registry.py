@@ -22,7 +22,6 @@ factories :func:`linear_rule` and :func:`norm_rule` write the common ones, and
 
 from __future__ import annotations
 
-import operator
 import types
 from collections.abc import Callable, Mapping, Sequence
 
@@ -30,7 +29,15 @@ import torch.fx
 from torch import nn
 
 from otfuse.discovery import builtin
-from otfuse.discovery.rules import Rule, describe, join, open_space, require_axis, tracked_input
+from otfuse.discovery.rules import (
+    Rule,
+    _module_tensor,
+    describe,
+    join,
+    open_space,
+    require_axis,
+    tracked_input,
+)
 from otfuse.discovery.walker import Feature, Info, SpaceBuilder, shape_of
 from otfuse.errors import UnsupportedOpError
 
@@ -180,12 +187,14 @@ def linear_rule(
             require_axis(node, x, axis, len(shape_of(node.args[0])), "the registered rule")
             for param, param_axis in reads.items():
                 join(b, node, param, param_axis, x, role="consumer")
-        else:  # the model's input or a constant: these axes read units that never move
-            module = b.modules[node.target]
+        elif node.op == "call_module":  # the model's input: these axes read units never moved
             for param, param_axis in reads.items():
-                tensor = operator.attrgetter(param)(module)
+                tensor = _module_tensor(b.modules[node.target], param, describe(b, node))
                 if tensor is not None:
-                    b.add_reader(f"{node.target}.{param}", param_axis % tensor.dim(), None)
+                    b.add_reader(
+                        f"{node.target}.{param}", param_axis % tensor.dim(), x,
+                        source=node.args[0],
+                    )  # fmt: skip
         out_axis = axis % ndim
         return open_space(b, node, shape_of(node)[out_axis], out_axis, producers=writes)
 

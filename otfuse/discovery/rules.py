@@ -83,7 +83,7 @@ def linear(b: SpaceBuilder, node: torch.fx.Node) -> Info:
                 fixed = Layout.of(b.new_space(tensor.shape[axis], str(node.target), fixed=True))
                 b.add_member(f"{node.target}.{name}", axis, fixed, "norm")
         return x  # the units pass through
-    b.add_reader(f"{node.target}.weight", 1, x)
+    b.add_reader(f"{node.target}.weight", 1, x, source=node.args[0])
     return open_space(b, node, mod.out_features, ndim - 1)
 
 
@@ -190,7 +190,7 @@ def conv(b: SpaceBuilder, node: torch.fx.Node) -> Info:
     require_axis(node, x, 1, len(shape_of(node)), type(mod).__name__)
     g, c_in, c_out = mod.groups, mod.in_channels, mod.out_channels
     if g == 1:
-        b.add_reader(f"{node.target}.weight", 1, x)
+        b.add_reader(f"{node.target}.weight", 1, x, source=node.args[0])
         return open_space(b, node, c_out, 1)
     if g == c_in:  # depthwise: output channel o reads input channel o // (c_out // c_in)
         if not isinstance(x, Feature):
@@ -200,7 +200,7 @@ def conv(b: SpaceBuilder, node: torch.fx.Node) -> Info:
         return Feature(1, layout)
     if isinstance(x, Feature):
         b.constrain_groups(x.layout, g, where(node))
-    b.add_reader(f"{node.target}.weight", 1, x, groups=g)
+    b.add_reader(f"{node.target}.weight", 1, x, groups=g, source=node.args[0])
     return open_space(b, node, c_out, 1, groups=g)
 
 
@@ -320,7 +320,7 @@ def conv_transpose(b: SpaceBuilder, node: torch.fx.Node) -> Info:
     require_axis(node, x, 1, len(shape_of(node)), type(mod).__name__)
     if mod.groups != 1:
         raise UnsupportedOpError(f"{where(node)}: grouped {type(mod).__name__} is not supported")
-    b.add_reader(f"{node.target}.weight", 0, x)
+    b.add_reader(f"{node.target}.weight", 0, x, source=node.args[0])
     producers = {"weight": 1, **({"bias": 0} if mod.bias is not None else {})}
     return open_space(b, node, mod.out_channels, 1, producers=producers)
 

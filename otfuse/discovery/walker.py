@@ -302,18 +302,27 @@ class SpaceBuilder:
         self.params_seen.add(param)
 
     def add_reader(
-        self, param: str, axis: int, reads: Info | Layout, role: Role = "consumer", groups: int = 1
+        self,
+        param: str,
+        axis: int,
+        reads: Info | Layout,
+        role: Role = "consumer",
+        groups: int = 1,
+        *,
+        source: object = None,
     ) -> None:
         """Record that axis ``axis`` of ``param`` reads the units ``reads`` (a weight's columns): a
         member of their space when they are tracked (a :class:`Feature`, or their
-        :class:`Layout`). Otherwise it reads values
-        whose units never move (the model's input, a constant), so neither may this axis: a space
-        it joins through another use of the parameter (a weight used again, or transposed, along
-        units) is fixed when the graph is built."""
+        :class:`Layout`). Otherwise, when the value read (``source``, the layer's input node) is
+        the model's input, through ops of one tensor operand (:func:`reads_model_input`), this
+        axis can never move: a space it joins through another use of the parameter (a weight
+        used again, or transposed, along units) is fixed when the graph is built. Other untracked
+        values (a recurrence's state of zeros, which any permutation leaves as it is) record
+        nothing."""
         layout = reads.layout if isinstance(reads, Feature) else reads
         if isinstance(layout, Layout):
             self.add_member(param, axis, layout, role, groups)
-        else:
+        elif reads_model_input(source):
             self.reads_fixed.add((self.canonical.get(param, param), axis))
 
     def add_module_members(
@@ -568,6 +577,27 @@ def _trace_failure(model: nn.Module, tracer: LeafTracer, exc: Exception) -> str:
         f"cannot trace {type(model).__name__} with torch.fx ({inside}{_first_line(exc)}); "
         f"otfuse needs a model without data-dependent Python control flow{hint}"
     )
+
+
+#: names of ops that make a tensor of one value (filled), whatever the tensor they are shaped like
+_FILLED = ("zeros", "ones", "full", "empty", "fill")
+
+
+def reads_model_input(value: object) -> bool:
+    """Whether traced ``value`` is the model's input, or made from it alone by ops of one tensor
+    operand (a view, a slice, a scaling), so that its units are the input's own. Not a tensor of
+    one value shaped like the input (``zeros_like``), nor a mix of several tensors."""
+    while isinstance(value, torch.fx.Node):
+        if value.op == "placeholder":
+            return True
+        name = getattr(value.target, "__name__", str(value.target))
+        if value.op == "get_attr" or any(word in name for word in _FILLED):
+            return False
+        operands = value.all_input_nodes
+        if len(operands) != 1:
+            return False
+        value = operands[0]
+    return False
 
 
 def _graph_module_names(model: nn.Module) -> list[str]:
