@@ -205,7 +205,7 @@ def _without_data(
         )  # fmt: skip
         return None, fallback.replace(**given) if given else fallback
     count, steps = budget(models, example, config.synthesize, config.synthesis_steps)
-    config = config.replace(synthesize=count, synthesis_steps=max(steps, 1))  # what runs
+    config = config.replace(synthesize=count, synthesis_steps=steps or config.synthesis_steps)
     inputs = synthesized_inputs(models, example, config, progress=clock.progress.bars)
     clock.lap("synthesize")
     return inputs, config.replace(num_samples=len(inputs))

@@ -241,6 +241,11 @@ _POOLING = [
     F.adaptive_avg_pool3d,
     F.adaptive_max_pool1d,
     F.adaptive_max_pool2d,
+    F.max_pool1d_with_indices,  # return_indices=True: (pooled, indices)
+    F.max_pool2d_with_indices,
+    F.max_pool3d_with_indices,
+    F.adaptive_max_pool1d_with_indices,
+    F.adaptive_max_pool2d_with_indices,
     F.interpolate,  # resampling of the axes after the units' (upsampling), like pooling
 ]
 _RESHAPE = [
