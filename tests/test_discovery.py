@@ -754,6 +754,17 @@ def test_in_place_arithmetic_in_an_exported_graph_is_fused():
     assert not torch.equal(twin.conv.weight, model.conv.weight)
 
 
+def _check_both_captures_and_alignment(a: nn.Module, b: nn.Module, x: torch.Tensor, graph) -> None:
+    """Both captures find ``graph``'s spaces; ``b`` aligned to ``a`` computes what it did, and ``a``
+    fused with a planted permutation of itself is ``a``."""
+    from otfuse.discovery import discover_exported
+
+    assert _members(discover_exported(a, x[:2])) == _members(graph)
+    torch.testing.assert_close(otfuse.align(b, a, example_input=x[:2])(x), b(x))
+    fused = otfuse.fuse([a, permuted(a, x[:2], seed=1)[0]], "paper-wts", example_input=x[:2])
+    torch.testing.assert_close(fused.model(x), a(x))
+
+
 class TiedAutoencoder(nn.Module):
     """The encoder's weight decodes too, transposed: its input axis (the model's input, which
     never moves) then also indexes the reconstruction's units."""
@@ -789,7 +800,6 @@ class AppliedTwice(nn.Module):
 def test_a_weight_axis_that_reads_the_models_input_never_moves(make, shape, moved):
     # the spaces these axes joined through the weight's other use were transported, so the
     # aligned model no longer read its input as the original did (off by 0.3 of the output)
-    from otfuse.discovery import discover_exported
 
     torch.manual_seed(0)
     a, b = make().eval(), make().eval()
@@ -798,10 +808,7 @@ def test_a_weight_axis_that_reads_the_models_input_never_moves(make, shape, move
     assert [
         sorted(map(list, ((m.param, m.axis) for m in s.members))) for s in graph.transportable()
     ] == ([moved] if moved else [])
-    assert _members(discover_exported(a, x[:2])) == _members(graph)
-    torch.testing.assert_close(otfuse.align(b, a, example_input=x[:2])(x), b(x))
-    fused = otfuse.fuse([a, permuted(a, x[:2], seed=1)[0]], "paper-wts", example_input=x[:2])
-    torch.testing.assert_close(fused.model(x), a(x))
+    _check_both_captures_and_alignment(a, b, x, graph)
 
 
 class Unpooling(nn.Module):
@@ -837,17 +844,13 @@ class ChannelConstant(nn.Module):
 @pytest.mark.parametrize(("make", "sizes"), [(Unpooling, [8]), (ChannelConstant, [6])])
 def test_unpooling_and_constants_made_in_forward_are_captured(make, sizes):
     # unpooling was a TypeError inside the pooling rule, the constant a KeyError when transported
-    from otfuse.discovery import discover_exported, discover_traced
 
     torch.manual_seed(0)
     a, b = make().eval(), make().eval()
     x = torch.randn(16, 3, 8, 8)
     graph = otfuse.spaces(a, x[:2])
     assert graph.capture == "fx" and [s.size for s in graph.transportable()] == sizes
-    assert _members(discover_exported(a, x[:2])) == _members(discover_traced(a, x[:2]))
-    torch.testing.assert_close(otfuse.align(b, a, example_input=x[:2])(x), b(x))
-    fused = otfuse.fuse([a, permuted(a, x[:2], seed=1)[0]], "paper-wts", example_input=x[:2])
-    torch.testing.assert_close(fused.model(x), a(x))
+    _check_both_captures_and_alignment(a, b, x, graph)
 
 
 class NamedMeta(nn.Module):
@@ -887,17 +890,13 @@ class Activated(nn.Module):
 @pytest.mark.parametrize("act", ELEMENTWISE, ids=lambda a: getattr(a, "__name__", type(a).__name__))
 def test_elementwise_activations_keep_the_units_in_both_captures(act):
     # each was refused (an op not supported on aligned units), or captured by torch.export only
-    from otfuse.discovery import discover_exported, discover_traced
+    from otfuse.discovery import discover_traced
 
     torch.manual_seed(0)
-    model, x = Activated(act).eval(), torch.randn(8, 3, 6, 6)
+    model, other, x = Activated(act).eval(), Activated(act).eval(), torch.randn(8, 3, 6, 6)
     graph = discover_traced(model, x[:2])
     assert [s.size for s in graph.transportable()] == [6]
-    assert _members(discover_exported(model, x[:2])) == _members(graph)
-    fused = otfuse.fuse(
-        [model, permuted(model, x[:2], seed=1)[0]], "paper-wts", example_input=x[:2]
-    )
-    torch.testing.assert_close(fused.model(x), model(x))
+    _check_both_captures_and_alignment(model, other, x, graph)
 
 
 class ZeroStartRecurrence(nn.Module):
