@@ -33,11 +33,25 @@ def check_models(models: Sequence[nn.Module]) -> list[nn.Module]:
     if any(d != devices[0] for d in devices):
         where = ", ".join(f"model {i} on {d}" for i, d in enumerate(devices))
         raise OtfuseError(f"the models are on different devices ({where}); move them to one")
+    precisions = [_precision(m) for m in models]
+    if any(p != precisions[0] for p in precisions):
+        where = ", ".join(
+            f"model {i} {str(p).replace('torch.', '')}" for i, p in enumerate(precisions)
+        )
+        raise OtfuseError(
+            f"the models have different precisions ({where}); convert them to one, e.g. with "
+            "model.float()"
+        )
     for i, model in enumerate(models):
         name = first_non_finite(model.state_dict())
         if name is not None:
             raise OtfuseError(f"model {i} has NaN or Inf values in '{name}'")
     return models
+
+
+def _precision(model: nn.Module) -> torch.dtype | None:
+    """The dtype of ``model``'s first floating-point parameter or buffer (None without one)."""
+    return next((t.dtype for t in model.state_dict().values() if t.is_floating_point()), None)
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -107,6 +107,19 @@ def test_num_samples_zero_is_a_config_error():
         otfuse.fuse(models, "paper-acts", data=x, num_samples=0)
 
 
+def test_models_in_different_precisions_are_one_line():
+    # the trace failed inside torch ("Input type (float) and bias type (double) ...")
+    models = [build("mlp"), build("mlp", seed=1).double()]
+    for call in (
+        lambda: otfuse.fuse(models, "paper-wts", example_input=example("mlp")),
+        lambda: otfuse.align(models[1], models[0], example_input=example("mlp")),
+    ):
+        with pytest.raises(
+            OtfuseError, match=r"different precisions \(model 0 float32, model 1 float64\)"
+        ):
+            call()
+
+
 def test_weights_and_anchor_must_fit_the_models():
     models, x = [build("mlp"), build("mlp", seed=1)], example("mlp")
     with pytest.raises(OtfuseError, match="got 3 weights for 2 models"):
