@@ -941,3 +941,36 @@ def test_a_recurrence_from_zeros_keeps_its_hidden_units_transportable(make, shap
     torch.testing.assert_close(aligned(x), b(x))
     head = f"{list(dict(a.named_children()))[-1]}.weight"  # the output layer reads the units
     assert not torch.equal(aligned.state_dict()[head], b.state_dict()[head])  # they moved
+
+
+class LearnedQuery(nn.Module):
+    """A learned query added to a layer's units and read by another layer (Perceiver's latents,
+    DETR's object queries): that layer's columns read the query's units. fx cannot expand a
+    parameter, so torch.export captures it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.query, self.enc = nn.Parameter(torch.randn(1, 8)), nn.Linear(6, 8)
+        self.fq, self.fh, self.out = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.query.expand(x.shape[0], -1)
+        h = torch.relu(self.enc(x)) + q
+        return self.out(torch.relu(self.fq(q) + self.fh(h)))
+
+
+def test_a_layer_reading_a_learned_query_moves_with_the_querys_units():
+    # its columns stayed where they were while the query moved with the units (0.45 off)
+    torch.manual_seed(0)
+    a, b, x = LearnedQuery().eval(), LearnedQuery().eval(), torch.randn(16, 6)
+    graph = otfuse.spaces(a, x[:2])
+    assert graph.capture == "export"
+    enc = next(s for s in graph.transportable() if ("enc.weight", 0) in _axes(s))
+    assert {("query", 1), ("fq.weight", 1)} <= _axes(enc)
+    torch.testing.assert_close(otfuse.align(b, a, example_input=x[:2])(x), b(x))
+    fused = otfuse.fuse([a, permuted(a, x[:2], seed=1)[0]], "paper-wts", example_input=x[:2])
+    torch.testing.assert_close(fused.model(x), a(x))
+
+
+def _axes(space) -> set[tuple[str, int]]:
+    return {(m.param, m.axis) for m in space.members}

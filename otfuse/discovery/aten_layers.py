@@ -61,7 +61,10 @@ def _dense(b, node, x_arg: int, w, bias, *, reads: int, writes: int) -> object:
         return x  # mixes positions (MLP-Mixer's token mixing): the units pass through
     if isinstance(x, TRACKED) and not isinstance(x, Feature):
         raise UnsupportedOpError(f"{label(node)}: a projection of split heads")
-    b.add_reader(w.name, param_axis(node, w, reads), x, source=node.args[x_arg])
+    if isinstance(x, ParamView):  # a learned query: the layer reads that parameter's units
+        b.add_parameter_reader(w.name, param_axis(node, w, reads), x.name, x.axes[-1])
+    else:
+        b.add_reader(w.name, param_axis(node, w, reads), x, source=node.args[x_arg])
     producers = [(w, writes), (bias, len(bias.axes) - 1 if bias is not None else 0)]
     return open_space(b, node, shape_of(node)[-1], ndim - 1, producers)
 

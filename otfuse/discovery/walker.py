@@ -97,6 +97,8 @@ class SpaceBuilder:
         self.canonical: dict[str, str] = {}  # state_dict name -> the first name of its tensor
         # (param, axis) that read values whose units never move (the model's input, a constant)
         self.reads_fixed: set[tuple[str, int]] = set()
+        # (param, axis, source param, source axis): an axis that reads a parameter's values
+        self.param_reads: list[tuple[str, int, str, int | None]] = []
 
     def know_tied(self, model: nn.Module) -> None:
         """Learn ``model``'s tied tensors (one tensor under several ``state_dict`` names: a shared
@@ -325,6 +327,23 @@ class SpaceBuilder:
         elif reads_model_input(source):
             self.reads_fixed.add((self.canonical.get(param, param), axis))
 
+    def add_parameter_reader(
+        self, param: str, axis: int, source: str, source_axis: int | None
+    ) -> None:
+        """Record that axis ``axis`` of ``param`` reads axis ``source_axis`` of parameter
+        ``source``'s values (a layer applied to a learned query): when the graph is built it joins
+        that axis's space, or, when the source axis moves with no space (None: a broadcast axis),
+        it is fixed."""
+        self.param_reads.append((param, axis, source, source_axis))
+
+    def _link_parameter_readers(self) -> None:
+        for param, axis, source, source_axis in self.param_reads:
+            known = self._member_at.get((self.canonical.get(source, source), source_axis))
+            if known is not None:
+                self.add_member(param, axis, known.layout, "consumer")
+            else:
+                self.reads_fixed.add((self.canonical.get(param, param), axis))
+
     def add_module_members(
         self, prefix: str, names: Iterable[str], axis: int, layout: Layout, role: Role
     ) -> None:
@@ -343,6 +362,7 @@ class SpaceBuilder:
 
     # -- result ---------------------------------------------------------------------------------
     def build(self, capture: str = "fx") -> SpaceGraph:
+        self._link_parameter_readers()
         for member in self.members:  # an axis that also reads unmoving values cannot move
             if (member.param, member.axis) in self.reads_fixed:
                 self.fix(member.layout)
