@@ -96,6 +96,14 @@ def data_does_not_fit(error: OtfuseError, sample: torch.Tensor, model: nn.Module
             )
         if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             spatial = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}[type(layer)]
+            if sample.ndim == spatial + 1:
+                kind = type(layer).__name__
+                return DataError(
+                    f"data has shape {_shape(tuple(sample.shape))}, one dimension short of the "
+                    f"batches (N, {layer.in_channels}, ...) the models' first {kind} takes: give "
+                    "a batch dimension first (data[None] for one input, data[:, None] for images "
+                    "of one channel)"
+                )
             got = sample.shape[1] if sample.ndim == spatial + 2 else None
             if got is not None and got != layer.in_channels:
                 unit = "channel" if got == 1 else "channels"

@@ -49,6 +49,8 @@ def test_bad_data_is_one_line(case):
     [
         (GOOD[:, :1], "data has 1 channel, the models expect 3"),  # said of the data, in words
         (torch.randn(16, 3, 3, 3), "data does not fit VGGish: "),
+        # one image without its batch dimension was "expected input[1, 32, 32] to have 3 channels"
+        (GOOD[0], r"one dimension short of the batches \(N, 3, \.\.\.\) .*data\[None\]"),
     ],
 )
 def test_data_alone_that_does_not_fit_the_models_is_one_line(data, message):
