@@ -974,3 +974,36 @@ def test_a_layer_reading_a_learned_query_moves_with_the_querys_units():
 
 def _axes(space) -> set[tuple[str, int]]:
     return {(m.param, m.axis) for m in space.members}
+
+
+class Attending(nn.Module):
+    def __init__(self, kdim: int | None = None, need_weights: bool = False) -> None:
+        super().__init__()
+        self.inp, self.need_weights = nn.Linear(5, 16), need_weights
+        self.attn = nn.MultiheadAttention(16, 2, kdim=kdim, vdim=kdim, batch_first=True)
+        self.kv = nn.Linear(5, kdim or 16)
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.inp(x))
+        kv = torch.relu(self.kv(x)) if self.attn.kdim != 16 else h  # cross- or self-attention
+        return self.out(self.attn(h, kv, kv, need_weights=self.need_weights)[0]).mean(1)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"kdim": 12}, "part of parameter 'attn.in_proj_bias' indexes units"),
+        ({"need_weights": True}, "heads merged with the batch .* need_weights=False"),
+    ],
+)
+def test_multihead_attention_it_cannot_align_is_refused_in_one_line(options, message):
+    # kdim/vdim: the bias chunked into q, k and v was joined whole to each (a RuntimeError later);
+    # need_weights=True: "q and k have different heads"
+    x = torch.randn(2, 8, 5)
+    with pytest.raises(UnsupportedOpError, match=message) as error:
+        otfuse.align(Attending(**options).eval(), Attending(**options).eval(), example_input=x)
+    assert "\n" not in str(error.value)
+    torch.manual_seed(0)
+    a, b = Attending().eval(), Attending().eval()  # self-attention, need_weights=False: aligned
+    torch.testing.assert_close(otfuse.align(b, a, example_input=x)(x), b(x))

@@ -160,6 +160,12 @@ def split(b: SpaceBuilder, node: torch.fx.Node) -> object:
         sizes = [min(step, n - i) for i in range(0, n, step)]
     else:
         sizes = [min(node.args[1], n - i) for i in range(0, n, node.args[1])]
+    if isinstance(x, ParamView) and len(sizes) > 1:  # each part is part of that axis (a bias
+        # chunked into q, k and v): no longer the parameter's whole axis
+        return tuple(
+            ParamView(x.name, tuple(None if i == dim else a for i, a in enumerate(x.axes)))
+            for _ in sizes
+        )
     if dim not in tracked_axes(x):
         return tuple(x for _ in sizes)
     if isinstance(x, Heads) and x.dim_axis == dim:
@@ -463,7 +469,13 @@ def _mask_from_weights(b: SpaceBuilder, node, info: object, shape, q: Heads) -> 
 
 
 def _logits(b: SpaceBuilder, node: torch.fx.Node, q: Heads, k: Heads, gqa: int) -> Heads:
-    if q.outer != 1 or k.outer != 1 or q.heads * q.repeat != k.heads * k.repeat * gqa:
+    if q.outer != 1 or k.outer != 1:
+        raise UnsupportedOpError(
+            f"{label(node)}: attention over heads merged with the batch on one axis (as "
+            "nn.MultiheadAttention computes it when it returns its weights: call it with "
+            "need_weights=False)"
+        )
+    if q.heads * q.repeat != k.heads * k.repeat * gqa:
         raise UnsupportedOpError(f"{label(node)}: q and k have different heads")
     b.link_heads(q.space, q.repeat, k.space, k.repeat * gqa, dims=True, where=label(node))
     return replace(q, dim_axis=None, loose=False)
