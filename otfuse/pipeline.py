@@ -365,7 +365,8 @@ def align(
 
     Returns:
         A new module of the anchor's architecture holding B's aligned parameters. With equal widths
-        and hard plans it computes exactly what ``model`` computes.
+        and hard plans it computes exactly what ``model`` computes; with soft plans (Sinkhorn,
+        non-uniform marginals) only approximately, and a WARNING on the ``otfuse`` logger says so.
     """
     config = resolve(config or FusionConfig(), data is not None, overrides)
     anchor, model = check_models([anchor, model])
@@ -387,7 +388,16 @@ def align(
     acts = context.activations()
     pair = (acts[1], acts[0]) if acts is not None else (None, None)
     graphs, states = context.graphs, context.states
-    state, _ = align_state(states[1], graphs[1], states[0], graphs[0], config, *pair)
+    state, plans = align_state(states[1], graphs[1], states[0], graphs[0], config, *pair)
+    names = {space.index: space.name for space in graphs[0].spaces}
+    soft = [str(names.get(key, key)) for key, plan in plans.items() if plan.permutation is None]
+    if soft and graphs[0].sizes == graphs[1].sizes:
+        log.warning(
+            "the plans of %d space(s) (%s) are not permutations (solver=%s, marginals=%s): the "
+            "aligned model computes what the model computes only approximately",
+            len(soft), ", ".join(soft[:3]) + (", ..." if len(soft) > 3 else ""),
+            config.solver, config.marginals,
+        )  # fmt: skip
     return build_model(anchor, state)
 
 

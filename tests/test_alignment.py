@@ -175,3 +175,17 @@ def test_models_aligned_several_at_a_time_give_the_sequential_fusion(name, recip
             assert one.keys() == other.keys()
             for space in one:
                 np.testing.assert_array_equal(one[space].matrix, other[space].matrix)
+
+
+def test_align_says_when_soft_plans_only_approximate_the_model(caplog):
+    torch.manual_seed(0)
+    a, b = StreamLayer().eval(), StreamLayer().eval()
+    x = torch.randn(16, 6)
+    with caplog.at_level("WARNING", logger="otfuse"):
+        exact = otfuse.align(b, a, example_input=x[:2])
+    assert not caplog.records
+    torch.testing.assert_close(exact(x), b(x))
+    with caplog.at_level("WARNING", logger="otfuse"):
+        soft = otfuse.align(b, a, example_input=x[:2], solver="sinkhorn")
+    assert "not permutations (solver=sinkhorn" in caplog.text
+    assert not torch.allclose(soft(x), b(x), atol=1e-3)
