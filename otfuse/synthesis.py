@@ -187,10 +187,11 @@ def budget(
     example_input: torch.Tensor,
     num_samples: int | str = "auto",
     steps: int | str = "auto",
+    kind: str | None = None,
 ) -> tuple[int, int]:
     """The inputs and steps to synthesise: those given, ``"auto"`` by :data:`AUTO_BUDGET` for the
-    models' :func:`objective`."""
-    kind = objective(models, example_input)
+    models' :func:`objective` (``kind`` when the caller knows it)."""
+    kind = kind or objective(models, example_input)
     inputs, count = AUTO_BUDGET.get(kind, (AUTO_SEQUENCES, 0))
     return (
         inputs if num_samples == "auto" else int(num_samples),
@@ -234,12 +235,13 @@ def synthesize_inputs(
             "input synthesis needs causal language models, or models that take one floating-point "
             "tensor and have BatchNorm running statistics or output class scores (N, C)"
         )
-    num_samples, steps = budget(models, example_input, num_samples, steps)
-    if all(is_causal_lm(m, example_input) for m in models):
+    kind = objective(models, example_input)
+    num_samples, steps = budget(models, example_input, num_samples, steps, kind)
+    if kind == "sequences":
         return sample_sequences(
             models, example_input.shape[1], num_samples=num_samples, seed=seed, progress=progress
         )
-    use_stats = all(tracked_batchnorms(m) for m in models)
+    use_stats = kind == "statistics"
     classes = 0 if use_stats else class_count(models[0], example_input)
     if smoothness is None:
         smoothness = STATISTICS_SMOOTHNESS if use_stats else CLASS_SMOOTHNESS

@@ -95,7 +95,7 @@ class SpaceBuilder:
         self.heads_fixed: set[int] = set()
         self.aliases: dict[str, tuple[str, ...]] = {}  # parameter -> its other state_dict names
         self.canonical: dict[str, str] = {}  # state_dict name -> the first name of its tensor
-        # (param, axis) that read values whose units never move (the model's input, a constant)
+        # (param, axis) that read the model's input, whose units never move
         self.reads_fixed: set[tuple[str, int]] = set()
         # (param, axis, source param, source axis): an axis that reads a parameter's values
         self.param_reads: list[tuple[str, int, str, int | None]] = []
