@@ -1007,3 +1007,30 @@ def test_multihead_attention_it_cannot_align_is_refused_in_one_line(options, mes
     torch.manual_seed(0)
     a, b = Attending().eval(), Attending().eval()  # self-attention, need_weights=False: aligned
     torch.testing.assert_close(otfuse.align(b, a, example_input=x)(x), b(x))
+
+
+class RepeatedToken(nn.Module):
+    """A class token tiled over the batch with ``repeat`` (as ``expand``), before attention-free
+    mixing: its units are the stream's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.token = nn.Linear(6, 8), nn.Parameter(torch.randn(1, 1, 8))
+        self.mix, self.out = nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = torch.cat([self.token.repeat(x.shape[0], 1, 1), self.embed(x)], dim=1)
+        return self.out(torch.relu(self.mix(tokens))[:, 0])
+
+
+def test_a_parameter_repeated_over_the_batch_is_captured_as_expanded():
+    # torch.export's repeat had no rule ("op 'repeat' ... not supported")
+    torch.manual_seed(0)
+    a, b, x = RepeatedToken().eval(), RepeatedToken().eval(), torch.randn(16, 4, 6)
+    graph = otfuse.spaces(a, x[:2])
+    assert graph.capture == "export" and ("token", 2) in set().union(
+        *(_axes(s) for s in graph.transportable())
+    )
+    torch.testing.assert_close(otfuse.align(b, a, example_input=x[:2])(x), b(x))
+    fused = otfuse.fuse([a, permuted(a, x[:2], seed=1)[0]], "paper-wts", example_input=x[:2])
+    torch.testing.assert_close(fused.model(x), a(x))

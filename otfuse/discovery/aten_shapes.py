@@ -85,6 +85,20 @@ def expand(b: SpaceBuilder, node: torch.fx.Node) -> object:
     return x
 
 
+def repeat(b: SpaceBuilder, node: torch.fx.Node) -> object:
+    """``repeat(x, counts)``: tiling along axes of size one (a class token repeated over the
+    batch) or along axes without units is :func:`expand`; tiling the units themselves is refused."""
+    src, counts = shape_of(node.args[0]), list(node.args[1])
+    x, new = info_of(b, node.args[0]), len(counts) - len(shape_of(node.args[0]))
+    held = tracked_axes(x)
+    if isinstance(x, ParamView):
+        held = {j for j, a in enumerate(x.axes) if a is not None}
+    tiled = {i for i, c in enumerate(counts[new:]) if c != 1 and src[i] != 1}
+    if held & tiled:
+        raise UnsupportedOpError(f"{label(node)}: repeats the units")
+    return expand(b, node)
+
+
 def select(b: SpaceBuilder, node: torch.fx.Node) -> object:
     """``select(x, dim, i)``: picks one chunk of a packed projection, or drops an untracked axis."""
     ndim = len(shape_of(node.args[0]))
