@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -140,18 +141,31 @@ def _norm(b: SpaceBuilder, node: torch.fx.Node, normalized: int, params: list) -
     return x
 
 
-def batch_norm(b: SpaceBuilder, node: torch.fx.Node) -> object:
-    """``batch_norm`` / ``_native_batch_norm_legit_no_training`` / ``instance_norm`` (the same
-    arguments): weight, bias and statistics on axis 1."""
+def channel_norm(
+    b: SpaceBuilder, node: torch.fx.Node, tensors: Callable[[], list[tuple[str, int]]]
+) -> object:
+    """A normalisation per channel (axis 1) of the node's input: its per-channel ``tensors()``
+    (parameter or buffer, axis; read only when the channels are units) join the channels' units.
+    Returns the input's info."""
     x = info_of(b, node.args[0])
     if isinstance(x, TRACKED) and (not isinstance(x, Feature) or x.axis != 1):
         raise UnsupportedOpError(f"{label(node)}: the units are not on the channel axis")
     if isinstance(x, Feature):
-        for i in range(1, 5):
-            view = weight(b, node, i, "")
-            if view is not None:
-                b.add_member(view.name, param_axis(node, view, 0), x.layout, "norm")
+        for name, axis in tensors():
+            b.add_member(name, axis, x.layout, "norm")
         b.tag(node, x, "norm")
+    return x
+
+
+def batch_norm(b: SpaceBuilder, node: torch.fx.Node) -> object:
+    """``batch_norm`` / ``_native_batch_norm_legit_no_training`` / ``instance_norm`` (the same
+    arguments): weight, bias and statistics on axis 1."""
+
+    def tensors() -> list[tuple[str, int]]:
+        views = [weight(b, node, i, "") for i in range(1, 5)]
+        return [(v.name, param_axis(node, v, 0)) for v in views if v is not None]
+
+    x = channel_norm(b, node, tensors)
     if node.target.overloadpacket in (aten.batch_norm, aten.instance_norm):
         return x
     return (x, None, None)

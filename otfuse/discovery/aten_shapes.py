@@ -15,6 +15,7 @@ from otfuse.discovery.aten_layers import (
     _conv,
     _dense,
     _norm,
+    channel_norm,
     constant,
     join_param,
     unify,
@@ -542,15 +543,9 @@ def module_call(b: SpaceBuilder, node: torch.fx.Node) -> object:
 
 
 def _batch_norm_module(b: SpaceBuilder, node: torch.fx.Node) -> object:
-    """A BatchNorm module on channels (axis 1): its weight, bias and running statistics join them."""
-    x = info_of(b, node.args[0])
-    if isinstance(x, TRACKED) and (not isinstance(x, Feature) or x.axis != 1):
-        raise UnsupportedOpError(f"{label(node)}: the units are not on the channel axis")
-    if isinstance(x, Feature):
-        for name in ("weight", "bias", "running_mean", "running_var"):
-            b.add_member(b.canonical[f"{node.target}.{name}"], 0, x.layout, "norm")
-        b.tag(node, x, "norm")
-    return x
+    """A BatchNorm module: its weight, bias and running statistics join the channels' units."""
+    names = ("weight", "bias", "running_mean", "running_var")
+    return channel_norm(b, node, lambda: [(b.canonical[f"{node.target}.{n}"], 0) for n in names])
 
 
 def no_units(b: SpaceBuilder, node: torch.fx.Node) -> object:
