@@ -134,17 +134,55 @@ def channel_moments(z: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor,
     """Mean and (biased) variance per channel of ``z`` (N, C, ...), each (C,).
 
     Computed from the sums of :math:`d = z - s` and :math:`d^2` (``shift`` :math:`s` (C,), e.g. the
-    running mean, keeps :math:`E[d^2] - E[d]^2` free of cancellation), summing the trailing
-    (contiguous) dimensions first: about twice as fast as ``Tensor.var`` over (0, 2, 3) on the CPU,
-    forward and backward.
+    running mean, keeps :math:`E[d^2] - E[d]^2` free of cancellation). Differentiable in ``z``
+    by :class:`_ChannelMoments`, whose backward is one affine map per channel.
     """
-    d = z - shift.view(-1, *([1] * (z.ndim - 2)))
-    inner = tuple(range(2, z.ndim))
-    first = (d.sum(inner) if inner else d).sum(0)
-    second = (d.pow(2).sum(inner) if inner else d.pow(2)).sum(0)
-    count = z.numel() // z.shape[1]
-    centre = first / count
-    return shift + centre, second / count - centre.pow(2)
+    return _ChannelMoments.apply(z, shift)
+
+
+def _channel_sums(d: torch.Tensor) -> torch.Tensor:
+    """Sums per channel of ``d`` (N, C, ...), (C,): over the trailing dimensions first where they
+    are contiguous (about twice as fast as one reduction over (0, 2, ...) on the CPU), else (a
+    channels-last tensor) in one reduction."""
+    inner = tuple(range(2, d.ndim))
+    if not inner:
+        return d.sum(0)
+    if d.is_contiguous():
+        return d.sum(inner).sum(0)
+    return d.sum((0, *inner))
+
+
+class _ChannelMoments(torch.autograd.Function):
+    """Mean :math:`\mu` and variance :math:`v` per channel, with the gradient in closed form: for
+    :math:`n` values per channel,
+
+    .. math::
+
+        \frac{\partial L}{\partial z} = \frac{1}{n}\frac{\partial L}{\partial \mu}
+            + \frac{2}{n}\frac{\partial L}{\partial v}\,(z - \mu),
+
+    one pass over ``z`` instead of autograd's chain through the shift, the square and the sums
+    (about a quarter of a synthesis step's time on ResNets; README, speed)."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, shift: torch.Tensor):
+        with torch.no_grad():
+            d = z - shift.view(-1, *([1] * (z.ndim - 2)))
+            count = z.numel() // z.shape[1]
+            centre = _channel_sums(d) / count
+            var = _channel_sums(d.square_()) / count - centre.square()
+        mean = shift + centre
+        ctx.save_for_backward(z, mean)
+        ctx.count = count
+        return mean, var
+
+    @staticmethod
+    def backward(ctx, grad_mean: torch.Tensor, grad_var: torch.Tensor):
+        z, mean = ctx.saved_tensors
+        scale = 2.0 * grad_var / ctx.count
+        offset = grad_mean / ctx.count - scale * mean
+        shape = (-1, *([1] * (z.ndim - 2)))
+        return torch.addcmul(offset.view(shape), z, scale.view(shape)), None
 
 
 def total_variation(x: torch.Tensor) -> torch.Tensor:
@@ -258,8 +296,8 @@ def synthesize_inputs(
         for norm in tracked_batchnorms(model)
     ]
     try:
-        with evaluating(models, freeze=True), torch.enable_grad():
-            needs_copy = [changes_its_input(model, x) for model in models]
+        with evaluating(models, freeze=True), torch.enable_grad(), contextlib.ExitStack() as stack:
+            needs_copy = _probe_channels_last(models, x, stack)
             for _ in tqdm(range(steps), desc="synthesise", disable=not progress, leave=False):
                 seen.clear()
                 optimizer.zero_grad()
@@ -280,6 +318,49 @@ def synthesize_inputs(
         for hook in hooks:
             hook.remove()
     return x.detach()
+
+
+@contextlib.contextmanager
+def channels_last(models: Sequence[nn.Module]) -> Iterator[None]:
+    """Hold the 4-D weights of ``models``' CPU ``nn.Conv2d`` layers channels-last inside the block:
+    the convolutions then run in that layout (their outputs too), forward and backward, 1.2-1.5x
+    faster on the CPU (README, speed). Values are unchanged, only their order in memory; each
+    weight gets its own tensor back afterwards (parameters shared between layers or models are
+    changed once). For blocks that do not write the weights."""
+    weights = {
+        id(w): w
+        for model in models
+        for m in model.modules()
+        if isinstance(m, nn.Conv2d)
+        and isinstance(w := m._parameters.get("weight"), torch.Tensor)
+        and w.ndim == 4
+        and w.device.type == "cpu"
+    }
+    saved = {key: w.data for key, w in weights.items()}
+    try:
+        for w in weights.values():
+            w.data = w.data.contiguous(memory_format=torch.channels_last)
+        yield
+    finally:
+        for key, w in weights.items():
+            w.data = saved[key]
+
+
+def _probe_channels_last(
+    models: Sequence[nn.Module], x: torch.Tensor, stack: contextlib.ExitStack
+) -> list[bool]:
+    """Enter :func:`channels_last` on ``stack`` when every model runs with it (a model that
+    ``.view``-s a 4-D activation cannot: it then runs as it is), and say which models change
+    their input in place (:func:`changes_its_input`)."""
+    layout = contextlib.ExitStack()
+    layout.enter_context(channels_last(models))
+    try:
+        needs_copy = [changes_its_input(model, x) for model in models]
+    except RuntimeError:
+        layout.close()
+        return [changes_its_input(model, x) for model in models]
+    stack.push(layout.pop_all())
+    return needs_copy
 
 
 def changes_its_input(model: nn.Module, x: torch.Tensor) -> bool:
