@@ -12,18 +12,21 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from otfuse.activations import collect_activations_at
 from otfuse.alignment import check_compatible
 from otfuse.baselines import build_model
-from otfuse.capture import GraphCache
+from otfuse.capture import GraphCache, run_with_hooks
 from otfuse.config import FusionConfig
-from otfuse.discovery import SpaceGraph
+from otfuse.discovery import SpaceGraph, copies
+from otfuse.modes import channels_last, evaluating, runs_channels_last
 from otfuse.observation import Observation, Wanted, observe
 from otfuse.plans import apply_plans
 from otfuse.refit import LayerTargets, fit_points, row_budget, targets_from_rows
@@ -70,6 +73,7 @@ class ParentRecords:
     wanted: Wanted | None = None
     observations: list[Observation] | None = None
     chosen: LayerTargets | None = None
+    channels_last: bool | None = None  # whether the parents run channels-last (probed once)
 
 
 # Refit's rows of every parent are kept for the stages only within this many bytes (beyond it,
@@ -181,7 +185,8 @@ class FusionContext:
         if not (points or corrections or fits or outputs):
             return None
         wanted = Wanted(points, corrections, fits, outputs, seed=self.config.seed)
-        records, chosen = observe(self.graphs, self.sample, wanted)
+        with self.fast_layout([g.graph_module for g in self.graphs]):
+            records, chosen = observe(self.graphs, self.sample, wanted)
         for p in points:
             self.acts_cache[p] = [r.activations[p] for r in records]
         if corrections:
@@ -190,6 +195,24 @@ class FusionContext:
         self.records.wanted, self.records.observations = wanted, records
         self.records.chosen = chosen if fits else None
         return records
+
+    def fast_layout(self, models: Sequence[nn.Module]) -> AbstractContextManager:
+        """:func:`otfuse.modes.channels_last` over ``models`` when the parents run so (probed once
+        per fusion on two rows of the sample, :func:`otfuse.modes.runs_channels_last`), else a
+        block that changes nothing."""
+        if self.records.channels_last is None:
+            rows = tree_map(lambda v: v[:2] if isinstance(v, torch.Tensor) else v, self.sample)
+            parents = [g.graph_module for g in self.graphs]
+            with torch.no_grad(), evaluating(parents):
+                self.records.channels_last = runs_channels_last(
+                    parents, lambda gm: run_with_hooks(gm, copies(rows))
+                )
+        return channels_last(models) if self.records.channels_last else nullcontext()
+
+    def stage_layout(self) -> AbstractContextManager:
+        """:meth:`fast_layout` over what the data stages run: the fused model and the aligned
+        parents built so far."""
+        return self.fast_layout([self.fused, *(g.graph_module for g in self._targets or ())])
 
     def _rows_bytes(self, fits) -> int:
         """An upper bound of the bytes of every model's refit rows at ``fits``."""

@@ -1,10 +1,12 @@
-"""Run models in eval mode (optionally with frozen parameters) and give them back as they were."""
+"""Run models in eval mode (optionally with frozen parameters) or with their convolutions in the
+channels-last layout, and give them back as they were."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 
 
@@ -30,3 +32,44 @@ def evaluating(models: Sequence[nn.Module], *, freeze: bool = False) -> Iterator
             m.training = modes[key]
         for key, p in params.items():
             p.requires_grad_(flags[key])
+
+
+@contextmanager
+def channels_last(models: Sequence[nn.Module]) -> Iterator[None]:
+    """Hold the 4-D weights of ``models``' CPU ``nn.Conv2d`` layers channels-last inside the block:
+    the convolutions then run in that layout (their outputs too), forward and backward, 1.2-1.5x
+    faster on the CPU (README, speed). Only the order in memory changes, not a value. Afterwards
+    each weight gets its own tensor back, holding what the block wrote to the weight (a refit's
+    solution), if anything; a parameter shared between layers or models is handled once."""
+    weights = {
+        id(w): w
+        for model in models
+        for m in model.modules()
+        if isinstance(m, nn.Conv2d)
+        and isinstance(w := m._parameters.get("weight"), torch.Tensor)
+        and w.ndim == 4
+        and w.device.type == "cpu"
+    }
+    saved = {key: w.data for key, w in weights.items()}
+    try:
+        for w in weights.values():
+            w.data = w.data.contiguous(memory_format=torch.channels_last)
+        yield
+    finally:
+        with torch.no_grad():
+            for key, w in weights.items():
+                saved[key].copy_(w.data)
+                w.data = saved[key]
+
+
+def runs_channels_last(models: Sequence[nn.Module], run: Callable[[nn.Module], object]) -> bool:
+    """Whether ``run(model)`` (a cheap call: a couple of inputs, no gradients) succeeds for every
+    model under :func:`channels_last`. A model that ``.view``-s a 4-D activation does not (the
+    layout no longer allows the view); any other failure is left to the real run to report."""
+    try:
+        with channels_last(models):
+            for model in models:
+                run(model)
+    except Exception:  # noqa: BLE001 - the real run reports what is not the layout's
+        return False
+    return True

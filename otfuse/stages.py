@@ -267,7 +267,9 @@ def run_stages(context: FusionContext, names: Sequence[str] | None = None) -> Fu
     for i, name in enumerate(names):
         context.next_stage = names[i + 1] if i + 1 < len(names) else None
         context.sample_output = None  # the stage changes the fused model
-        STAGES[name].run(context)
+        step = STAGES[name]
+        with context.stage_layout() if step.needs_data else nullcontext():
+            step.run(context)
         context.clock.lap(name)
     context.next_stage = None
     return context

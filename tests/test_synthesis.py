@@ -305,7 +305,7 @@ def test_channel_moments_have_autograds_gradient():
 
 
 def test_channels_last_runs_the_same_function_and_gives_the_weights_back():
-    from otfuse.synthesis import channels_last
+    from otfuse.modes import channels_last
 
     model = build("resnet").eval()
     model.extra = model.conv1  # a layer reached twice: its weight is changed and restored once
@@ -339,7 +339,7 @@ class _ViewsItsActivations(nn.Module):
 
 
 def test_synthesis_runs_a_model_that_cannot_take_channels_last_as_it_is():
-    from otfuse.synthesis import channels_last
+    from otfuse.modes import channels_last
 
     torch.manual_seed(0)
     models = [_ViewsItsActivations(), _ViewsItsActivations()]
