@@ -196,7 +196,9 @@ class FusionContext:
         self.records.chosen = chosen if fits else None
         return records
 
-    def fast_layout(self, models: Sequence[nn.Module]) -> AbstractContextManager:
+    def fast_layout(
+        self, models: Sequence[nn.Module], *, keep_writes: bool = False
+    ) -> AbstractContextManager:
         """:func:`otfuse.modes.channels_last` over ``models`` when the parents run so (probed once
         per fusion on two rows of the sample, :func:`otfuse.modes.runs_channels_last`), else a
         block that changes nothing."""
@@ -207,12 +209,14 @@ class FusionContext:
                 self.records.channels_last = runs_channels_last(
                     parents, lambda gm: run_with_hooks(gm, copies(rows))
                 )
-        return channels_last(models) if self.records.channels_last else nullcontext()
+        layout = self.records.channels_last
+        return channels_last(models, keep_writes=keep_writes) if layout else nullcontext()
 
     def stage_layout(self) -> AbstractContextManager:
-        """:meth:`fast_layout` over what the data stages run: the fused model and the aligned
-        parents built so far."""
-        return self.fast_layout([self.fused, *(g.graph_module for g in self._targets or ())])
+        """:meth:`fast_layout` over what the data stages run and write: the fused model and the
+        aligned parents built so far."""
+        models = [self.fused, *(g.graph_module for g in self._targets or ())]
+        return self.fast_layout(models, keep_writes=True)
 
     def _rows_bytes(self, fits) -> int:
         """An upper bound of the bytes of every model's refit rows at ``fits``."""

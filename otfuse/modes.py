@@ -35,12 +35,16 @@ def evaluating(models: Sequence[nn.Module], *, freeze: bool = False) -> Iterator
 
 
 @contextmanager
-def channels_last(models: Sequence[nn.Module]) -> Iterator[None]:
+def channels_last(models: Sequence[nn.Module], *, keep_writes: bool = False) -> Iterator[None]:
     """Hold the 4-D weights of ``models``' CPU ``nn.Conv2d`` layers channels-last inside the block:
     the convolutions then run in that layout (their outputs too), forward and backward, 1.2-1.5x
-    faster on the CPU (README, speed). Only the order in memory changes, not a value. Afterwards
-    each weight gets its own tensor back, holding what the block wrote to the weight (a refit's
-    solution), if anything; a parameter shared between layers or models is handled once."""
+    faster on the CPU (README, speed). Only the order in memory changes, not a value.
+
+    Afterwards each weight gets its own tensor back; with ``keep_writes`` it then receives what the
+    block wrote to the weight (a refit's solution), else the block must not write the weights.
+    Only weights in the standard contiguous layout are moved (not one that is a view of fewer
+    values, such as an expanded kernel, nor one that is moved already, as by another block on the
+    same model); a parameter shared between layers or models is moved once."""
     weights = {
         id(w): w
         for model in models
@@ -49,6 +53,7 @@ def channels_last(models: Sequence[nn.Module]) -> Iterator[None]:
         and isinstance(w := m._parameters.get("weight"), torch.Tensor)
         and w.ndim == 4
         and w.device.type == "cpu"
+        and w.is_contiguous()
     }
     saved = {key: w.data for key, w in weights.items()}
     try:
@@ -58,14 +63,16 @@ def channels_last(models: Sequence[nn.Module]) -> Iterator[None]:
     finally:
         with torch.no_grad():
             for key, w in weights.items():
-                saved[key].copy_(w.data)
-                w.data = saved[key]
+                moved, w.data = w.data, saved[key]
+                if keep_writes:
+                    saved[key].copy_(moved)
 
 
 def runs_channels_last(models: Sequence[nn.Module], run: Callable[[nn.Module], object]) -> bool:
-    """Whether ``run(model)`` (a cheap call: a couple of inputs, no gradients) succeeds for every
-    model under :func:`channels_last`. A model that ``.view``-s a 4-D activation does not (the
-    layout no longer allows the view); any other failure is left to the real run to report."""
+    """Whether ``run(model)`` (a cheap call: a couple of inputs; with a backward pass where the
+    real runs have one) succeeds for every model under :func:`channels_last`. A model that
+    ``.view``-s a 4-D activation, or a gradient of one, does not (the layout no longer allows the
+    view); any other failure is left to the real run to report."""
     try:
         with channels_last(models):
             for model in models:

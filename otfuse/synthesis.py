@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 from tqdm.auto import tqdm
 
 from otfuse.errors import OtfuseError
@@ -324,10 +325,17 @@ def synthesize_inputs(
 
 
 def _takes_channels_last(models: Sequence[nn.Module], x: torch.Tensor) -> bool:
-    """Whether every model runs with its convolutions channels-last (:func:`runs_channels_last`,
-    on two of the inputs)."""
-    with torch.no_grad():
-        return runs_channels_last(models, lambda model: model(x[:2].detach().clone()))
+    """Whether every model runs with its convolutions channels-last, forward and backward to the
+    input, as the steps do (:func:`runs_channels_last`, on two of the inputs)."""
+
+    def step(model: nn.Module) -> None:
+        rows = x[:2].detach().clone().requires_grad_(True)
+        outputs = [t for t in tree_leaves(model(rows.clone())) if isinstance(t, torch.Tensor)]
+        total = sum(t.float().sum() for t in outputs if t.requires_grad and t.is_floating_point())
+        if isinstance(total, torch.Tensor):
+            torch.autograd.grad(total, rows, allow_unused=True)
+
+    return runs_channels_last(models, step)
 
 
 def changes_its_input(model: nn.Module, x: torch.Tensor) -> bool:
