@@ -162,8 +162,8 @@ class _ChannelMoments(torch.autograd.Function):
         \frac{\partial L}{\partial z} = \frac{1}{n}\frac{\partial L}{\partial \mu}
             + \frac{2}{n}\frac{\partial L}{\partial v}\,(z - \mu),
 
-    one pass over ``z`` instead of autograd's chain through the shift, the square and the sums
-    (about a quarter of a synthesis step's time on ResNets; README, speed)."""
+    one pass over ``z`` instead of autograd's chain of small operations through the shift, the
+    square and the sums (README, speed)."""
 
     @staticmethod
     def forward(ctx, z: torch.Tensor, shift: torch.Tensor):
@@ -297,11 +297,10 @@ def synthesize_inputs(
         for norm in tracked_batchnorms(model)
     ]
     try:
-        with evaluating(models, freeze=True), torch.enable_grad():
+        with evaluating(models, freeze=True), torch.enable_grad(), contextlib.ExitStack() as stack:
             needs_copy = [changes_its_input(model, x) for model in models]
-            fast = _takes_channels_last(models, x)
-        layout = channels_last(models) if fast else contextlib.nullcontext()
-        with evaluating(models, freeze=True), torch.enable_grad(), layout:
+            if _takes_channels_last(models, x):
+                stack.enter_context(channels_last(models))
             for _ in tqdm(range(steps), desc="synthesise", disable=not progress, leave=False):
                 seen.clear()
                 optimizer.zero_grad()
