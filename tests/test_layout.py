@@ -46,6 +46,24 @@ def test_parents_come_back_unchanged_and_the_fused_model_is_contiguous(recipe):
     )
 
 
+def test_channels_last_runs_the_same_function_and_gives_the_weights_back():
+    model = build("resnet").eval()
+    model.extra = model.conv1  # a layer reached twice: its weight is changed and restored once
+    weights = {name: (p, p.data_ptr()) for name, p in model.named_parameters()}
+    x = example("resnet", n=8).requires_grad_(True)
+    expected = model(x)
+    (grad,) = torch.autograd.grad(expected.square().sum(), x)
+    with channels_last([model, model]):
+        assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+        out = model(x)
+        (grad_cl,) = torch.autograd.grad(out.square().sum(), x)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grad_cl, grad, rtol=1e-4, atol=1e-5)
+    for name, p in model.named_parameters():
+        assert p is weights[name][0] and p.data_ptr() == weights[name][1]  # the same memory
+        assert p.is_contiguous()
+
+
 class _ViewsItsActivations(nn.Module):
     """A BatchNorm convnet that ``.view``-s a 4-D activation: channels-last cannot give it."""
 
