@@ -21,6 +21,7 @@ import torch.fx
 from torch import nn
 
 from otfuse.discovery import SpaceGraph, discover
+from otfuse.errors import UnsupportedOpError
 
 BeforeHook = Callable[[torch.fx.Node, tuple], None]
 AfterHook = Callable[[torch.fx.Node, Any], Any]
@@ -219,8 +220,31 @@ def run_with_hooks(
 ) -> Any:
     """Run ``gm`` on ``inputs``; call ``before[name](node, args)`` before node ``name`` runs and
     ``after[name](node, value)`` after it (a hook that returns something other than None replaces
-    the node's value for the rest of the run). Returns the graph's output."""
+    the node's value for the rest of the run). Returns the graph's output.
+
+    Raises :class:`~otfuse.errors.UnsupportedOpError` when ``gm`` holds its batch size fixed
+    (:func:`fixed_batch`) and ``inputs`` have another."""
+    fixed = fixed_batch(gm)
+    first = next((x for x in inputs if isinstance(x, torch.Tensor) and x.dim() > 0), None)
+    if fixed is not None and first is not None and len(first) != fixed:
+        raise UnsupportedOpError(
+            f"{type(gm).__name__} was captured by torch.export with its batch size fixed at "
+            f"{fixed} (the model reads a size as a Python number, e.g. len(x) or int(x.size(0))), "
+            f"so it cannot run on {len(first)} inputs: compute sizes as x.shape[0], or fuse with "
+            "recipe='paper-wts', which runs no inputs"
+        )
     return _Hooked(gm, before or {}, after or {}).run(*inputs)
+
+
+def fixed_batch(gm: torch.fx.GraphModule) -> int | None:
+    """The batch size a ``torch.export`` graph was specialised to (its first tensor input's first
+    size recorded as a number instead of a symbol), else None (any batch; fx graphs)."""
+    for node in gm.graph.nodes:
+        value = node.meta.get("val") if node.op == "placeholder" else None
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            size = value.shape[0]  # a symbol the capture replaced by a number is fixed too
+            return size if isinstance(size, int) else size.node.maybe_as_int()
+    return None
 
 
 class _Hooked(torch.fx.Interpreter):

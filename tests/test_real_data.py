@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import otfuse
 from otfuse import zoo
@@ -134,3 +135,46 @@ def test_data_free_fusion_of_conv_nets_synthesises_what_it_needs(fashion, batch_
         assert accuracy(result.model, fashion) > accuracy(paper, fashion) + 10
     else:  # the paper's fusion is already near these shallow parents: no loss
         assert accuracy(result.model, fashion) > accuracy(paper, fashion) - 1
+
+
+class RowReader(nn.Module):
+    """Fashion-MNIST read row by row by ``nn.Transformer``: the 28 rows are tokens of the
+    encoder, two learned queries decode them (cross-attention to the encoder's output through
+    ``nn.MultiheadAttention``, whose packed projection is split into query and key-value rows),
+    and the class scores come from the queries."""
+
+    def __init__(self, width: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Linear(28, width)
+        self.position = nn.Parameter(torch.randn(1, 28, width) * 0.02)
+        self.queries = nn.Parameter(torch.randn(1, 2, width))
+        self.transformer = nn.Transformer(
+            width, heads, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=64,
+            dropout=0.0, batch_first=True,
+        )  # fmt: skip
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self.embed(x.flatten(1, 2)) + self.position  # (N, 1, 28, 28) -> (N, 28, width)
+        queries = self.queries.expand(x.shape[0], -1, -1)
+        return self.head(self.transformer(rows, queries).mean(dim=1))
+
+
+def test_an_encoder_decoder_transformer_fuses_on_real_data(fashion):
+    """Measured when written (two epochs, 8,000 images, one thread): parents 74.85 / 74.45%,
+    vanilla averaging 9.85%, the data recipe 71.00%."""
+    train_set, _ = fashion
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = RowReader()
+        config = TrainConfig(epochs=2, lr=3e-3, optimizer="adamw", seed=seed, num_threads=1)
+        train(model, train_set, config, progress=False)
+        models.append(model.eval())
+    mean_parent = np.mean([accuracy(p, fashion) for p in models])
+    vanilla = accuracy(otfuse.vanilla_average(models), fashion)
+    result = otfuse.fuse(models, data=sample_inputs(train_set, 300, seed=0))
+    assert result.spaces.capture == "export"
+    fused = accuracy(result.model, fashion)
+    assert fused > vanilla + 30
+    assert fused > mean_parent - 8

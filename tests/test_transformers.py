@@ -6,7 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from transformer_models import (
+    CrossAttentionModel,
     MHAModel,
+    Seq2Seq,
     TinyGPT,
     TinyLlama,
     align_on,
@@ -21,6 +23,7 @@ from otfuse.discovery.export import discover_exported
 from otfuse.errors import UnsupportedOpError
 
 TOKENS = torch.randint(0, 11, (3, 6), generator=torch.Generator().manual_seed(0))
+FEATURES = torch.randn(3, 6, 5, generator=torch.Generator().manual_seed(0))
 MODELS = {
     "gpt": (lambda: TinyGPT(), TOKENS),
     "gpt-explicit": (lambda: TinyGPT(explicit=True), TOKENS),
@@ -29,7 +32,10 @@ MODELS = {
     "gpt-neox": (lambda: TinyGPT(packing="heads"), TOKENS),  # qkv laid out head by head, chunk(3)
     "gpt-sliced": (lambda: TinyGPT(packing="slices"), TOKENS),  # q, k, v sliced by position
     "gpt-relbias": (lambda: TinyGPT(relative_bias=True), TOKENS),  # a bias table per head; W.T
-    "mha": (lambda: MHAModel(), torch.randn(3, 6, 5, generator=torch.Generator().manual_seed(0))),
+    "mha": (lambda: MHAModel(), FEATURES),
+    "mha-cross": (lambda: CrossAttentionModel(), FEATURES),  # in_proj split into q and kv rows
+    "mha-kdim": (lambda: CrossAttentionModel("kdim"), FEATURES),  # q, k, v weights; bias chunked
+    "seq2seq": (lambda: Seq2Seq(), FEATURES),  # nn.Transformer: the decoder attends to memory
 }
 
 
@@ -347,3 +353,53 @@ def test_multi_query_keys_that_are_never_split_into_heads():
     ):
         with pytest.raises(UnsupportedOpError, match=words):
             discover_exported(_FewerKeyHeads(variant).eval(), x)
+
+
+def test_cross_attention_splits_the_packed_projection_into_query_and_key_value_rows(captured):
+    """``in_proj_weight.split([E, 2 E])``: the query's rows open the q heads, the keys' and
+    values' rows the k and v heads; the columns of both parts are one axis, so the query's stream
+    and the memory's join (nn.Transformer: the decoder's stream and the encoder's output)."""
+    _, _, graph = captured["mha-cross"]
+    qk, v = by_name(graph, "attn"), next(s for s in graph.spaces if s.name.startswith("attn["))
+    assert qk.heads.count == v.heads.count == 4 and v.heads.group == qk.index
+    packed = next(m for m in qk.members if m.param == "attn.in_proj_weight" and m.axis == 0)
+    assert [seg.space for seg in packed.layout.segments] == [qk.index, qk.index, v.index]
+    stream = by_name(graph, "query")
+    assert {("memory.weight", 0), ("attn.in_proj_weight", 1)} <= {
+        (m.param, m.axis) for m in stream.members
+    }
+    _, _, seq2seq = captured["seq2seq"]
+    decoder = "transformer.decoder.layers.0.multihead_attn.in_proj_weight"
+    memory = "transformer.encoder.norm.weight"
+    assert any(
+        {(decoder, 1), (memory, 0), ("tgt.weight", 0)} <= {(m.param, m.axis) for m in s.members}
+        for s in seq2seq.spaces
+    )
+
+
+class LearnedQueries(torch.nn.Module):
+    """Two learned queries attend to the tokens, tiled with ``len(x)``: torch.export then fixes
+    the batch size of the graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Linear(5, 16)
+        self.queries = torch.nn.Parameter(torch.randn(1, 2, 16))
+        self.attn = torch.nn.MultiheadAttention(16, 4, batch_first=True)
+        self.head = torch.nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        q = self.queries.expand(len(x), -1, -1)
+        return self.head(self.attn(q, h, h, need_weights=False)[0].mean(1))
+
+
+def test_a_graph_with_its_batch_fixed_by_the_capture_is_refused_in_one_line():
+    # the data recipe ran the graph on the sample: "AssertionError: Guard failed: x.size()[0] == 2"
+    torch.manual_seed(0)
+    a, b, data = LearnedQueries().eval(), LearnedQueries().eval(), torch.randn(40, 6, 5)
+    with pytest.raises(UnsupportedOpError, match="batch size fixed at 2 .* 40 inputs") as error:
+        otfuse.fuse([a, b], data=data, example_input=data[:2])
+    assert "\n" not in str(error.value)
+    fused = otfuse.fuse([a, a], "paper-wts", example_input=data[:2]).model  # runs no inputs
+    assert max_diff(fused, a) < 1e-6

@@ -219,6 +219,46 @@ class MHAModel(nn.Module):
         return self.head(h.mean(dim=1))
 
 
+class CrossAttentionModel(nn.Module):
+    """Two token streams (``x`` and a second view of it) and nn.MultiheadAttention from the first
+    to the second: its packed ``in_proj_weight`` is split into the query's rows and the keys' and
+    values' rows (``kv="packed"``), or keys and values of other widths (``kv="kdim"``: q, k and v
+    weights of their own, the bias chunked in three) from two streams of their own."""
+
+    def __init__(self, kv: str = "packed", features: int = 5, width: int = 16, heads: int = 4):
+        super().__init__()
+        kdim = 12 if kv == "kdim" else None
+        self.query, self.memory = nn.Linear(features, width), nn.Linear(features, kdim or width)
+        self.value = nn.Linear(features, 10) if kv == "kdim" else None
+        self.attn = nn.MultiheadAttention(width, heads, kdim=kdim, vdim=10 if kdim else None,
+                                          batch_first=True)  # fmt: skip
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x):
+        q, k = self.query(x), torch.relu(self.memory(x.flip(1)))
+        v = torch.tanh(self.value(x)) if self.value is not None else k
+        h = self.norm(q + self.attn(q, k, v, need_weights=False)[0])
+        return self.head(h.mean(dim=1))
+
+
+class Seq2Seq(nn.Module):
+    """``nn.Transformer``: an encoder and a decoder layer, the decoder attending to the encoder's
+    output (cross-attention through nn.MultiheadAttention), source and target from the input."""
+
+    def __init__(self, features: int = 5, width: int = 16, heads: int = 4):
+        super().__init__()
+        self.src, self.tgt = nn.Linear(features, width), nn.Linear(features, width)
+        self.transformer = nn.Transformer(
+            width, heads, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=24,
+            dropout=0.0, batch_first=True,
+        )  # fmt: skip
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x):
+        return self.head(self.transformer(self.src(x), self.tgt(x[:, :4])).mean(dim=1))
+
+
 def randomize_norms(model: nn.Module) -> nn.Module:
     """Norm weights away from 1 and 0, so a missed member would show."""
     with torch.no_grad():

@@ -131,7 +131,7 @@ def _select(b: SpaceBuilder, node: torch.fx.Node, x: object, dim: int, index: in
     if dim in tracked_axes(x):
         raise UnsupportedOpError(f"{label(node)}: indexing selects some of the units")
     if isinstance(x, ParamView):
-        return ParamView(x.name, tuple(a for i, a in enumerate(x.axes) if i != dim))
+        return x.moved({src: dst for dst, src in enumerate(order)}, ndim - 1)
     return by_order(x, order, node, "select")
 
 
@@ -143,13 +143,16 @@ def slice_(b: SpaceBuilder, node: torch.fx.Node) -> object:
     full = shape_of(node)[dim] == src[dim]
     if full or dim not in tracked_axes(x) and not isinstance(x, ParamView):
         return x
+    start, end, step = (arg(node, i, key, d) for i, key, d in ((2, "start", 0), (3, "end", None),
+                                                                (4, "step", 1)))  # fmt: skip
     if isinstance(x, ParamView):
-        return ParamView(x.name, tuple(None if i == dim else a for i, a in enumerate(x.axes)))
+        first, last, _ = slice(start, end).indices(src[dim])
+        if step != 1:
+            return ParamView(x.name, tuple(None if i == dim else a for i, a in enumerate(x.axes)))
+        return x.part(dim, first, last, src[dim])
     if isinstance(x, Heads) and x.dim_axis == dim:
         b.fix_dims(x.space)
         return replace(x, loose=True)
-    start, end, step = (arg(node, i, key, d) for i, key, d in ((2, "start", 0), (3, "end", None),
-                                                                (4, "step", 1)))  # fmt: skip
     if isinstance(x, Feature) and step == 1:  # e.g. Phi-3's q, k and v sliced from one projection
         start, end, _ = slice(start, end).indices(src[dim])
         if end <= start:
@@ -177,10 +180,8 @@ def split(b: SpaceBuilder, node: torch.fx.Node) -> object:
         sizes = [min(node.args[1], n - i) for i in range(0, n, node.args[1])]
     if isinstance(x, ParamView) and len(sizes) > 1:  # each part is part of that axis (a bias
         # chunked into q, k and v): no longer the parameter's whole axis
-        return tuple(
-            ParamView(x.name, tuple(None if i == dim else a for i, a in enumerate(x.axes)))
-            for _ in sizes
-        )
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        return tuple(x.part(dim, s, s + size, n) for s, size in zip(starts, sizes))
     if dim not in tracked_axes(x):
         return tuple(x for _ in sizes)
     if isinstance(x, Heads) and x.dim_axis == dim:

@@ -16,11 +16,48 @@ aten = torch.ops.aten
 
 
 @dataclass(frozen=True)
+class Cut:
+    """Indices ``start:end`` of parameter axis ``axis`` (of ``length``), on the view's axis
+    ``view_axis``: a part of a packed parameter (``in_proj_weight.split([E, 2 E])`` into the
+    query's rows and the keys' and values' rows, as cross-attention computes them)."""
+
+    view_axis: int
+    axis: int
+    start: int
+    end: int
+    length: int
+
+
+@dataclass(frozen=True)
 class ParamView:
-    """A parameter ``name``; ``axes[j]`` is the parameter axis behind axis j (None: none, or sliced)."""
+    """A parameter ``name``; ``axes[j]`` is the parameter axis behind axis j (None: none, or sliced).
+
+    ``cut``: the one sliced axis whose part of the parameter is known (:class:`Cut`); it can open
+    a space as a layer's output (:func:`open_space`) and nothing else."""
 
     name: str
     axes: tuple[int | None, ...]
+    cut: Cut | None = None
+
+    def part(self, dim: int, start: int, end: int, size: int) -> ParamView:
+        """This view sliced to ``start:end`` along its axis ``dim`` (of ``size``)."""
+        axes = tuple(None if i == dim else a for i, a in enumerate(self.axes))
+        cut = self.cut
+        if cut is None and self.axes[dim] is not None:
+            cut = Cut(dim, self.axes[dim], start, end, size)
+        elif cut is not None and cut.view_axis == dim:
+            cut = replace(cut, start=cut.start + start, end=cut.start + end)
+        return ParamView(self.name, axes, cut)
+
+    def moved(self, where: dict[int, int], ndim: int) -> ParamView:
+        """This view after its axes move: axis ``a`` becomes ``where[a]`` (missing: dropped) in a
+        tensor of ``ndim`` axes."""
+        back = {dst: src for src, dst in where.items()}
+        axes = tuple(self.axes[back[j]] if j in back else None for j in range(ndim))
+        cut = self.cut
+        if cut is not None:
+            cut = replace(cut, view_axis=where[cut.view_axis]) if cut.view_axis in where else None
+        return ParamView(self.name, axes, cut)
 
 
 @dataclass(frozen=True)
@@ -103,10 +140,7 @@ def move(info: object, where: dict[int, int], ndim: int) -> object:
     if isinstance(info, Chunks):
         return Chunks(where[info.axis], tuple(move(p, where, ndim) for p in info.parts))
     if isinstance(info, ParamView):
-        back = {dst: src for src, dst in where.items()}
-        return ParamView(
-            info.name, tuple(info.axes[back[j]] if j in back else None for j in range(ndim))
-        )
+        return info.moved(where, ndim)
     return info
 
 
@@ -133,7 +167,12 @@ def open_space(
     layout = Layout.of(b.new_space(size, name))
     b.constrain_groups(layout, groups, label(node))
     for view, axis_of_view in producers:
-        if view is not None:
+        if view is None:
+            continue
+        cut = view.cut
+        if cut is not None and cut.view_axis == axis_of_view:  # rows of a packed parameter
+            b.add_part(view.name, cut.axis, (cut.start, cut.end, cut.length), layout, label(node))
+        else:
             b.add_member(view.name, param_axis(node, view, axis_of_view), layout, "producer")
     out = Feature(axis, layout)
     b.tag(node, out, "pre")

@@ -303,6 +303,31 @@ class SpaceBuilder:
         self.members.append(member)
         self.params_seen.add(param)
 
+    def add_part(
+        self, param: str, axis: int, part: tuple[int, int, int], layout: Layout, where: str
+    ) -> None:
+        """Record that indices ``start:end`` of axis ``axis`` of ``param`` (of ``length``;
+        ``part`` = (start, end, length)) lie in ``layout``, the plain layout of a layer's new
+        output (the query's rows of a packed attention projection, used apart from the keys' and
+        values' rows). The whole axis is one space, split around each part (:meth:`carve`); its
+        other axes are the parameter's whole axes, so the parts' readers join."""
+        start, end, length = part
+        param = self.canonical.get(param, param)
+        known = self._member_at.get((param, axis))
+        if known is None:
+            whole = self.new_space(length, param.rsplit(".", 1)[0])
+            self.add_member(param, axis, Layout.of(whole), "producer")
+        elif _plain(known.layout):
+            whole = known.layout.segments[0].space
+        else:
+            raise UnsupportedOpError(
+                f"{where}: part of parameter '{param}' on an axis laid out as "
+                f"{known.layout.describe()}"
+            )
+        if not _plain(layout):
+            raise UnsupportedOpError(f"{where}: part of parameter '{param}' indexes units")
+        self.union(self.carve(whole, start, end, where), layout.segments[0].space, where)
+
     def add_reader(
         self,
         param: str,
@@ -461,6 +486,12 @@ class SpaceBuilder:
                 fixed_heads=top(r) in fixed_heads,
             )
         return out
+
+
+def _plain(layout: Layout) -> bool:
+    """One space, each unit once, in order."""
+    only = len(layout.segments) == 1 and layout.segments[0].inner == 1
+    return only and layout.outer == 1 and layout.blocks == 1
 
 
 class LeafTracer(torch.fx.Tracer):
