@@ -33,6 +33,16 @@ from otfuse.transport import TransportPlan
 
 spaces = discover
 
+
+def __getattr__(name: str):
+    """``otfuse.hf`` (the optional Hugging Face support) on first use, without importing it
+    (and ``transformers``) with the package."""
+    if name == "hf":
+        import importlib
+
+        return importlib.import_module("otfuse.hf")
+    raise AttributeError(f"module 'otfuse' has no attribute '{name}'")
+
 __all__ = [
     "STAGES",
     "ArchitectureMismatchError",

@@ -228,11 +228,13 @@ def run_with_hooks(
     first = next((x for x in inputs if isinstance(x, torch.Tensor) and x.dim() > 0), None)
     if fixed is not None and first is not None and len(first) != fixed:
         raise UnsupportedOpError(
-            f"{type(gm).__name__} was captured by torch.export with its batch size fixed at "
-            f"{fixed} (the model reads a size as a Python number, e.g. len(x) or int(x.size(0))), "
-            f"so it cannot run on {len(first)} inputs: compute sizes as x.shape[0], or fuse with "
-            "recipe='paper-wts', which runs no inputs"
+            f"the model's graph (captured by torch.export) has its batch size fixed at {fixed}, "
+            f"so it cannot run on {len(first)} inputs: the model reads its batch size as a Python "
+            "number (len(x), int(x.size(0)); x.shape[0] keeps it free); recipe='paper-wts' runs "
+            "no inputs"
         )
+    # torch.export's guards read the strides of a non-contiguous input as None (AttributeError)
+    inputs = tuple(x.contiguous() if isinstance(x, torch.Tensor) else x for x in inputs)
     return _Hooked(gm, before or {}, after or {}).run(*inputs)
 
 

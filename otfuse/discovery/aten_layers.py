@@ -16,6 +16,7 @@ from otfuse.discovery.aten_values import (
     arg,
     aten,
     by_order,
+    fix_read,
     info_of,
     label,
     move,
@@ -115,6 +116,7 @@ def embedding(b: SpaceBuilder, node: torch.fx.Node) -> object:
     w = weight(b, node, 0, "weight")
     if w is None or isinstance(info_of(b, node.args[1]), TRACKED):
         return unsupported_with(b, node)
+    fix_read(b, w, (0,))  # rows looked up by token id: a head tied to them keeps them in place
     return open_space(b, node, shape_of(node)[-1], len(shape_of(node)) - 1, [(w, 1)])
 
 
@@ -275,7 +277,11 @@ def elementwise(b: SpaceBuilder, node: torch.fx.Node) -> object:
     tracked = [info for info, _ in operands if isinstance(info, TRACKED)]
     if not tracked:
         views = [info for info, _ in operands if isinstance(info, ParamView)]
-        return views[0] if len(views) == 1 else None
+        if len(set(views)) == 1:  # a parameter scaled or shifted by constants (or added to itself)
+            return views[0]
+        for view in views:  # parameters combined into a constant: read as they are
+            opaque(b).setdefault(view.name, label(node))
+        return None
     # heads with their dims before values per head (a q/k-norm: x * rsqrt(mean(x^2)))
     tracked.sort(key=lambda info: isinstance(info, Heads) and info.dim_axis is None)
     out = tracked[0]
@@ -329,6 +335,8 @@ def join_param(
     if isinstance(out, Feature):
         if shape[out.axis] != 1:
             b.add_member(view.name, param_axis(node, view, out.axis), out.layout, "norm")
+        else:  # one value broadcast along the units: whatever unit it is must stay
+            fix_read(b, view, range(len(shape)))
     elif isinstance(out, (Heads, Chunks)):
         # values per dim shared by every head (a q/k-norm's weight) or per head (a relative
         # position bias): the parameter is not transported, so what it varies along stays in place

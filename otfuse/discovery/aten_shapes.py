@@ -28,6 +28,7 @@ from otfuse.discovery.aten_values import (
     arg,
     aten,
     by_order,
+    fix_read,
     info_of,
     label,
     move,
@@ -80,6 +81,11 @@ def expand(b: SpaceBuilder, node: torch.fx.Node) -> object:
     src, dst = shape_of(node.args[0]), shape_of(node)
     new = len(dst) - len(src)
     x = by_order(info_of(b, node.args[0]), [None] * new + list(range(len(src))), node, "expand")
+    if isinstance(x, ParamView) and x.cut is not None and dst[x.cut.view_axis] != (
+        src[x.cut.view_axis - new]
+    ):  # a part of one unit broadcast: its indices no longer follow the axis
+        fix_read(b, x, (x.cut.view_axis,))
+        x = replace(x, cut=None)
     if isinstance(x, Heads):
         grown = {new + i for i, n in enumerate(src) if n == 1 and dst[new + i] != 1}
         x = replace(x, expanded=x.expanded | grown | set(range(new)))
@@ -93,7 +99,7 @@ def repeat(b: SpaceBuilder, node: torch.fx.Node) -> object:
     x, new = info_of(b, node.args[0]), len(counts) - len(shape_of(node.args[0]))
     held = tracked_axes(x)
     if isinstance(x, ParamView):
-        held = {j for j, a in enumerate(x.axes) if a is not None}
+        held = x.held()
     tiled = {i for i, c in enumerate(counts[new:]) if c != 1 and src[i] != 1}
     if held & tiled:
         raise UnsupportedOpError(f"{label(node)}: repeats the units")
@@ -130,7 +136,8 @@ def _select(b: SpaceBuilder, node: torch.fx.Node, x: object, dim: int, index: in
         return None
     if dim in tracked_axes(x):
         raise UnsupportedOpError(f"{label(node)}: indexing selects some of the units")
-    if isinstance(x, ParamView):
+    if isinstance(x, ParamView):  # one unit picked: it must stay where it is
+        fix_read(b, x, (dim,))
         return x.moved({src: dst for dst, src in enumerate(order)}, ndim - 1)
     return by_order(x, order, node, "select")
 
@@ -146,9 +153,11 @@ def slice_(b: SpaceBuilder, node: torch.fx.Node) -> object:
     start, end, step = (arg(node, i, key, d) for i, key, d in ((2, "start", 0), (3, "end", None),
                                                                 (4, "step", 1)))  # fmt: skip
     if isinstance(x, ParamView):
-        first, last, _ = slice(start, end).indices(src[dim])
-        if step != 1:
+        bounds = (start, end, step)
+        if step != 1 or not all(v is None or isinstance(v, int) for v in bounds):
+            # strided, or sized by the input (a position table sliced to the length): no cut
             return ParamView(x.name, tuple(None if i == dim else a for i, a in enumerate(x.axes)))
+        first, last, _ = slice(start, end).indices(src[dim])
         return x.part(dim, first, last, src[dim])
     if isinstance(x, Heads) and x.dim_axis == dim:
         b.fix_dims(x.space)
@@ -222,7 +231,10 @@ def concatenate(b: SpaceBuilder, node: torch.fx.Node) -> object:
     tensors = [t for t in node.args[0] if shape_of(t) is None or 0 not in shape_of(t)]
     infos = [info_of(b, t) for t in tensors]
     tracked = [i for i in infos if isinstance(i, TRACKED)]
-    if not tracked:
+    if not tracked:  # parameters combined into a constant: they are read as they are
+        for info in infos:
+            if isinstance(info, ParamView):
+                opaque(b).setdefault(info.name, label(node))
         return None
     first = tracked[0]
     if isinstance(first, Heads) and first.dim_axis == dim:
@@ -289,10 +301,11 @@ def index(b: SpaceBuilder, node: torch.fx.Node) -> object:
     if any(i is None for i in indices) or any(isinstance(info_of(b, i), TRACKED) for i in indices):
         raise UnsupportedOpError(f"{label(node)}: advanced indexing of a tensor with units")
     k = len(indices)
-    if isinstance(x, ParamView):  # rows of a table (Swin's relative position biases): its other
-        lead = len(shape_of(node)) - (len(x.axes) - k)  # axes stay; the indexed ones are gone
-        opaque(b).setdefault(x.name, label(node))  # rows picked: never transported
-        return ParamView(x.name, (None,) * lead + x.axes[k:])
+    if isinstance(x, ParamView):  # rows of a table (Swin's relative position biases, Whisper's
+        # positions): its other axes stay; the indexed ones are gone, and stay in place
+        lead = len(shape_of(node)) - (len(x.axes) - k)
+        fix_read(b, x, range(k))
+        return x.moved({j: lead + j - k for j in range(k, len(x.axes))}, lead + len(x.axes) - k)
     if min(tracked_axes(x)) < k:
         raise UnsupportedOpError(f"{label(node)}: indexing selects some of the units")
     shift = len(shape_of(node)) - (len(shape_of(node.args[0])) - k) - k

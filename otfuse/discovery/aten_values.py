@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -45,9 +45,15 @@ class ParamView:
         cut = self.cut
         if cut is None and self.axes[dim] is not None:
             cut = Cut(dim, self.axes[dim], start, end, size)
-        elif cut is not None and cut.view_axis == dim:
-            cut = replace(cut, start=cut.start + start, end=cut.start + end)
+        elif cut is not None and cut.view_axis == dim:  # a part of a part, on the same indices
+            same = size == cut.end - cut.start  # (not after a broadcast or a tiling)
+            cut = replace(cut, start=cut.start + start, end=cut.start + end) if same else None
         return ParamView(self.name, axes, cut)
+
+    def held(self) -> set[int]:
+        """The view's axes that index the parameter's units (whole or a part)."""
+        held = {j for j, a in enumerate(self.axes) if a is not None}
+        return held | ({self.cut.view_axis} if self.cut is not None else set())
 
     def moved(self, where: dict[int, int], ndim: int) -> ParamView:
         """This view after its axes move: axis ``a`` becomes ``where[a]`` (missing: dropped) in a
@@ -184,6 +190,17 @@ def param_axis(node: torch.fx.Node, view: ParamView, j: int) -> int:
     if axis is None:
         raise UnsupportedOpError(f"{label(node)}: part of parameter '{view.name}' indexes units")
     return axis
+
+
+def fix_read(b: SpaceBuilder, view: ParamView, axes: Iterable[int]) -> None:
+    """The parameter axes behind the view's ``axes`` are read unit by unit, as they are (one
+    unit picked or broadcast, rows looked up by token id): any space they join stays in place."""
+    name = b.canonical.get(view.name, view.name)
+    for j in axes:
+        if view.axes[j] is not None:
+            b.reads_fixed.add((name, view.axes[j]))
+        elif view.cut is not None and view.cut.view_axis == j:
+            b.reads_fixed.add((name, view.cut.axis))
 
 
 def weight(b: SpaceBuilder, node: torch.fx.Node, i: int, name: str) -> ParamView | None:

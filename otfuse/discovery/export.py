@@ -102,14 +102,28 @@ def _quiet() -> Iterator[None]:
 
 
 def _export(model: nn.Module, inputs: tuple):
+    """Export with a batch of any size, else of the example's. torch.export fixes a size of one,
+    so an example of one row is captured on two copies of it."""
     dynamic = tuple(
         {0: torch.export.Dim.AUTO} if isinstance(x, torch.Tensor) and x.dim() > 0 else None
         for x in inputs
     )
+    # guards recorded on a non-contiguous example fail on other inputs (an AttributeError)
+    inputs = tuple(x.contiguous() if isinstance(x, torch.Tensor) else x for x in inputs)
+    rows = [x for x in inputs if isinstance(x, torch.Tensor) and x.dim() > 0]
+    two = inputs
+    if rows and all(len(x) == 1 for x in rows):
+        two = tuple(_twice(x) for x in inputs)
     try:
-        return torch.export.export(model, inputs, strict=False, dynamic_shapes=dynamic)
+        return torch.export.export(model, two, strict=False, dynamic_shapes=dynamic)
     except Exception:  # noqa: BLE001 - a model that needs a static batch
         return torch.export.export(model, inputs, strict=False)
+
+
+def _twice(x: object) -> object:
+    if isinstance(x, torch.Tensor) and x.dim() > 0:
+        return x.expand(2, *x.shape[1:]).clone()
+    return x
 
 
 def modularize(gm: torch.fx.GraphModule, model: nn.Module) -> torch.fx.GraphModule:
@@ -200,7 +214,13 @@ def _module_of(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str | None
 
 def _first_line(exc: Exception) -> str:
     text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    line = text.splitlines()[0] if text else type(exc).__name__
+    if "data-dependent" in text:  # e.g. nn.Transformer checking whether tgt_mask is causal
+        line += (
+            " (the model branches on a tensor's values; for nn.Transformer's masks pass "
+            "tgt_is_causal= / src_is_causal= explicitly)"
+        )
+    return line
 
 
 def discover_exported(model: nn.Module, example_input: torch.Tensor | tuple) -> SpaceGraph:

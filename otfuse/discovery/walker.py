@@ -297,7 +297,11 @@ class SpaceBuilder:
         param = self.canonical.get(param, param)
         known = self._member_at.get((param, axis))
         if known is not None:
-            self.merge_layouts(known.layout, layout, f"parameter '{param}' used twice")
+            where = f"parameter '{param}' used twice"
+            if _plain(known.layout) and _plain(layout):  # one split already, or not: as it is
+                self.union(known.layout.segments[0].space, layout.segments[0].space, where)
+            else:
+                self.merge_layouts(known.layout, layout, where)
             return
         self._member_at[(param, axis)] = member = Member(param, axis, layout, role, groups)
         self.members.append(member)
