@@ -161,9 +161,10 @@ class RowReader(nn.Module):
 
 
 def test_an_encoder_decoder_transformer_fuses_on_real_data(fashion):
-    """Measured when written (two epochs, 8,000 images, one thread): parents 74.85 / 74.45%,
-    vanilla averaging 9.85%, the data recipe 71.00%."""
-    train_set, _ = fashion
+    """Measured when written (two epochs on 4,000 images, one thread): parents 67.75 / 66.30%,
+    vanilla averaging 11.20%, the data recipe 65.95% (on 8,000 images: 74.85 / 74.45, 9.85 and
+    71.00%)."""
+    train_set = fashion[0].subset(torch.arange(4000))
     models = []
     for seed in (0, 1):
         torch.manual_seed(seed)
