@@ -433,17 +433,23 @@ class PartsOfOneWeight(torch.nn.Module):
         if self.how == "one-unit":  # one unit of a moved bias, picked or sliced: it stays
             h = torch.relu(self.lin(x))
             return self.h1(h[..., :8] * b[0] + h[..., 8:] * b[:1])
+        ids = (x[..., 0].abs() * 10).long().clamp(0, 10)
         if self.how == "tied-rows":  # a head tied to some rows of an embedding table
-            ids = (x[..., 0].abs() * 10).long().clamp(0, 10)
             return F.linear(self.emb(ids) + self.lin(x), self.emb.weight[:7])
+        if self.how == "table-as-layer":  # the whole table as a hidden layer's weight
+            hidden = torch.relu(F.linear(self.emb(ids) + self.lin(x), self.emb.weight))
+            return hidden[..., :8] @ self.h1.weight.T
         raise ValueError(self.how)
 
 
-@pytest.mark.parametrize("how", ["part-first", "whole-first", "one-unit", "tied-rows"])
+@pytest.mark.parametrize(
+    "how", ["part-first", "whole-first", "one-unit", "tied-rows", "table-as-layer"]
+)
 def test_parts_of_a_parameter_align_whatever_else_reads_it(how):
     # silently wrong in the first version of cuts (a review): rows of an embedding table tied to
-    # a head moved (1.7 off), a unit picked from a moved bias moved (0.03 off); a part before
-    # the whole was refused
+    # a head moved (1.7 off), a unit picked from a moved bias moved (0.03 off), and (before
+    # this session too) the rows of a table used as a hidden layer moved; a part before the whole
+    # was refused
     x = torch.randn(4, 6, 5)
     torch.manual_seed(0)
     a, b = PartsOfOneWeight(how).eval(), PartsOfOneWeight(how).eval()
