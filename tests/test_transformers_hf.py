@@ -265,3 +265,6 @@ def test_encoder_decoders_align_from_python_with_decoder_inputs(name):
         torch.testing.assert_close(out(aligned), out(other), atol=1e-4, rtol=1e-4)
     heads = [s.heads for s in graph.transportable() if s.heads is not None]
     assert heads and all(h.fixed_heads == (name == "t5") for h in heads)
+    # the output's encoder_last_hidden_state is not held fixed: the residual stream aligns
+    stream = ("shared.weight" if name == "t5" else "model.shared.weight", 1)
+    assert any(stream in {(m.param, m.axis) for m in s.members} for s in graph.transportable())

@@ -18,6 +18,7 @@ from io import StringIO
 
 import torch
 import torch.fx
+import torch.utils._pytree as pytree
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
@@ -258,13 +259,29 @@ def _visit(b: SpaceBuilder, node: torch.fx.Node, first: dict[str, str]) -> objec
         b.params_seen.add(first[target])  # a tied weight by its first name in the state dict
         return ParamView(first[target], tuple(range(len(shape))))
     if node.op == "output":
-        for value in _flatten(node.args):
+        for value in held_outputs(b.gm, _flatten(node.args)):
             _fix(b, info_of(b, value))
         return None
     if node.op == "call_module":
         return module_call(b, node)
     rule = aten_rule(node)
     return rule(b, node) if rule is not None else unsupported_with(b, node)
+
+
+def held_outputs(gm: torch.fx.GraphModule, values: list) -> list:
+    """The graph's outputs (``values``, flattened) whose units stay in place: all of them, but of
+    a Hugging Face output with ``logits`` only the logits. Its other fields (an encoder-decoder's
+    ``encoder_last_hidden_state``) are the model's own states: held fixed they would keep the
+    whole residual stream in place, and only the heads and MLP units would align."""
+    spec = getattr(gm, "_out_spec", None)
+    if spec is None or not type(spec.type).__module__.startswith("transformers"):
+        return values
+    try:
+        fields = pytree.tree_unflatten(list(range(len(values))), spec)
+    except Exception:  # noqa: BLE001 - another structure than the graph's: hold them all
+        return values
+    logits = getattr(fields, "logits", None)
+    return [values[logits]] if isinstance(logits, int) else values
 
 
 def _fix(b: SpaceBuilder, info: object) -> None:
