@@ -43,6 +43,7 @@ def __getattr__(name: str):
         return importlib.import_module("otfuse.hf")
     raise AttributeError(f"module 'otfuse' has no attribute '{name}'")
 
+
 __all__ = [
     "STAGES",
     "ArchitectureMismatchError",

@@ -81,8 +81,10 @@ def expand(b: SpaceBuilder, node: torch.fx.Node) -> object:
     src, dst = shape_of(node.args[0]), shape_of(node)
     new = len(dst) - len(src)
     x = by_order(info_of(b, node.args[0]), [None] * new + list(range(len(src))), node, "expand")
-    if isinstance(x, ParamView) and x.cut is not None and dst[x.cut.view_axis] != (
-        src[x.cut.view_axis - new]
+    if (
+        isinstance(x, ParamView)
+        and x.cut is not None
+        and dst[x.cut.view_axis] != (src[x.cut.view_axis - new])
     ):  # a part of one unit broadcast: its indices no longer follow the axis
         fix_read(b, x, (x.cut.view_axis,))
         x = replace(x, cut=None)
