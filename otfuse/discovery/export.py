@@ -274,7 +274,7 @@ def held_outputs(gm: torch.fx.GraphModule, values: list) -> list:
     ``encoder_last_hidden_state``) are the model's own states: held fixed they would keep the
     whole residual stream in place, and only the heads and MLP units would align."""
     spec = getattr(gm, "_out_spec", None)
-    if spec is None or not type(spec.type).__module__.startswith("transformers"):
+    if spec is None or not getattr(spec.type, "__module__", "").startswith("transformers"):
         return values
     try:
         fields = pytree.tree_unflatten(list(range(len(values))), spec)
