@@ -37,7 +37,18 @@ from otfuse.errors import UnsupportedOpError
 def linear(b: SpaceBuilder, node: torch.fx.Node) -> object:
     """``linear(x, W, b)``: W (out, in) reads the units of x's last axis and writes new ones."""
     w, bias = weight(b, node, 1, "weight"), weight(b, node, 2, "bias")
-    return _dense(b, node, 0, w, bias, reads=1, writes=0)
+    return _computed_bias(b, node, 2, _dense(b, node, 0, w, bias, reads=1, writes=0))
+
+
+def _computed_bias(b: SpaceBuilder, node: torch.fx.Node, i: int, out: object) -> object:
+    """A bias argument ``i`` that is not a parameter (computed, e.g. ``cat((q_bias, zeros,
+    v_bias))`` as BEiT's qkv bias): a constant along the units written, which then stay."""
+    given = arg(node, i, "bias")
+    if isinstance(given, torch.fx.Node) and info_of(b, given) is None:
+        shape = shape_of(given)
+        if isinstance(out, Feature) and shape is not None and shape and shape[-1] != 1:
+            b.fix(out.layout)
+    return out
 
 
 def addmm(b: SpaceBuilder, node: torch.fx.Node) -> object:
@@ -76,7 +87,7 @@ def conv(b: SpaceBuilder, node: torch.fx.Node) -> object:
     w, bias = weight(b, node, 1, "weight"), weight(b, node, 2, "bias")
     if w is None:
         return unsupported_with(b, node)
-    return _conv(b, node, w, bias, int(arg(node, 6, "groups", 1)))
+    return _computed_bias(b, node, 2, _conv(b, node, w, bias, int(arg(node, 6, "groups", 1))))
 
 
 def _conv(b: SpaceBuilder, node: torch.fx.Node, w: ParamView, bias, groups: int) -> object:
@@ -277,7 +288,8 @@ def elementwise(b: SpaceBuilder, node: torch.fx.Node) -> object:
     tracked = [info for info, _ in operands if isinstance(info, TRACKED)]
     if not tracked:
         views = [info for info, _ in operands if isinstance(info, ParamView)]
-        if len(set(views)) == 1:  # a parameter scaled or shifted by constants (or added to itself)
+        varying = any(info is None and any(n != 1 for n in shape) for info, shape in operands)
+        if len(set(views)) == 1 and not varying:  # scaled or shifted by scalars, or by itself
             return views[0]
         for view in views:  # parameters combined into a constant: read as they are
             opaque(b).setdefault(view.name, label(node))

@@ -270,9 +270,10 @@ def _visit(b: SpaceBuilder, node: torch.fx.Node, first: dict[str, str]) -> objec
 
 def held_outputs(gm: torch.fx.GraphModule, values: list) -> list:
     """The graph's outputs (``values``, flattened) whose units stay in place: all of them, but of
-    a Hugging Face output with ``logits`` only the logits. Its other fields (an encoder-decoder's
-    ``encoder_last_hidden_state``) are the model's own states: held fixed they would keep the
-    whole residual stream in place, and only the heads and MLP units would align."""
+    a Hugging Face output with ``logits`` not the model's own states (:data:`STATE_FIELDS`: an
+    encoder-decoder's ``encoder_last_hidden_state``, hidden states, attentions), which held fixed
+    would keep the whole residual stream in place. Predictions next to the logits (a detector's
+    ``pred_boxes``) stay held."""
     spec = getattr(gm, "_out_spec", None)
     if spec is None or not getattr(spec.type, "__module__", "").startswith("transformers"):
         return values
@@ -280,8 +281,20 @@ def held_outputs(gm: torch.fx.GraphModule, values: list) -> list:
         fields = pytree.tree_unflatten(list(range(len(values))), spec)
     except Exception:  # noqa: BLE001 - another structure than the graph's: hold them all
         return values
-    logits = getattr(fields, "logits", None)
-    return [values[logits]] if isinstance(logits, int) else values
+    if not isinstance(fields, dict) or not isinstance(fields.get("logits"), int):
+        return values
+    held = [
+        i for key, field in fields.items() if not _is_state(key) for i in pytree.tree_leaves(field)
+    ]
+    return [values[i] for i in held]
+
+
+# the fields of a Hugging Face output that are the model's own states, not predictions
+STATE_FIELDS = ("last_hidden_state", "hidden_states", "attentions")
+
+
+def _is_state(key: str) -> bool:
+    return key.endswith(STATE_FIELDS)
 
 
 def _fix(b: SpaceBuilder, info: object) -> None:
