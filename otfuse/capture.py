@@ -21,6 +21,7 @@ import torch.fx
 from torch import nn
 
 from otfuse.discovery import SpaceGraph, discover
+from otfuse.discovery.export import fixed_batch
 from otfuse.errors import UnsupportedOpError
 
 BeforeHook = Callable[[torch.fx.Node, tuple], None]
@@ -236,17 +237,6 @@ def run_with_hooks(
     # torch.export's guards read the strides of a non-contiguous input as None (AttributeError)
     inputs = tuple(x.contiguous() if isinstance(x, torch.Tensor) else x for x in inputs)
     return _Hooked(gm, before or {}, after or {}).run(*inputs)
-
-
-def fixed_batch(gm: torch.fx.GraphModule) -> int | None:
-    """The batch size a ``torch.export`` graph was specialised to (its first tensor input's first
-    size recorded as a number instead of a symbol), else None (any batch; fx graphs)."""
-    for node in gm.graph.nodes:
-        value = node.meta.get("val") if node.op == "placeholder" else None
-        if isinstance(value, torch.Tensor) and value.dim() > 0:
-            size = value.shape[0]  # a symbol the capture replaced by a number is fixed too
-            return size if isinstance(size, int) else size.node.maybe_as_int()
-    return None
 
 
 class _Hooked(torch.fx.Interpreter):

@@ -407,6 +407,10 @@ def test_a_graph_with_its_batch_fixed_by_the_capture_is_refused_in_one_line():
     assert "\n" not in str(error.value)
     fused = otfuse.fuse([a, a], "paper-wts", example_input=data[:2]).model  # runs no inputs
     assert max_diff(fused, a) < 1e-6
+    # an example of one row is captured on two copies (captured on one, this model's graph
+    # cannot be read at all: a batch of one is a fixed size to torch.export)
+    with pytest.raises(UnsupportedOpError, match="batch size fixed at 2,"):
+        otfuse.fuse([a, b], data=data, example_input=data[:1])
 
 
 class PartsOfOneWeight(torch.nn.Module):

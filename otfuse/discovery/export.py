@@ -45,7 +45,7 @@ def export_graph(model: nn.Module, example_input: torch.Tensor | tuple) -> torch
     name = type(model).__name__
     with evaluating([model]), _quiet():
         try:
-            gm = _export(model, inputs).module()
+            gm = _export(model, inputs)
         except Exception as exc:  # noqa: BLE001 - any capture failure is reported the same way
             raise OtfuseError(
                 f"cannot capture {name} with torch.export ({_first_line(exc)})"
@@ -102,7 +102,7 @@ def _quiet() -> Iterator[None]:
                 lg.setLevel(level)
 
 
-def _export(model: nn.Module, inputs: tuple):
+def _export(model: nn.Module, inputs: tuple) -> torch.fx.GraphModule:
     """Export with a batch of any size, else of the example's. torch.export fixes a size of one,
     so an example of one row is captured on two copies of it."""
     dynamic = tuple(
@@ -116,9 +116,20 @@ def _export(model: nn.Module, inputs: tuple):
     if rows and all(len(x) == 1 for x in rows):
         two = tuple(_twice(x) for x in inputs)
     try:
-        return torch.export.export(model, two, strict=False, dynamic_shapes=dynamic)
+        return torch.export.export(model, two, strict=False, dynamic_shapes=dynamic).module()
     except Exception:  # noqa: BLE001 - a model that needs a static batch
-        return torch.export.export(model, inputs, strict=False)
+        return torch.export.export(model, inputs, strict=False).module()
+
+
+def fixed_batch(gm: torch.fx.GraphModule) -> int | None:
+    """The batch size a ``torch.export`` graph was specialised to (its first tensor input's first
+    size recorded as a number instead of a symbol), else None (any batch; fx graphs)."""
+    for node in gm.graph.nodes:
+        value = node.meta.get("val") if node.op == "placeholder" else None
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            size = value.shape[0]  # a symbol the capture replaced by a number is fixed too
+            return size if isinstance(size, int) else size.node.maybe_as_int()
+    return None
 
 
 def _twice(x: object) -> object:
