@@ -81,12 +81,9 @@ def expand(b: SpaceBuilder, node: torch.fx.Node) -> object:
     src, dst = shape_of(node.args[0]), shape_of(node)
     new = len(dst) - len(src)
     x = by_order(info_of(b, node.args[0]), [None] * new + list(range(len(src))), node, "expand")
-    if (
-        isinstance(x, ParamView)
-        and x.cut is not None
-        and dst[x.cut.view_axis] != (src[x.cut.view_axis - new])
-    ):  # a part of one unit broadcast: its indices no longer follow the axis
-        fix_read(b, x, (x.cut.view_axis,))
+    cut = x.cut if isinstance(x, ParamView) else None
+    if cut is not None and dst[cut.view_axis] != src[cut.view_axis - new]:
+        fix_read(b, x, (cut.view_axis,))  # a part of one unit broadcast: its indices are lost
         x = replace(x, cut=None)
     if isinstance(x, Heads):
         grown = {new + i for i, n in enumerate(src) if n == 1 and dst[new + i] != 1}

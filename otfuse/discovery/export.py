@@ -294,18 +294,12 @@ def held_outputs(gm: torch.fx.GraphModule, values: list) -> list:
         return values
     if not isinstance(fields, dict) or not isinstance(fields.get("logits"), int):
         return values
-    held = [
-        i for key, field in fields.items() if not _is_state(key) for i in pytree.tree_leaves(field)
-    ]
-    return [values[i] for i in held]
+    predictions = [field for key, field in fields.items() if not key.endswith(STATE_FIELDS)]
+    return [values[i] for i in pytree.tree_leaves(predictions)]
 
 
 # the fields of a Hugging Face output that are the model's own states, not predictions
 STATE_FIELDS = ("last_hidden_state", "hidden_states", "attentions")
-
-
-def _is_state(key: str) -> bool:
-    return key.endswith(STATE_FIELDS)
 
 
 def _fix(b: SpaceBuilder, info: object) -> None:
