@@ -11,8 +11,14 @@ import otfuse
 from otfuse.errors import OtfuseError
 from otfuse.repair import reset_batchnorm
 from otfuse.synthesis import (
+    AUTO_BUDGET,
+    AUTO_MIN_INPUTS,
+    AUTO_SYNTHESIS_FLOPS,
+    affordable_inputs,
+    budget,
     can_synthesize,
     channel_moments,
+    forward_flops,
     statistics_loss,
     synthesize_inputs,
     tracked_batchnorms,
@@ -161,6 +167,50 @@ def test_the_automatic_budget_follows_the_objective_and_records_what_ran(monkeyp
     assert (stats.synthesize, stats.synthesis_steps, stats.num_samples) == (64, 60, 64)
     assert (classes.synthesize, classes.synthesis_steps, classes.num_samples) == (128, 30, 128)
     assert (given.synthesize, given.synthesis_steps) == (16, 30)
+
+
+def wide_batchnorm_net(seed: int, channels: int) -> nn.Module:
+    """A BatchNorm CNN with ``channels`` channels on 32 x 32 inputs: two 3x3 convolutions cost
+    4 * 9 * channels**2 * 1024 FLOPs per input."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(),
+        nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 10),
+    )  # fmt: skip
+
+
+def test_forward_flops_count_every_model_on_one_row_and_leave_them_as_they_were():
+    nets = [wide_batchnorm_net(0, 16).train(), wide_batchnorm_net(1, 16).eval()]
+    before = [{k: v.clone() for k, v in net.state_dict().items()} for net in nets]
+    convolutions = 2 * 9 * (3 * 16 + 16 * 16) * 1024  # multiply-adds x 2, per input
+    assert forward_flops(nets, torch.randn(5, 3, 32, 32)) == 2 * (convolutions + 2 * 16 * 10)
+    assert [net.training for net in nets] == [True, False]  # modes restored
+    for net, saved in zip(nets, before, strict=True):
+        assert all(torch.equal(v, saved[k]) for k, v in net.state_dict().items())
+
+
+def test_affordable_inputs_shrink_with_the_cost_between_the_floor_and_the_ceiling():
+    most = AUTO_BUDGET["statistics"][0]
+    cheap = AUTO_SYNTHESIS_FLOPS / (60 * 1000)
+    assert affordable_inputs(cheap, 60, most) == most
+    assert affordable_inputs(AUTO_SYNTHESIS_FLOPS / (60 * 50), 60, most) == 48  # a multiple of 8
+    assert affordable_inputs(AUTO_SYNTHESIS_FLOPS, 60, most) == AUTO_MIN_INPUTS
+    assert affordable_inputs(AUTO_SYNTHESIS_FLOPS, 60, 16) == 16  # never above the ceiling
+    costs = [AUTO_SYNTHESIS_FLOPS / (60 * n) for n in range(10, 100, 7)]
+    counts = [affordable_inputs(c, 60, most) for c in costs]
+    assert counts == sorted(counts)  # cheaper models: never fewer inputs
+
+
+def test_costly_batchnorm_models_synthesise_fewer_inputs_unless_the_caller_says():
+    """Two 128-channel nets at 32 x 32 cost about 600 MFLOP per input; the fixtures' nets little."""
+    costly = [wide_batchnorm_net(0, 128), wide_batchnorm_net(1, 128)]
+    x = torch.randn(2, 3, 32, 32)
+    most, steps = AUTO_BUDGET["statistics"]
+    assert budget(costly, x) == (AUTO_MIN_INPUTS, steps)
+    assert budget(costly, x, num_samples=64) == (64, steps)
+    assert budget([wide_batchnorm_net(0, 8), wide_batchnorm_net(1, 8)], x) == (most, steps)
+    assert budget(costly, x, kind="classes") == AUTO_BUDGET["classes"]  # the statistics only
 
 
 @pytest.mark.parametrize("count", [-1, 2.5, True, "many"])
