@@ -18,13 +18,17 @@ they release Python's lock, so that solves on :func:`solver_pool` overlap the ca
 SciPy's when ``lap`` cannot be imported; :data:`ASSIGNMENT_BACKEND` says which. ``lap`` solves
 the cost less its row minima and then its column minima (:func:`_reduced`: the same optimum, reached
 about twice as fast on the costs of fusion), in the cost's own precision: the float32 costs of
-:func:`otfuse.cost.ground_cost` of width >= :data:`FLOAT32_KERNEL_FROM` by ``lap.lapjvs``'s float32
-kernel (together 1.6-2x faster than float64 ``lapjv`` at widths 3072-4096), others in float64.
-The float64 solvers return an optimal assignment; the float32 kernel one that is optimal up to
+:func:`otfuse.cost.ground_cost` of width >= :data:`FLOAT32_KERNEL_FROM` in float32, others in
+float64. ``lap.lapjvr`` (Rust; float64 potentials and distances) solves them below
+:data:`LAPJVS_FROM` units, ``lap.lapjvs``'s float32 kernel from there: on the costs of fusion
+(one thread) ``lapjvr`` took VGG11's 64-512-unit spaces in 31 ms against 82 ms for float64
+``lapjv``, MLP costs of 1024 / 2048 / 3072 units in 0.6 / 0.74 / 0.68 of ``lapjvs``'s time, and
+4096 units in 1.08 of it, each time returning the same assignment.
+The float64 solves return an optimal assignment; the float32 ones one that is optimal up to
 float32 rounding (assignments whose costs differ by less than a few float32 ulps of the costs may
 swap; the costs themselves are float32 products with that rounding). On every cost of fusion
-compared (MLP, GPT-2 and random-feature costs of width 1024-4096) it returned the float64 optimum
-itself. When several are optimal (tied costs) the solvers may pick different ones.
+compared (MLP, GPT-2 and random-feature costs of width 1024-4096) they returned the float64
+optimum itself. When several are optimal (tied costs) the solvers may pick different ones.
 A permutation plan stores the permutation only; its dense matrix is built on first access.
 """
 
@@ -40,16 +44,18 @@ from scipy.optimize import linear_sum_assignment
 from otfuse.errors import OtfuseError, TransportError
 
 try:  # the faster exact assignment solvers; SciPy's when they are missing
-    from lap import lapjv as _lapjv
+    from lap import lapjvr as _lapjvr
     from lap import lapjvs as _lapjvs
 except ImportError:  # pragma: no cover - lap is a dependency; a platform without a wheel falls back
-    _lapjv = _lapjvs = None
+    _lapjvr = _lapjvs = None
 
 SolverName = Literal["auto", "exact", "sinkhorn", "assignment"]
 SOLVERS: tuple[str, ...] = ("auto", "exact", "sinkhorn", "assignment")
-ASSIGNMENT_BACKEND: str = "lap" if _lapjv is not None else "scipy"
-#: float32 costs of this width and more are solved by a float32 kernel; smaller ones take milliseconds
+ASSIGNMENT_BACKEND: str = "lap" if _lapjvr is not None else "scipy"
+#: float32 costs of this width and more are solved in float32; smaller ones take milliseconds
 FLOAT32_KERNEL_FROM = 1024
+#: float32 costs of this width and more go to ``lapjvs`` rather than ``lapjvr`` (see the module)
+LAPJVS_FROM = 4096
 
 
 class TransportPlan:
@@ -206,22 +212,22 @@ def assignment(cost: np.ndarray) -> np.ndarray:
     """The optimal assignment of a square cost (n, n) as ``perm`` (n,): ``perm[j]`` is the row
     assigned to column j, minimising ``cost[perm, arange(n)].sum()``.
 
-    Solved by ``lap``'s Jonker-Volgenant solvers when they are installed: a float32 cost of width
-    >= :data:`FLOAT32_KERNEL_FROM` in float32 (``lapjvs``, optimal up to float32 rounding), any
-    other in float64 (``lapjv``), both on the reduced cost (:func:`_reduced`); else by SciPy's
-    ``linear_sum_assignment``. Costs with NaN or infinite entries always go to SciPy, which
-    reports them.
+    Solved by ``lap``'s Jonker-Volgenant solvers when they are installed, on the reduced cost
+    (:func:`_reduced`): a float32 cost of width >= :data:`FLOAT32_KERNEL_FROM` in float32 (optimal
+    up to float32 rounding), any other in float64; by ``lapjvs`` from :data:`LAPJVS_FROM` units
+    in float32, else by ``lapjvr``. Without ``lap``, by SciPy's ``linear_sum_assignment``. Costs
+    with NaN or infinite entries always go to SciPy, which reports them.
     """
     n = cost.shape[0]
-    if _lapjv is not None and n > 1 and np.isfinite(cost.sum(dtype=np.float64)):
+    if _lapjvr is not None and n > 1 and np.isfinite(cost.sum(dtype=np.float64)):
         in_float32 = cost.dtype == np.float32 and n >= FLOAT32_KERNEL_FROM
         reduced = _reduced(cost if in_float32 else cost.astype(np.float64, copy=False))
-        if in_float32:
+        if in_float32 and n >= LAPJVS_FROM:
             _, rows_of_cols = _lapjvs(reduced, jvx_like=False, return_cost=False)
-        else:
-            _, rows_of_cols = _lapjv(reduced, return_cost=False)
-        return rows_of_cols.astype(np.int64)
-    rows, cols = linear_sum_assignment(cost)
+            return rows_of_cols.astype(np.int64)
+        rows, cols = _lapjvr(reduced, return_cost=False)
+    else:
+        rows, cols = linear_sum_assignment(cost)
     perm = np.empty(n, dtype=np.int64)
     perm[cols] = rows
     return perm

@@ -92,10 +92,13 @@ def test_assignment_is_scipys_optimum(n):
     ],
     ids=["zeros", "integers", "duplicates", "tiny"],
 )
-@pytest.mark.parametrize("precision", ["float64", "float32 kernel"])
-def test_assignment_with_ties_is_optimal(cost, precision, monkeypatch):
-    if precision == "float32 kernel":
+@pytest.mark.parametrize(
+    "precision, kernel", [("float64", None), ("float32", 2), ("float32", 10**9)]
+)  # float32 costs go to lapjvs from LAPJVS_FROM units (here 2), else to lapjvr
+def test_assignment_with_ties_is_optimal(cost, precision, kernel, monkeypatch):
+    if precision == "float32":
         monkeypatch.setattr(transport, "FLOAT32_KERNEL_FROM", 2)
+        monkeypatch.setattr(transport, "LAPJVS_FROM", kernel)
         cost = cost.astype(np.float32).astype(np.float64)  # the values the float32 kernel sees
         perm = transport.assignment(cost.astype(np.float32))
     else:
@@ -115,6 +118,7 @@ def test_large_float32_costs_are_solved_in_float32_to_the_float64_optimum(n, mon
     kernel = transport._lapjvs
     monkeypatch.setattr(transport, "_lapjvs", lambda *a, **k: calls.append(1) or kernel(*a, **k))
     monkeypatch.setattr(transport, "FLOAT32_KERNEL_FROM", min(n, transport.FLOAT32_KERNEL_FROM))
+    monkeypatch.setattr(transport, "LAPJVS_FROM", min(n, transport.LAPJVS_FROM))
     g = torch.Generator().manual_seed(n)
     x, y = torch.randn(n, 32, generator=g), torch.randn(n, 32, generator=g)
     cost = ground_cost(x, y, "euclidean")  # float32, with the near-ties of random features
@@ -124,6 +128,20 @@ def test_large_float32_costs_are_solved_in_float32_to_the_float64_optimum(n, mon
     np.testing.assert_array_equal(perm, _scipy_permutation(cost.astype(np.float64)))
     assert transport.assignment(cost.astype(np.float64)).tolist() == perm.tolist()  # float64 kernel
     assert calls == [1]
+
+
+@pytest.mark.parametrize("n", [64, 301])
+def test_float32_costs_below_the_lapjvs_width_are_solved_by_lapjvr(n, monkeypatch):
+    calls = []
+    kernel = transport._lapjvr
+    monkeypatch.setattr(transport, "_lapjvr", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    monkeypatch.setattr(transport, "FLOAT32_KERNEL_FROM", 2)  # reduced in float32, as if wide
+    g = torch.Generator().manual_seed(n + 1)
+    x, y = torch.randn(n, 32, generator=g), torch.randn(n, 32, generator=g)
+    cost = ground_cost(x, y, "euclidean")
+    perm = transport.assignment(cost)
+    assert calls == [1]
+    np.testing.assert_array_equal(perm, _scipy_permutation(cost.astype(np.float64)))
 
 
 def test_a_float32_cost_plan_reports_its_value_in_float64():
@@ -138,7 +156,7 @@ def test_a_float32_cost_plan_reports_its_value_in_float64():
 
 def test_assignment_without_lap_uses_scipy(monkeypatch):
     cost = np.random.default_rng(3).random((50, 50))
-    monkeypatch.setattr(transport, "_lapjv", None)
+    monkeypatch.setattr(transport, "_lapjvr", None)
     np.testing.assert_array_equal(transport.assignment(cost), _scipy_permutation(cost))
 
 
@@ -198,7 +216,7 @@ def test_ground_cost_is_the_plain_expression_bit_for_bit(metric):
 def test_fusion_is_the_same_with_either_assignment_backend(name, monkeypatch):
     models, x = [build(name, seed=s) for s in range(3)], example(name)
     fast = otfuse.fuse(models, "paper-wts", example_input=x)
-    monkeypatch.setattr(transport, "_lapjv", None)  # SciPy's solver
+    monkeypatch.setattr(transport, "_lapjvr", None)  # SciPy's solver
     slow = otfuse.fuse(models, "paper-wts", example_input=x)
     for key, value in fast.model.state_dict().items():
         assert torch.equal(value, slow.model.state_dict()[key]), key
