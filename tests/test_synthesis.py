@@ -180,7 +180,7 @@ def wide_batchnorm_net(seed: int, channels: int) -> nn.Module:
     )  # fmt: skip
 
 
-def test_forward_flops_count_every_model_on_one_row_and_leave_them_as_they_were():
+def test_forward_flops_count_every_model_per_input_row_and_leave_them_as_they_were():
     nets = [wide_batchnorm_net(0, 16).train(), wide_batchnorm_net(1, 16).eval()]
     before = [{k: v.clone() for k, v in net.state_dict().items()} for net in nets]
     convolutions = 2 * 9 * (3 * 16 + 16 * 16) * 1024  # multiply-adds x 2, per input
@@ -188,6 +188,25 @@ def test_forward_flops_count_every_model_on_one_row_and_leave_them_as_they_were(
     assert [net.training for net in nets] == [True, False]  # modes restored
     for net, saved in zip(nets, before, strict=True):
         assert all(torch.equal(v, saved[k]) for k, v in net.state_dict().items())
+
+
+class NeedsFourRows(nn.Module):
+    """A BatchNorm CNN that folds its batch in fours: it runs on 4, 8, ... rows, not on two."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        self.net = wide_batchnorm_net(seed, 128)
+
+    def forward(self, x):
+        h = self.net[0](x)
+        return self.net[1:](h.view(-1, 4, *h.shape[1:]).flatten(0, 1))
+
+
+def test_models_the_flop_count_cannot_run_keep_the_full_budget():
+    models, x = [NeedsFourRows(0), NeedsFourRows(1)], torch.randn(8, 3, 32, 32)
+    assert forward_flops(models, x) is None
+    assert budget(models, x) == AUTO_BUDGET["statistics"]
+    assert synthesize_inputs(models, x, steps=1).shape == (64, 3, 32, 32)
 
 
 def test_affordable_inputs_shrink_with_the_cost_between_the_floor_and_the_ceiling():
