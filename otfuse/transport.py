@@ -20,11 +20,10 @@ the cost less its row minima and then its column minima (:func:`_reduced`: the s
 about twice as fast on the costs of fusion), in the cost's own precision: the float32 costs of
 :func:`otfuse.cost.ground_cost` of width >= :data:`FLOAT32_KERNEL_FROM` in float32, others in
 float64. ``lap.lapjvr`` (Rust; float64 potentials and distances) solves them all but the float32
-costs of :data:`LAPJVS_FROM` units or more, which go to ``lap.lapjvs``'s float32 kernel: on the
-costs of fusion
-(one thread) ``lapjvr`` took VGG11's 64-512-unit spaces in 31 ms against 82 ms for float64
-``lapjv``, MLP costs of 1024 / 2048 / 3072 units in 0.6 / 0.74 / 0.68 of ``lapjvs``'s time, and
-4096 units in 1.08 of it, each time returning the same assignment.
+costs of :data:`LAPJVS_FROM` units or more, which go to ``lap.lapjvs``'s float32 kernel. On the
+costs of fusion (one thread) ``lapjvr`` solved six VGG11's 40 spaces of 64-512 units in 89 ms
+against 195 ms for float64 ``lapjv``, float32 MLP costs of 1024 / 2048 / 3072 units in 0.6 / 0.74
+/ 0.68 of ``lapjvs``'s time, and of 4096 units in 1.08 of it, each time to the same assignment.
 The float64 solves return an optimal assignment; the float32 ones one that is optimal up to
 float32 rounding (assignments whose costs differ by less than a few float32 ulps of the costs may
 swap; the costs themselves are float32 products with that rounding). On every cost of fusion
