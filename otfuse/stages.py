@@ -23,8 +23,8 @@ Each stage declares the config fields it reads (``reads``) and whether it needs 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, wait
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -46,6 +46,7 @@ from otfuse.repair import (
     reset_batchnorm,
 )
 from otfuse.synthesis import tracked_batchnorms
+from otfuse.threads import lasting_pool
 
 ALIGNMENT = ("mode", "solver", "cost", "marginals", "reg", "activations", "seed", "outgoing")
 
@@ -101,11 +102,13 @@ def align_to_anchor(context: FusionContext) -> None:
     others = [i for i in range(len(states)) if i != anchor]
     bars = not context.clock.progress.bars
     results = {anchor: (states[anchor], {})}
-    workers = min(MODEL_WORKERS, len(others))
-    with ThreadPoolExecutor(workers) if workers > 1 else nullcontext() as pool:
-        done = pool.map(align_one, others) if pool is not None else map(align_one, others)
-        bar = tqdm(done, total=len(others), desc="align", unit="model", disable=bars, leave=False)
-        results.update(zip(others, bar))
+    if min(MODEL_WORKERS, len(others)) > 1:
+        pool = lasting_pool("align", MODEL_WORKERS)
+        done = results_in_order([pool.submit(align_one, i) for i in others])
+    else:
+        done = map(align_one, others)
+    bar = tqdm(done, total=len(others), desc="align", unit="model", disable=bars, leave=False)
+    results.update(zip(others, bar))
     context.aligned = [results[i][0] for i in range(len(states))]
     context.plans = [results[i][1] for i in range(len(states))]
 
@@ -113,8 +116,21 @@ def align_to_anchor(context: FusionContext) -> None:
 # Models are aligned to the anchor independently, three at a time: one model's exact assignment
 # (compiled code without Python's lock, on one core) overlaps the others' cost products. Six VGG11
 # on two cores, interleaved medians of 7: 0.58 s one at a time, 0.50 s two, 0.48 s three, 0.50 s
-# four or five.
+# four or five (eighteenth session, another CPU: 0.75 / 0.65 / 0.59 / 0.62 s for 1-4). The threads
+# last for the process (:func:`otfuse.threads.lasting_pool`).
 MODEL_WORKERS = 3
+
+
+def results_in_order(futures: Sequence[Future]) -> Iterator:
+    """Each future's result in turn. When one fails, those not started are cancelled and the
+    running ones waited for before its error is raised: no work outlives the stage."""
+    try:
+        for future in futures:
+            yield future.result()
+    finally:
+        for future in futures:
+            future.cancel()
+        wait(futures)
 
 
 @stage("refine", reads=("marginals", "solver", "outgoing", "max_sweeps"))

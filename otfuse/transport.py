@@ -42,6 +42,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from otfuse.errors import OtfuseError, TransportError
+from otfuse.threads import lasting_pool
 
 try:  # the faster exact assignment solvers; SciPy's when they are missing
     from lap import lapjvr as _lapjvr
@@ -128,18 +129,11 @@ class TransportPlan:
         return self._matrix.shape
 
 
-_POOL: ThreadPoolExecutor | None = None
-
-
 def solver_pool() -> ThreadPoolExecutor:
     """Threads that solve large OT problems while the caller forms the next costs (the solvers run
     in compiled code without Python's lock): one per core but the caller's, at least one, at most
-    four; made on first use."""
-    global _POOL
-    if _POOL is None:
-        workers = max(1, min(4, (os.cpu_count() or 1) - 1))
-        _POOL = ThreadPoolExecutor(workers, thread_name_prefix="otfuse-solve")
-    return _POOL
+    four; made on first use (:func:`otfuse.threads.lasting_pool`)."""
+    return lasting_pool("solve", max(1, min(4, (os.cpu_count() or 1) - 1)))
 
 
 def solve(
