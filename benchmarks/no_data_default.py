@@ -37,6 +37,11 @@ PARENTS = {
         STANDARD_PARENTS["resnet18"],
         arch_kwargs={**STANDARD_PARENTS["resnet18"].arch_kwargs, "width": 0.25},
     ),
+    # a second BatchNorm architecture, costly enough that a CPU synthesises fewer inputs for it
+    "vgg11bnx0.5": replace(
+        STANDARD_PARENTS["vgg11"],
+        arch_kwargs={**STANDARD_PARENTS["vgg11"].arch_kwargs, "width": 0.5, "batch_norm": True},
+    ),
 }
 EARLIER_DEFAULT = dict(  # the data-free recipe before the speed work (commit 775f5b2)
     synthesize=256,

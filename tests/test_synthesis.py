@@ -14,6 +14,7 @@ from otfuse.synthesis import (
     AUTO_BUDGET,
     AUTO_MIN_INPUTS,
     AUTO_SYNTHESIS_FLOPS,
+    AUTO_UNCOUNTED_INPUTS,
     affordable_inputs,
     budget,
     can_synthesize,
@@ -163,8 +164,10 @@ def test_the_automatic_budget_follows_the_objective_and_records_what_ran(monkeyp
     stats = otfuse.fuse(resnets, example_input=example("resnet")).config
     classes = otfuse.fuse(mlps, example_input=example("mlp")).config
     given = otfuse.fuse(mlps, example_input=example("mlp"), synthesize=16).config
-    assert seen == [(64, 60, 64), (128, 30, 128), (16, 30, 16)]
-    assert (stats.synthesize, stats.synthesis_steps, stats.num_samples) == (64, 60, 64)
+    count, steps = AUTO_BUDGET["statistics"]  # the fixtures are cheap: the full budget
+    assert (count, steps) == (128, 60)
+    assert seen == [(count, steps, count), (128, 30, 128), (16, 30, 16)]
+    assert (stats.synthesize, stats.synthesis_steps, stats.num_samples) == (count, steps, count)
     assert (classes.synthesize, classes.synthesis_steps, classes.num_samples) == (128, 30, 128)
     assert (given.synthesize, given.synthesis_steps) == (16, 30)
 
@@ -202,11 +205,13 @@ class NeedsFourRows(nn.Module):
         return self.net[1:](h.view(-1, 4, *h.shape[1:]).flatten(0, 1))
 
 
-def test_models_the_flop_count_cannot_run_keep_the_full_budget():
+def test_models_the_flop_count_cannot_run_get_the_budget_of_unknown_cost():
     models, x = [NeedsFourRows(0), NeedsFourRows(1)], torch.randn(8, 3, 32, 32)
     assert forward_flops(models, x) is None
-    assert budget(models, x) == AUTO_BUDGET["statistics"]
-    assert synthesize_inputs(models, x, steps=1).shape == (64, 3, 32, 32)
+    steps = AUTO_BUDGET["statistics"][1]
+    assert budget(models, x) == (AUTO_UNCOUNTED_INPUTS, steps)
+    assert AUTO_MIN_INPUTS <= AUTO_UNCOUNTED_INPUTS <= AUTO_BUDGET["statistics"][0]
+    assert synthesize_inputs(models, x, steps=1).shape == (AUTO_UNCOUNTED_INPUTS, 3, 32, 32)
 
 
 def test_affordable_inputs_shrink_with_the_cost_between_the_floor_and_the_ceiling():
