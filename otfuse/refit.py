@@ -378,6 +378,60 @@ class Moments:
         return weight, (self.shift_z + m_z) - weight @ (self.shift_x + m_x)
 
 
+@dataclass
+class Rows:
+    """The regression rows themselves, in float64, for fits with fewer rows than input features
+    (a wide layer on few inputs): :meth:`solve` gives :meth:`Moments.solve`'s solution from the
+    (rows, rows) kernel rather than the (d, d) Gram matrix. With :math:`X_c` (n, d) and
+    :math:`Z_c` the centred rows and :math:`R = Z_c - X_c W_0^\\top` the residual of the averaged
+    weights, the push-through identity
+    :math:`(X_c^\\top X_c + \\lambda I_d)^{-1} X_c^\\top = X_c^\\top (X_c X_c^\\top + \\lambda I_n)^{-1}`
+    turns the normal equations into
+
+    .. math::
+
+        W^\\top = W_0^\\top + X_c^\\top (X_c X_c^\\top + \\lambda I_n)^{-1} R,
+
+    an n x n solve (:math:`O(n^2 d)`) instead of a d x d one (:math:`O(d^3)`): for VGG11-BN x0.5
+    on 32 synthesised inputs, layers of 2304 inputs fitted on 25-288 rows, 0.25 s -> a few ms
+    per ridge. ``a + b`` pools the rows of both."""
+
+    x: torch.Tensor  # (n, d)
+    z: torch.Tensor  # (n, out)
+
+    @classmethod
+    def of(cls, x: torch.Tensor, z: torch.Tensor) -> Rows:
+        return cls(x.double(), z.double())
+
+    def __add__(self, other: Rows) -> Rows:
+        return Rows(torch.cat([self.x, other.x]), torch.cat([self.z, other.z]))
+
+    def solve(
+        self, w0: torch.Tensor, *, intercept: bool, ridge: float
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """As :meth:`Moments.solve`: the weight (out, d) and, with ``intercept``, the bias (out,);
+        :math:`\\lambda` = ``ridge`` times the mean diagonal of the centred Gram matrix
+        (:math:`\\lVert X_c \\rVert_F^2 / d`)."""
+        x, z = self.x, self.z
+        if intercept:
+            mean_x, mean_z = x.mean(0), z.mean(0)
+            x, z = x - mean_x, z - mean_z
+        lam = ridge * float(x.square().sum()) / max(x.shape[1], 1) + 1e-12
+        w0 = w0.to(torch.float64)
+        kernel = x @ x.T
+        kernel.diagonal().add_(lam)
+        weight = w0 + (x.T @ _solve_spd(kernel, z - x @ w0.T)).T
+        if not intercept:
+            return weight, None
+        return weight, mean_z - weight @ mean_x
+
+
+def fewer_rows_than_features(rows: int, features: int) -> bool:
+    """Whether a fit on ``rows`` rows of ``features`` inputs is solved in row space
+    (:class:`Rows`) rather than from the Gram matrix (:class:`Moments`)."""
+    return rows < features
+
+
 def _column_sums(rows: torch.Tensor) -> torch.Tensor:
     """Column sums (d,) of ``rows`` (n, d) as float64, added in the rows' precision (at least
     float32; torch sums in blocks, so the error stays near float32's rounding of the total): a
@@ -421,6 +475,8 @@ def solve_layer(
 
     Returns the weight (out, d) and, with ``intercept``, the bias (out,), in float64.
     """
+    if fewer_rows_than_features(len(x), x.shape[1]):
+        return Rows.of(x, z).solve(w0, intercept=intercept, ridge=ridge)
     moments = Moments.of(x, z, _shift(x, z, intercept), chunk=chunk)
     return moments.solve(w0, intercept=intercept, ridge=ridge)
 
@@ -467,15 +523,20 @@ def solve_split(
     rows are never changed)."""
     ridges = list(ridges)
     (x_fit, z_fit), (x_held, z_held) = fit, held
-    shift = None
-    if intercept:  # the mean of all rows
-        n = len(x_fit) + len(x_held)
-        shift = (
-            (_column_sums(x_fit) + _column_sums(x_held)) / n,
-            (_column_sums(z_fit) + _column_sums(z_held)) / n,
-        )
-    scoring = Moments.of(x_held, z_held, shift, chunk=chunk)
-    fitting = Moments.of(x_fit, z_fit, shift, chunk=chunk, overwrite=overwrite)
+    fitting: Moments | Rows
+    scoring: Moments | Rows
+    if fewer_rows_than_features(len(x_fit) + len(x_held), x_fit.shape[1]):
+        fitting, scoring = Rows.of(x_fit, z_fit), Rows.of(x_held, z_held)
+    else:
+        shift = None
+        if intercept:  # the mean of all rows
+            n = len(x_fit) + len(x_held)
+            shift = (
+                (_column_sums(x_fit) + _column_sums(x_held)) / n,
+                (_column_sums(z_fit) + _column_sums(z_held)) / n,
+            )
+        scoring = Moments.of(x_held, z_held, shift, chunk=chunk)
+        fitting = Moments.of(x_fit, z_fit, shift, chunk=chunk, overwrite=overwrite)
 
     def held_out_error(ridge: float) -> float:
         weight, bias = fitting.solve(w0, intercept=intercept, ridge=ridge)

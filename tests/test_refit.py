@@ -11,12 +11,14 @@ from otfuse.discovery import discover
 from otfuse.refit import (
     RIDGES,
     Moments,
+    Rows,
     fit_points,
     layer_rows,
     refit_layers,
     selected_rows,
     solve_layer,
     solve_layer_held_out,
+    solve_split,
 )
 from otfuse.repair import reset_batchnorm
 
@@ -71,6 +73,68 @@ def test_pooled_moments_solve_the_centred_ridge_problem():
     weight, bias = pooled.solve(w0, intercept=True, ridge=0.05)
     torch.testing.assert_close(weight, expected)
     torch.testing.assert_close(bias, z.mean(0) - expected @ x.mean(0))
+
+
+def exact_ridge(x, z, w0, intercept, ridge):
+    """The ridge problem solved in float64 from the (d, d) normal equations."""
+    x, z, w0 = x.double(), z.double(), w0.double()
+    mean_x, mean_z = x.mean(0), z.mean(0)
+    if intercept:
+        x, z = x - mean_x, z - mean_z
+    gram = x.T @ x
+    lam = ridge * gram.diagonal().sum() / len(gram) + 1e-12
+    weight = torch.linalg.solve(gram + lam * torch.eye(len(gram)).double(), x.T @ z + lam * w0.T).T
+    return weight, (mean_z - weight @ mean_x) if intercept else None
+
+
+@pytest.mark.parametrize("intercept", [True, False])
+@pytest.mark.parametrize("ridge", [1e-5, 1e-2, 1.0])
+def test_fewer_rows_than_features_are_solved_in_row_space_exactly(intercept, ridge):
+    """A wide layer on few rows (30 rows, 100 inputs): the (rows, rows) solve gives the normal
+    equations' solution to float64 precision, where float32 Gram products lose up to 2% at the
+    smallest ridge."""
+    torch.manual_seed(0)
+    x, z, w0 = torch.randn(30, 100) * 2 + 1, torch.randn(30, 7) + 3, torch.randn(7, 100)
+    weight, bias = exact_ridge(x, z, w0, intercept, ridge)
+    for w, b in (Rows.of(x, z).solve(w0, intercept=intercept, ridge=ridge),
+                 solve_layer(x, z, w0, intercept=intercept, ridge=ridge)):  # fmt: skip
+        torch.testing.assert_close(w, weight, rtol=1e-9, atol=1e-9)
+        if intercept:
+            torch.testing.assert_close(b, bias, rtol=1e-9, atol=1e-9)
+        else:
+            assert b is None
+
+
+def test_row_space_and_gram_solves_agree_with_more_rows_than_features():
+    torch.manual_seed(0)
+    x, z, w0 = torch.randn(300, 20) + 2.0, torch.randn(300, 4), torch.randn(4, 20)
+    shift = x.double().mean(0), z.double().mean(0)
+    by_rows = (Rows.of(x[:100], z[:100]) + Rows.of(x[100:], z[100:])).solve(
+        w0, intercept=True, ridge=0.01
+    )
+    by_moments = Moments.of(x, z, shift).solve(w0, intercept=True, ridge=0.01)
+    for a, b in zip(by_rows, by_moments, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_the_held_out_ridge_on_few_rows_is_the_exact_problems_best():
+    """solve_split on 40 + 10 rows of 64 inputs: the ridge it picks has the least held-out error
+    among its neighbours on the exact solutions, and the returned fit is the exact one on all rows."""
+    torch.manual_seed(3)
+    x, w0 = torch.randn(50, 64), torch.zeros(2, 64)
+    z = x[:, :5] @ torch.randn(5, 2) + 0.3 * torch.randn(50, 2)
+    fit, held = (x[:40], z[:40]), (x[40:], z[40:])
+    weight, bias, ridge = solve_split(fit, held, w0, intercept=True, ridges=RIDGES)
+
+    def error(r):
+        w, b = exact_ridge(*fit, w0, True, r)
+        return float(((x[40:].double() @ w.T + b) - z[40:].double()).square().sum())
+
+    i = RIDGES.index(ridge)
+    assert all(error(ridge) <= error(RIDGES[j]) for j in (i - 1, i + 1) if 0 <= j < len(RIDGES))
+    expected_w, expected_b = exact_ridge(x, z, w0, True, ridge)
+    torch.testing.assert_close(weight, expected_w, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(bias, expected_b, rtol=1e-9, atol=1e-9)
 
 
 def test_a_large_offset_in_the_inputs_costs_no_precision():
