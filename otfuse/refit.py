@@ -385,7 +385,11 @@ class Rows:
     (rows, rows) kernel rather than the (d, d) Gram matrix. With :math:`X_c` (n, d) and
     :math:`Z_c` the centred rows and :math:`R = Z_c - X_c W_0^\\top` the residual of the averaged
     weights, the push-through identity
-    :math:`(X_c^\\top X_c + \\lambda I_d)^{-1} X_c^\\top = X_c^\\top (X_c X_c^\\top + \\lambda I_n)^{-1}`
+
+    .. math::
+
+        (X_c^\\top X_c + \\lambda I_d)^{-1} X_c^\\top = X_c^\\top (X_c X_c^\\top + \\lambda I_n)^{-1}
+
     turns the normal equations into
 
     .. math::

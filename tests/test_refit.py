@@ -119,7 +119,8 @@ def test_row_space_and_gram_solves_agree_with_more_rows_than_features():
 
 def test_the_held_out_ridge_on_few_rows_is_the_exact_problems_best():
     """solve_split on 40 + 10 rows of 64 inputs: the ridge it picks has the least held-out error
-    among its neighbours on the exact solutions, and the returned fit is the exact one on all rows."""
+    among its neighbours on the exact solutions, and the returned fit is the exact one on all
+    rows."""
     torch.manual_seed(3)
     x, w0 = torch.randn(50, 64), torch.zeros(2, 64)
     z = x[:, :5] @ torch.randn(5, 2) + 0.3 * torch.randn(50, 2)
