@@ -388,7 +388,7 @@ class Rows:
 
     .. math::
 
-        (X_c^\\top X_c + \\lambda I_d)^{-1} X_c^\\top = X_c^\\top (X_c X_c^\\top + \\lambda I_n)^{-1}
+        (X_c^\\top X_c + \\lambda I)^{-1} X_c^\\top = X_c^\\top (X_c X_c^\\top + \\lambda I)^{-1}
 
     turns the normal equations into
 
