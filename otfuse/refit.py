@@ -432,8 +432,9 @@ class Rows:
 
 def fewer_rows_than_features(rows: int, features: int) -> bool:
     """Whether a fit on ``rows`` rows of ``features`` inputs is solved in row space
-    (:class:`Rows`) rather than from the Gram matrix (:class:`Moments`)."""
-    return rows < features
+    (:class:`Rows`) rather than from the Gram matrix (:class:`Moments`, which also takes a fit
+    on no rows: the start ``w0`` itself)."""
+    return 0 < rows < features
 
 
 def _column_sums(rows: torch.Tensor) -> torch.Tensor:

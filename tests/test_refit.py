@@ -105,6 +105,15 @@ def test_fewer_rows_than_features_are_solved_in_row_space_exactly(intercept, rid
             assert b is None
 
 
+@pytest.mark.parametrize("rows", [0, 1])
+def test_a_fit_on_no_row_or_one_row_keeps_the_start(rows):
+    torch.manual_seed(0)
+    x, z, w0 = torch.randn(rows, 10), torch.randn(rows, 3), torch.randn(3, 10)
+    weight, bias = solve_layer(x, z, w0, intercept=True, ridge=1e-2)
+    torch.testing.assert_close(weight, w0.double())
+    assert torch.isfinite(bias).all()
+
+
 def test_row_space_and_gram_solves_agree_with_more_rows_than_features():
     torch.manual_seed(0)
     x, z, w0 = torch.randn(300, 20) + 2.0, torch.randn(300, 4), torch.randn(4, 20)
