@@ -10,10 +10,11 @@ declared twice. Recipes are named configs:
   closest to the parents' prediction ensemble on those inputs (no labels), then the stages
   ``bn_reset``, ``repair`` and ``refit``.
 * ``data-free``: without data, inputs synthesised from the parents (up to 128 in 60 Adam steps at
-  0.3 from their BatchNorm statistics, fewer for costly models on a CPU, or 128 in 30 steps from
-  the classes they recognise; the models in bfloat16 where the device computes it natively), then
-  the ``data`` recipe on them with its two activation-based candidate alignments; for models where
-  neither applies, weight-matching refinement and (K > 2) alignment to the average.
+  0.3 from their BatchNorm statistics, fewer for costly models on a CPU, 64 on an accelerator, or
+  128 in 30 steps from the classes they recognise; the models in bfloat16 where the device
+  computes it natively), then the ``data`` recipe on them with its two activation-based candidate
+  alignments; for models where neither applies, weight-matching refinement and (K > 2) alignment
+  to the average.
 
 >>> config = FusionConfig.from_recipe("data").replace(num_samples=800)
 >>> result = otfuse.fuse(models, config, data=inputs)
@@ -103,9 +104,9 @@ class FusionConfig:
     distill_batch: int = _option(128, "distill stage: inputs per step")
     synthesize: int | Auto = _option(
         0,
-        "without data: synthesise this many inputs from the models (0: off; auto: 128 for models "
-        "with BatchNorm statistics, 32-120 for costly ones on a CPU, 128 for classifiers "
-        "without, 64 sequences for language models)",
+        "without data: synthesise this many inputs from the models (0: off; auto: for models "
+        "with BatchNorm statistics 128 on a CPU, 32-120 for costly ones, 64 on an accelerator; "
+        "128 for classifiers without; 64 sequences for language models)",
     )
     synthesis_steps: int | Auto = _option(
         "auto",

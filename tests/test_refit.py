@@ -12,6 +12,7 @@ from otfuse.refit import (
     RIDGES,
     Moments,
     Rows,
+    fewer_rows_than_features,
     fit_points,
     layer_rows,
     refit_layers,
@@ -105,6 +106,12 @@ def test_fewer_rows_than_features_are_solved_in_row_space_exactly(intercept, rid
             assert b is None
 
 
+def test_the_row_path_takes_fits_with_under_three_rows_in_four_features():
+    assert [fewer_rows_than_features(n, 100) for n in (0, 1, 74, 75, 100, 200)] == [
+        False, True, True, False, False, False,
+    ]  # fmt: skip
+
+
 @pytest.mark.parametrize("rows", [0, 1])
 def test_a_fit_on_no_row_or_one_row_keeps_the_start(rows):
     torch.manual_seed(0)
@@ -127,18 +134,18 @@ def test_row_space_and_gram_solves_agree_with_more_rows_than_features():
 
 
 def test_the_held_out_ridge_on_few_rows_is_the_exact_problems_best():
-    """solve_split on 40 + 10 rows of 64 inputs: the ridge it picks has the least held-out error
+    """solve_split on 32 + 8 rows of 64 inputs: the ridge it picks has the least held-out error
     among its neighbours on the exact solutions, and the returned fit is the exact one on all
     rows."""
     torch.manual_seed(3)
-    x, w0 = torch.randn(50, 64), torch.zeros(2, 64)
-    z = x[:, :5] @ torch.randn(5, 2) + 0.3 * torch.randn(50, 2)
-    fit, held = (x[:40], z[:40]), (x[40:], z[40:])
+    x, w0 = torch.randn(40, 64), torch.zeros(2, 64)
+    z = x[:, :5] @ torch.randn(5, 2) + 0.3 * torch.randn(40, 2)
+    fit, held = (x[:32], z[:32]), (x[32:], z[32:])
     weight, bias, ridge = solve_split(fit, held, w0, intercept=True, ridges=RIDGES)
 
     def error(r):
         w, b = exact_ridge(*fit, w0, True, r)
-        return float(((x[40:].double() @ w.T + b) - z[40:].double()).square().sum())
+        return float(((x[32:].double() @ w.T + b) - z[32:].double()).square().sum())
 
     i = RIDGES.index(ridge)
     assert all(error(ridge) <= error(RIDGES[j]) for j in (i - 1, i + 1) if 0 <= j < len(RIDGES))

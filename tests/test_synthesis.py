@@ -226,6 +226,15 @@ def test_affordable_inputs_shrink_with_the_cost_between_the_floor_and_the_ceilin
     assert counts == sorted(counts)  # cheaper models: never fewer inputs
 
 
+def test_an_accelerator_gets_the_budget_of_uncounted_cost():
+    """Off the CPU the FLOPs are not counted (the device's rate is unknown): 64 inputs, 60 steps
+    (checked with the device-less ``meta`` tensors, as no accelerator is at hand)."""
+    models = [wide_batchnorm_net(0, 8), wide_batchnorm_net(1, 8)]
+    x = torch.randn(2, 3, 32, 32, device="meta")
+    assert budget(models, x, kind="statistics") == (AUTO_UNCOUNTED_INPUTS, 60)
+    assert budget(models, x, kind="statistics", num_samples=96) == (96, 60)
+
+
 def test_costly_batchnorm_models_synthesise_fewer_inputs_unless_the_caller_says():
     """Two 128-channel nets at 32 x 32 cost about 600 MFLOP per input; the fixtures' nets little."""
     costly = [wide_batchnorm_net(0, 128), wide_batchnorm_net(1, 128)]
