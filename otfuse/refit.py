@@ -381,8 +381,9 @@ class Moments:
 @dataclass
 class Rows:
     """The regression rows themselves, in float64, for fits with far fewer rows than input
-    features (a wide layer on few inputs; :func:`fewer_rows_than_features`): :meth:`solve` gives :meth:`Moments.solve`'s solution from the
-    (rows, rows) kernel rather than the (d, d) Gram matrix. With :math:`X_c` (n, d) and
+    features (a wide layer on few inputs; :func:`fewer_rows_than_features`): :meth:`solve` gives
+    :meth:`Moments.solve`'s solution from the (rows, rows) kernel rather than the (d, d) Gram
+    matrix. With :math:`X_c` (n, d) and
     :math:`Z_c` the centred rows and :math:`R = Z_c - X_c W_0^\\top` the residual of the averaged
     weights, the push-through identity
 
@@ -394,7 +395,7 @@ class Rows:
 
     .. math::
 
-        W^\\top = W_0^\\top + X_c^\\top (X_c X_c^\\top + \\lambda I_n)^{-1} R,
+        W^\\top = W_0^\\top + X_c^\\top (X_c X_c^\\top + \\lambda I)^{-1} R,
 
     an n x n solve (:math:`O(n^2 d)`) instead of a d x d one (:math:`O(d^3)`): for VGG11-BN x0.5
     on 32 synthesised inputs, layers of 2304 inputs fitted on 25-288 rows, 0.25 s -> a few ms
