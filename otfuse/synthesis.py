@@ -207,8 +207,9 @@ CLASS_SMOOTHNESS = 1.0
 # The synthesis budget of ``"auto"`` (inputs, Adam steps) per objective, the statistics' inputs a
 # ceiling that the cost rule below lowers. BatchNorm statistics need the steps to be matched
 # (ResNet-18 x0.125, three pairs x two seeds: 64 x 60 -> 85.90 / 84.67 / 86.64%, 128 x 30 ->
-# 85.53 / 82.81 / 84.11%); the class term is met in fewer, and the stages gain from more inputs (VGG11 x0.25, three pairs x three seeds: mean 82.79%
-# -> 84.03%, worst 77.15% -> 82.18%; MLPNet 88.26 -> 88.63%; README, speed).
+# 85.53 / 82.81 / 84.11%); the class term is met in fewer, and the stages gain from more inputs
+# (VGG11 x0.25, three pairs x three seeds: mean 82.79% -> 84.03%, worst 77.15% -> 82.18%; MLPNet
+# 88.26 -> 88.63%; README, speed).
 # With the cost rule below, cheap BatchNorm models take 128 inputs (ResNet-18 x0.125, three pairs x
 # three seeds, nineteenth session: 64 -> 128 inputs 84.98 -> 85.79% mean, 5.0 -> 8.9 s, against the
 # earliest default's 85.76%; the thirteenth session's parents 84.72 -> 85.12%).
