@@ -338,7 +338,7 @@ class Moments:
             moments.count += len(xp)
             moments.sum_x += _column_sums(xp)
             moments.sum_z += _column_sums(zp)
-            moments.xx += (xp.T @ xp).to(f64)
+            moments.xx += gram(xp).to(f64)
             moments.xz += (xp.T @ zp).to(f64)
         return moments
 
@@ -417,7 +417,7 @@ class Rows:
             if intercept:
                 mean_x, mean_z = x.mean(0), z.mean(0)
                 x, z = x - mean_x, z - mean_z
-            self._systems[intercept] = (x, z, mean_x, mean_z, x @ x.T)
+            self._systems[intercept] = (x, z, mean_x, mean_z, gram(x.T))
         return self._systems[intercept]
 
     def __add__(self, other: Rows) -> Rows:
@@ -447,6 +447,33 @@ def fewer_rows_than_features(rows: int, features: int) -> bool:
     solves cost less than the (d, d) ones (near n = d the float64 kernel and the extra product
     per ridge make the row path about 1.5 times slower)."""
     return 0 < rows and 4 * rows < 3 * features
+
+
+#: columns per block of :func:`gram` (about; at most GRAM_MAX_BLOCKS blocks)
+GRAM_BLOCK_COLUMNS = 256
+GRAM_MAX_BLOCKS = 8
+
+
+def gram(rows: torch.Tensor) -> torch.Tensor:
+    """:math:`X^\\top X` (d, d) of ``rows`` X (n, d), in X's dtype, from its upper block triangle.
+
+    With X split into k column blocks :math:`X_1 .. X_k` (about GRAM_BLOCK_COLUMNS columns each),
+    block row i is :math:`X_i^\\top [X_i .. X_k]` and the blocks below the diagonal are the
+    transposes of those above: :math:`(k + 1) / 2k` of the products of ``X.T @ X`` (torch has no
+    symmetric rank-k product). On two threads: (9216, 1152) float32 rows 126 -> 91 ms, (32768,
+    4608) 7.0 -> 4.1 s; below 384 columns one block. The result is exactly symmetric (each
+    diagonal block's upper triangle mirrored)."""
+    d = rows.shape[1]
+    blocks = min(GRAM_MAX_BLOCKS, max(1, round(d / GRAM_BLOCK_COLUMNS)))
+    out = rows.new_empty(d, d)
+    edges = [round(i * d / blocks) for i in range(blocks + 1)]
+    for start, stop in zip(edges[:-1], edges[1:], strict=False):
+        upper = rows[:, start:stop].T @ rows[:, start:]
+        out[start:, start:stop] = upper.T
+        out[start:stop, stop:] = upper[:, stop - start :]
+        diagonal = upper[:, : stop - start]  # its own upper triangle mirrored
+        out[start:stop, start:stop] = diagonal.triu() + diagonal.triu(1).T
+    return out
 
 
 def _column_sums(rows: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ from otfuse.refit import (
     Rows,
     fewer_rows_than_features,
     fit_points,
+    gram,
     layer_rows,
     refit_layers,
     selected_rows,
@@ -104,6 +105,19 @@ def test_fewer_rows_than_features_are_solved_in_row_space_exactly(intercept, rid
             torch.testing.assert_close(b, bias, rtol=1e-9, atol=1e-9)
         else:
             assert b is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("features", [1, 7, 300, 700, 2100])
+def test_the_block_gram_is_the_exact_products_symmetric_matrix(features, dtype):
+    torch.manual_seed(0)
+    rows = torch.randn(50, features, dtype=dtype)
+    result = gram(rows)
+    assert result.dtype == dtype and result.shape == (features, features)
+    assert torch.equal(result, result.T)
+    exact = rows.double().T @ rows.double()
+    torch.testing.assert_close(result.double(), exact, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(gram(rows[:, :0]), rows.new_zeros(0, 0))
 
 
 def test_the_row_path_takes_fits_with_under_three_rows_in_four_features():
