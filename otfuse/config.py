@@ -11,7 +11,8 @@ declared twice. Recipes are named configs:
   ``bn_reset``, ``repair`` and ``refit``.
 * ``data-free``: without data, inputs synthesised from the parents (up to 128 in 60 Adam steps at
   0.3 from their BatchNorm statistics, fewer for costly models on a CPU, 64 on an accelerator, or
-  128 in 30 steps from the classes they recognise; the models in bfloat16 where the device
+  up to 192 in 30 steps from the classes they recognise, 128 for costly models and on an
+  accelerator; the models in bfloat16 where the device
   computes it natively), then the ``data`` recipe on them with its two activation-based candidate
   alignments; for models where neither applies, weight-matching refinement and (K > 2) alignment
   to the average.
@@ -106,7 +107,8 @@ class FusionConfig:
         0,
         "without data: synthesise this many inputs from the models (0: off; auto: for models "
         "with BatchNorm statistics 128 on a CPU, 32-120 for costly ones, 64 on an accelerator; "
-        "128 for classifiers without; 64 sequences for language models)",
+        "192 for classifiers without, 128-184 for costly ones and 128 on an accelerator; 64 "
+        "sequences for language models)",
     )
     synthesis_steps: int | Auto = _option(
         "auto",

@@ -12,7 +12,7 @@ from otfuse.errors import OtfuseError
 from otfuse.repair import reset_batchnorm
 from otfuse.synthesis import (
     AUTO_BUDGET,
-    AUTO_MIN_INPUTS,
+    AUTO_FEWEST_INPUTS,
     AUTO_SYNTHESIS_FLOPS,
     AUTO_UNCOUNTED_INPUTS,
     affordable_inputs,
@@ -166,9 +166,10 @@ def test_the_automatic_budget_follows_the_objective_and_records_what_ran(monkeyp
     given = otfuse.fuse(mlps, example_input=example("mlp"), synthesize=16).config
     count, steps = AUTO_BUDGET["statistics"]  # the fixtures are cheap: the full budget
     assert (count, steps) == (128, 60)
-    assert seen == [(count, steps, count), (128, 30, 128), (16, 30, 16)]
+    assert AUTO_BUDGET["classes"] == (192, 30)
+    assert seen == [(count, steps, count), (192, 30, 192), (16, 30, 16)]
     assert (stats.synthesize, stats.synthesis_steps, stats.num_samples) == (count, steps, count)
-    assert (classes.synthesize, classes.synthesis_steps, classes.num_samples) == (128, 30, 128)
+    assert (classes.synthesize, classes.synthesis_steps, classes.num_samples) == (192, 30, 192)
     assert (given.synthesize, given.synthesis_steps) == (16, 30)
 
 
@@ -209,9 +210,11 @@ def test_models_the_flop_count_cannot_run_get_the_budget_of_unknown_cost():
     models, x = [NeedsFourRows(0), NeedsFourRows(1)], torch.randn(8, 3, 32, 32)
     assert forward_flops(models, x) is None
     steps = AUTO_BUDGET["statistics"][1]
-    assert budget(models, x) == (AUTO_UNCOUNTED_INPUTS, steps)
-    assert AUTO_MIN_INPUTS <= AUTO_UNCOUNTED_INPUTS <= AUTO_BUDGET["statistics"][0]
-    assert synthesize_inputs(models, x, steps=1).shape == (AUTO_UNCOUNTED_INPUTS, 3, 32, 32)
+    uncounted = AUTO_UNCOUNTED_INPUTS["statistics"]
+    assert budget(models, x) == (uncounted, steps)
+    for kind, fewest in AUTO_FEWEST_INPUTS.items():
+        assert fewest <= AUTO_UNCOUNTED_INPUTS[kind] <= AUTO_BUDGET[kind][0]
+    assert synthesize_inputs(models, x, steps=1).shape == (uncounted, 3, 32, 32)
 
 
 def test_affordable_inputs_shrink_with_the_cost_between_the_floor_and_the_ceiling():
@@ -219,7 +222,8 @@ def test_affordable_inputs_shrink_with_the_cost_between_the_floor_and_the_ceilin
     cheap = AUTO_SYNTHESIS_FLOPS / (60 * 1000)
     assert affordable_inputs(cheap, 60, most) == most
     assert affordable_inputs(AUTO_SYNTHESIS_FLOPS / (60 * 50), 60, most) == 48  # a multiple of 8
-    assert affordable_inputs(AUTO_SYNTHESIS_FLOPS, 60, most) == AUTO_MIN_INPUTS
+    assert affordable_inputs(AUTO_SYNTHESIS_FLOPS, 60, most) == AUTO_FEWEST_INPUTS["statistics"]
+    assert affordable_inputs(AUTO_SYNTHESIS_FLOPS, 60, most, fewest=100) == 100
     assert affordable_inputs(AUTO_SYNTHESIS_FLOPS, 60, 16) == 16  # never above the ceiling
     costs = [AUTO_SYNTHESIS_FLOPS / (60 * n) for n in range(10, 100, 7)]
     counts = [affordable_inputs(c, 60, most) for c in costs]
@@ -231,19 +235,23 @@ def test_an_accelerator_gets_the_budget_of_uncounted_cost():
     (checked with the device-less ``meta`` tensors, as no accelerator is at hand)."""
     models = [wide_batchnorm_net(0, 8), wide_batchnorm_net(1, 8)]
     x = torch.randn(2, 3, 32, 32, device="meta")
-    assert budget(models, x, kind="statistics") == (AUTO_UNCOUNTED_INPUTS, 60)
+    assert budget(models, x, kind="statistics") == (AUTO_UNCOUNTED_INPUTS["statistics"], 60)
+    assert budget(models, x, kind="classes") == (AUTO_UNCOUNTED_INPUTS["classes"], 30)
     assert budget(models, x, kind="statistics", num_samples=96) == (96, 60)
 
 
-def test_costly_batchnorm_models_synthesise_fewer_inputs_unless_the_caller_says():
+def test_costly_models_synthesise_fewer_inputs_unless_the_caller_says():
     """Two 128-channel nets at 32 x 32 cost about 600 MFLOP per input; the fixtures' nets little."""
     costly = [wide_batchnorm_net(0, 128), wide_batchnorm_net(1, 128)]
     x = torch.randn(2, 3, 32, 32)
     most, steps = AUTO_BUDGET["statistics"]
-    assert budget(costly, x) == (AUTO_MIN_INPUTS, steps)
+    cheap = [wide_batchnorm_net(0, 8), wide_batchnorm_net(1, 8)]
+    assert budget(costly, x) == (AUTO_FEWEST_INPUTS["statistics"], steps)
     assert budget(costly, x, num_samples=64) == (64, steps)
-    assert budget([wide_batchnorm_net(0, 8), wide_batchnorm_net(1, 8)], x) == (most, steps)
-    assert budget(costly, x, kind="classes") == AUTO_BUDGET["classes"]  # the statistics only
+    assert budget(cheap, x) == (most, steps)
+    # the class term: its whole budget when cheap, never below the count it had before the rule
+    assert budget(cheap, x, kind="classes") == AUTO_BUDGET["classes"]
+    assert budget(costly, x, kind="classes") == (AUTO_FEWEST_INPUTS["classes"], 30)
 
 
 @pytest.mark.parametrize("count", [-1, 2.5, True, "many"])

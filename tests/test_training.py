@@ -132,7 +132,9 @@ def test_warmup_ramps_linearly_then_follows_the_schedule() -> None:
     lrs = [learning_rate(warm, s, 100) for s in (0, 4, 9, 10, 99)]
     assert lrs == pytest.approx([0.01, 0.05, 0.1, 0.1, 0.1])
     cosine = TrainConfig(lr=0.1, schedule="cosine", warmup=0.2)
-    assert learning_rate(cosine, 49, 100) == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 0.49)))
+    assert learning_rate(cosine, 49, 100) == pytest.approx(
+        0.1 * 0.5 * (1 + math.cos(math.pi * 0.49))
+    )
 
 
 @pytest.mark.parametrize(
