@@ -11,7 +11,7 @@ declared twice. Recipes are named configs:
   ``bn_reset``, ``repair`` and ``refit``.
 * ``data-free``: without data, inputs synthesised from the parents (up to 128 in 60 Adam steps at
   0.3 from their BatchNorm statistics, fewer for costly models on a CPU, 64 on an accelerator, or
-  up to 192 in 30 steps from the classes they recognise, 128 for costly models and on an
+  up to 192 in 30 steps from the classes they recognise, 128-184 for costly models, 128 on an
   accelerator; the models in bfloat16 where the device computes it natively), then the ``data``
   recipe on them with its two activation-based candidate alignments; for models where neither
   applies, weight-matching refinement and (K > 2) alignment to the average.

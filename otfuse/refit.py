@@ -363,16 +363,16 @@ class Moments:
         """The ridge solution towards ``w0`` (out, d): the weight (out, d) and, with ``intercept``,
         the bias (out,); :math:`\\lambda` = ``ridge`` times the mean diagonal of the (centred)
         Gram matrix. Without ``intercept`` the shift must be zero."""
-        gram, cross = self.xx.clone(), self.xz
+        system, cross = self.xx.clone(), self.xz
         if intercept:  # centre: X_c^T X_c = S^T S - n m m^T, with S = X - shift and m its mean
             m_x, m_z = self.sum_x / max(self.count, 1), self.sum_z / max(self.count, 1)
-            gram -= self.count * torch.outer(m_x, m_x)
+            system -= self.count * torch.outer(m_x, m_x)
             cross = cross - self.count * torch.outer(m_x, m_z)
         elif self.shift_x.any() or self.shift_z.any():
             raise ValueError("a fit without intercept needs moments about zero")
-        lam = ridge * gram.diagonal().sum() / gram.shape[0] + 1e-12
-        gram.diagonal().add_(lam)
-        weight = _solve_spd(gram, cross + lam * w0.to(torch.float64).T).T
+        lam = ridge * system.diagonal().sum() / system.shape[0] + 1e-12
+        system.diagonal().add_(lam)
+        weight = _solve_spd(system, cross + lam * w0.to(torch.float64).T).T
         if not intercept:
             return weight, None
         return weight, (self.shift_z + m_z) - weight @ (self.shift_x + m_x)
@@ -460,14 +460,17 @@ def gram(rows: torch.Tensor) -> torch.Tensor:
     With X split into k column blocks :math:`X_1 .. X_k` (about GRAM_BLOCK_COLUMNS columns each),
     block row i is :math:`X_i^\\top [X_i .. X_k]` and the blocks below the diagonal are the
     transposes of those above: :math:`(k + 1) / 2k` of the products of ``X.T @ X`` (torch has no
-    symmetric rank-k product). On two threads: (9216, 1152) float32 rows 126 -> 91 ms, (32768,
-    4608) 7.0 -> 4.1 s; below 384 columns one block. The result is exactly symmetric (each
-    diagonal block's upper triangle mirrored)."""
-    d = rows.shape[1]
+    symmetric rank-k product), and the result is exactly symmetric (each diagonal block's upper
+    triangle mirrored). On two threads: (9216, 1152) float32 rows 126 -> 91 ms, (32768, 4608)
+    7.0 -> 4.1 s. Below 384 columns, or on fewer rows than GRAM_BLOCK_COLUMNS (where the copies
+    would cost more than the products saved), it is ``X.T @ X`` itself."""
+    n, d = rows.shape
     blocks = min(GRAM_MAX_BLOCKS, max(1, round(d / GRAM_BLOCK_COLUMNS)))
+    if blocks == 1 or n < GRAM_BLOCK_COLUMNS:
+        return rows.T @ rows
     out = rows.new_empty(d, d)
     edges = [round(i * d / blocks) for i in range(blocks + 1)]
-    for start, stop in zip(edges[:-1], edges[1:], strict=False):
+    for start, stop in zip(edges[:-1], edges[1:]):
         upper = rows[:, start:stop].T @ rows[:, start:]
         out[start:, start:stop] = upper.T
         out[start:stop, stop:] = upper[:, stop - start :]
@@ -490,13 +493,13 @@ def _centred(rows: torch.Tensor, shift: torch.Tensor, overwrite: bool) -> torch.
     return rows.to(shift.dtype) - shift
 
 
-def _solve_spd(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-    """``gram^{-1} rhs`` for a symmetric positive definite ``gram`` (d, d) and ``rhs`` (d, out): by
-    Cholesky (half the work of an LU solve), or by LU when rounding left ``gram`` indefinite."""
-    factor, info = torch.linalg.cholesky_ex(gram)
+def _solve_spd(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """``matrix^{-1} rhs`` for a symmetric positive definite ``matrix`` (d, d) and ``rhs`` (d, out):
+    by Cholesky (half the work of an LU solve), or by LU when rounding left it indefinite."""
+    factor, info = torch.linalg.cholesky_ex(matrix)
     if int(info) == 0:
         return torch.cholesky_solve(rhs, factor)
-    return torch.linalg.solve(gram, rhs)
+    return torch.linalg.solve(matrix, rhs)
 
 
 def _shift(x: torch.Tensor, z: torch.Tensor, intercept: bool):

@@ -224,7 +224,8 @@ AUTO_SEQUENCES = 64  # sequences sampled from causal language models (no steps)
 # inputs 88.60% mean against 88.50% at 64, in 8.5-9.9 s against 13.7-16.4 s (AVX2, two threads);
 # ResNet-18 x0.125 (29 MFLOP) gains from more (32 -> 64 -> 128 inputs: -0.9, 0, +0.8 points) and
 # its 128 inputs fit (2.2e11 FLOP; README, speed). The class term keeps the 128 inputs it had
-# before the rule (measured on costly models too); VGG11 x0.25 (24 MFLOP) affords 192.
+# before the rule (measured on costly models too); VGG11 x0.25 on 1 x 28 x 28 inputs (24 MFLOP)
+# affords 192, on 3 x 32 x 32 (40 MFLOP) 184.
 AUTO_SYNTHESIS_FLOPS = 2.25e11
 AUTO_FEWEST_INPUTS: dict[str, int] = {"statistics": 32, "classes": 128}
 # models whose cost is not counted (FLOPs that cannot be counted; an accelerator): the counts
@@ -267,11 +268,13 @@ def budget(
 
 
 def affordable_inputs(
-    flops_per_input: float, steps: int, most: int, fewest: int = AUTO_FEWEST_INPUTS["statistics"]
+    flops_per_input: float, steps: int, most: int, fewest: int | None = None
 ) -> int:
     r"""The synthesised inputs that fit the CPU's budget: :math:`n = 8\lfloor
     B / (8 \, s \, F) \rfloor` for :data:`AUTO_SYNTHESIS_FLOPS` :math:`B`, ``steps`` :math:`s` and
-    the models' summed forward FLOPs per input :math:`F`, clipped to [``fewest``, ``most``]."""
+    the models' summed forward FLOPs per input :math:`F`, clipped to [``fewest``, ``most``]
+    (``fewest`` None: the statistics objective's, ``AUTO_FEWEST_INPUTS["statistics"]``)."""
+    fewest = AUTO_FEWEST_INPUTS["statistics"] if fewest is None else fewest
     work = max(steps, 1) * max(flops_per_input, 1.0)
     fitting = 8 * int(AUTO_SYNTHESIS_FLOPS // (8 * work))
     return max(min(fewest, most), min(fitting, most))
