@@ -231,8 +231,9 @@ def test_affordable_inputs_shrink_with_the_cost_between_the_floor_and_the_ceilin
 
 
 def test_an_accelerator_gets_the_budget_of_uncounted_cost():
-    """Off the CPU the FLOPs are not counted (the device's rate is unknown): 64 inputs, 60 steps
-    (checked with the device-less ``meta`` tensors, as no accelerator is at hand)."""
+    """Off the CPU the FLOPs are not counted (the device's rate is unknown): 64 inputs in 60 steps
+    for the statistics, 128 in 30 for the class term (checked with the device-less ``meta``
+    tensors, as no accelerator is at hand)."""
     models = [wide_batchnorm_net(0, 8), wide_batchnorm_net(1, 8)]
     x = torch.randn(2, 3, 32, 32, device="meta")
     assert budget(models, x, kind="statistics") == (AUTO_UNCOUNTED_INPUTS["statistics"], 60)
