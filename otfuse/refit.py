@@ -208,38 +208,44 @@ def selected_rows(
     Row ``r`` of a convolution is output position ``l = r mod L`` of sample ``r div L`` (``L``
     positions per sample); its patch holds ``x_pad[n, c, oh s + kh t, ow s + kw t]`` for every
     channel ``c`` and kernel offset ``(kh, kw)`` (stride ``s``, dilation ``t``), in
-    :func:`torch.nn.functional.unfold`'s order. ``budget`` bounds the gathered elements per chunk.
+    :func:`torch.nn.functional.unfold`'s order. The patches are a strided view (N, oh, ow, c, kh,
+    kw) of the padded input, laid out channels-last so that each patch's channels are adjacent in
+    memory; indexing it by (sample, oh, ow) copies the chosen rows only. ``budget`` bounds the
+    gathered elements per chunk.
     """
     if isinstance(module, nn.Linear):
         return layer_rows(module, x)[rows]
-    conv1d = isinstance(module, nn.Conv1d)
-    if conv1d:
+    if isinstance(module, nn.Conv1d):
         x = x.unsqueeze(-1)
     kernel, dilation, stride, padding = _conv_geometry(module)
-    x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
-    height, width = x.shape[-2], x.shape[-1]
-    out_h = (height - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
-    out_w = (width - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
-    channels, dev = x.shape[1], x.device
-    k_h = torch.arange(kernel[0], device=dev) * dilation[0]
-    k_w = torch.arange(kernel[1], device=dev) * dilation[1]
-    per_row = channels * kernel[0] * kernel[1]
+    span_h, span_w = (dilation[i] * (kernel[i] - 1) + 1 for i in range(2))
+    patches = _padded_channels_last(x, padding).unfold(2, span_h, stride[0])
+    patches = patches.unfold(3, span_w, stride[1])[..., :: dilation[0], :: dilation[1]]
+    patches = patches.permute(0, 2, 3, 1, 4, 5)  # (N, out_h, out_w, channels, kh, kw)
+    out_h, out_w = patches.shape[1], patches.shape[2]
+    per_row = x.shape[1] * kernel[0] * kernel[1]
     chunk = max(1, budget // max(per_row, 1))
-    flat, plane = x.reshape(-1), height * width
-    channel = torch.arange(channels, device=dev)[None, :, None] * plane
     parts = []
     for start in range(0, len(rows), chunk):
-        r = rows[start : start + chunk].to(dev)
+        r = rows[start : start + chunk].to(x.device)
         sample, position = r // (out_h * out_w), r % (out_h * out_w)
-        top, left = (position // out_w) * stride[0], (position % out_w) * stride[1]
-        pixel = (top[:, None, None] + k_h[None, :, None]) * width + (
-            left[:, None, None] + k_w[None, None, :]
-        )  # (rows, kh, kw): offsets in the padded image
-        index = (sample * channels * plane)[:, None, None] + channel + pixel.reshape(len(r), 1, -1)
-        parts.append(flat[index.reshape(len(r), per_row)])
+        picked = patches[sample, position // out_w, position % out_w]
+        parts.append(picked.reshape(len(r), per_row))
     if len(parts) == 1:
         return parts[0]
     return torch.cat(parts) if parts else x.new_zeros(0, per_row)
+
+
+def _padded_channels_last(x: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor:
+    """``x`` (N, C, H, W) zero-padded by ``padding`` (rows, columns) on both sides, in
+    channels-last memory (x itself when it already is and needs no padding)."""
+    pad_h, pad_w = padding
+    if pad_h == pad_w == 0 and x.is_contiguous(memory_format=torch.channels_last):
+        return x
+    n, c, h, w = x.shape
+    padded = x.new_zeros(n, h + 2 * pad_h, w + 2 * pad_w, c).permute(0, 3, 1, 2)
+    padded[:, :, pad_h : pad_h + h, pad_w : pad_w + w] = x
+    return padded
 
 
 def _conv_geometry(module: nn.Module) -> tuple[tuple[int, int], ...]:
@@ -300,6 +306,8 @@ class Moments:
     sum_z: torch.Tensor  # (out,)
     xx: torch.Tensor  # (d, d), (X - shift)^T (X - shift)
     xz: torch.Tensor  # (d, out)
+    # per intercept: the system and right-hand side before the ridge, formed once for every ridge
+    _systems: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def of(
@@ -357,20 +365,29 @@ class Moments:
             self.xz + other.xz,
         )
 
+    def _system(self, intercept: bool) -> tuple[torch.Tensor, ...]:
+        """The Gram matrix and cross products (centred with ``intercept``) and the means of the
+        shifted rows (None without intercept)."""
+        if intercept not in self._systems:
+            system, cross, m_x, m_z = self.xx, self.xz, None, None
+            if intercept:  # centre: X_c^T X_c = S^T S - n m m^T, S = X - shift, m its mean
+                m_x, m_z = self.sum_x / max(self.count, 1), self.sum_z / max(self.count, 1)
+                system = system - self.count * torch.outer(m_x, m_x)
+                cross = cross - self.count * torch.outer(m_x, m_z)
+            elif self.shift_x.any() or self.shift_z.any():
+                raise ValueError("a fit without intercept needs moments about zero")
+            self._systems[intercept] = (system, cross, m_x, m_z)
+        return self._systems[intercept]
+
     def solve(
         self, w0: torch.Tensor, *, intercept: bool, ridge: float
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The ridge solution towards ``w0`` (out, d): the weight (out, d) and, with ``intercept``,
         the bias (out,); :math:`\\lambda` = ``ridge`` times the mean diagonal of the (centred)
         Gram matrix. Without ``intercept`` the shift must be zero."""
-        system, cross = self.xx.clone(), self.xz
-        if intercept:  # centre: X_c^T X_c = S^T S - n m m^T, with S = X - shift and m its mean
-            m_x, m_z = self.sum_x / max(self.count, 1), self.sum_z / max(self.count, 1)
-            system -= self.count * torch.outer(m_x, m_x)
-            cross = cross - self.count * torch.outer(m_x, m_z)
-        elif self.shift_x.any() or self.shift_z.any():
-            raise ValueError("a fit without intercept needs moments about zero")
-        lam = ridge * system.diagonal().sum() / system.shape[0] + 1e-12
+        unridged, cross, m_x, m_z = self._system(intercept)
+        lam = ridge * unridged.diagonal().sum() / unridged.shape[0] + 1e-12
+        system = unridged.clone()
         system.diagonal().add_(lam)
         weight = _solve_spd(system, cross + lam * w0.to(torch.float64).T).T
         if not intercept:
@@ -587,15 +604,33 @@ def solve_split(
 
     def held_out_error(ridge: float) -> float:
         weight, bias = fitting.solve(w0, intercept=intercept, ridge=ridge)
-        error = 0.0
-        for start in range(0, len(x_held), chunk):  # in float64, a chunk at a time
-            x, z = x_held[start : start + chunk].double(), z_held[start : start + chunk].double()
-            prediction = x @ weight.T + (bias if bias is not None else 0.0)
-            error += float((prediction - z).square_().sum())
-        return error
+        return _squared_error(x_held, z_held, weight, bias, chunk)
 
     ridge = ridges[_descend(held_out_error, ridges)]
     return (*(fitting + scoring).solve(w0, intercept=intercept, ridge=ridge), ridge)
+
+
+def _squared_error(
+    x: torch.Tensor,
+    z: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    chunk: int,
+) -> float:
+    """:math:`\\lVert X W^\\top + b - Z \\rVert_F^2` over rows ``x`` (n, d) and ``z`` (n, out),
+    a chunk at a time, the products in the rows' precision (:func:`product_dtype`, no float64
+    copy of the rows) and the sum in float64. It only ranks candidate ridges: float32's rounding
+    of the residuals (about 1e-7 of the outputs) can only swap ridges whose errors agree to
+    about 1e-4 (either is then as good)."""
+    dtype = product_dtype(x)
+    weight_t = weight.T.to(dtype)
+    shift = bias.to(dtype) if bias is not None else torch.zeros((), dtype=dtype, device=x.device)
+    error = 0.0
+    for start in range(0, len(x), chunk):
+        rows, goal = x[start : start + chunk].to(dtype), z[start : start + chunk].to(dtype)
+        residual = torch.addmm(shift, rows, weight_t).sub_(goal)
+        error += float(residual.square_().sum(dtype=torch.float64))
+    return error
 
 
 def _middle(ridges: Sequence[float]) -> float:

@@ -12,6 +12,7 @@ from otfuse.refit import (
     RIDGES,
     Moments,
     Rows,
+    _squared_error,
     fewer_rows_than_features,
     fit_points,
     gram,
@@ -75,6 +76,37 @@ def test_pooled_moments_solve_the_centred_ridge_problem():
     weight, bias = pooled.solve(w0, intercept=True, ridge=0.05)
     torch.testing.assert_close(weight, expected)
     torch.testing.assert_close(bias, z.mean(0) - expected @ x.mean(0))
+
+
+def test_moments_solve_each_ridge_as_if_alone():
+    """The centred system is formed once per moments; each ridge still solves its own problem,
+    whatever was solved before (with or without intercept)."""
+    torch.manual_seed(1)
+    x, z, w0 = torch.randn(200, 5).double() + 1.0, torch.randn(200, 2).double(), torch.randn(2, 5)
+    shift = x.mean(0), z.mean(0)
+    reused = Moments.of(x, z, shift)
+    for ridge in (1e-3, 1.0, 1e-5):
+        got = reused.solve(w0, intercept=True, ridge=ridge)
+        fresh = Moments.of(x, z, shift).solve(w0, intercept=True, ridge=ridge)
+        torch.testing.assert_close(got, fresh, rtol=0, atol=0)
+        expected, bias = exact_ridge(x, z, w0, True, ridge)
+        torch.testing.assert_close(got[0], expected)
+        torch.testing.assert_close(got[1], bias)
+    assert torch.equal(reused.xx, Moments.of(x, z, shift).xx)  # the sums are left as they were
+
+
+def test_held_out_errors_in_float32_rank_as_float64_ones():
+    """The held-out error that ranks ridges, taken in the rows' float32, is the float64 one to
+    about 1e-5 (its rows are not centred: their mean is large next to their spread)."""
+    torch.manual_seed(2)
+    x = torch.randn(3000, 40) + 5.0
+    weight, bias = torch.randn(6, 40).double(), torch.randn(6).double()
+    z = (x.double() @ weight.T + bias + 0.01 * torch.randn(3000, 6).double()).float()
+    exact = float((x.double() @ weight.T + bias - z.double()).square().sum())
+    assert _squared_error(x, z, weight, bias, chunk=700) == pytest.approx(exact, rel=1e-4)
+    assert _squared_error(x.double(), z, weight, None, chunk=4096) == pytest.approx(
+        float((x.double() @ weight.T - z.double()).square().sum()), rel=1e-12
+    )
 
 
 def exact_ridge(x, z, w0, intercept, ridge):
@@ -325,6 +357,9 @@ def test_gathered_patches_are_the_unfolded_rows(conv, shape):
     rows = torch.randperm(len(full), generator=torch.Generator().manual_seed(1))[:40].sort().values
     torch.testing.assert_close(selected_rows(conv, x, rows, budget=64), full[rows])
     torch.testing.assert_close(selected_rows(conv, x, torch.arange(len(full))), full)
+    if x.ndim == 4:  # the layout the data stages run in: the same rows
+        last = x.contiguous(memory_format=torch.channels_last)
+        assert torch.equal(selected_rows(conv, last, rows, budget=64), full[rows])
 
 
 @pytest.mark.parametrize("name", list(FIXTURES))
