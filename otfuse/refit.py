@@ -297,7 +297,9 @@ def row_budget(features: int, max_rows: int) -> int:
 class Moments:
     """Sums over regression rows, in float64, taken about a fixed ``shift`` of the rows (their mean
     when an intercept is fitted, so that centring loses no precision; zeros otherwise): enough to
-    solve a ridge regression of ``z`` on ``x``. ``a + b`` pools the rows of both (same shift)."""
+    solve a ridge regression of ``z`` on ``x``. ``a + b`` pools the rows of both (same shift).
+    The first :meth:`solve` keeps the centred system for the next ridges: the sums are not to be
+    changed after it (``+`` makes new moments)."""
 
     count: int
     shift_x: torch.Tensor  # (d,)
@@ -604,7 +606,8 @@ def solve_split(
 
     def held_out_error(ridge: float) -> float:
         weight, bias = fitting.solve(w0, intercept=intercept, ridge=ridge)
-        return _squared_error(x_held, z_held, weight, bias, chunk)
+        about = (scoring.shift_x, scoring.shift_z) if isinstance(scoring, Moments) else None
+        return _squared_error(x_held, z_held, weight, bias, chunk, about=about)
 
     ridge = ridges[_descend(held_out_error, ridges)]
     return (*(fitting + scoring).solve(w0, intercept=intercept, ridge=ridge), ridge)
@@ -616,19 +619,32 @@ def _squared_error(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     chunk: int,
+    *,
+    about: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> float:
     """:math:`\\lVert X W^\\top + b - Z \\rVert_F^2` over rows ``x`` (n, d) and ``z`` (n, out),
     a chunk at a time, the products in the rows' precision (:func:`product_dtype`, no float64
-    copy of the rows) and the sum in float64. It only ranks candidate ridges: float32's rounding
-    of the residuals (about 1e-7 of the outputs) can only swap ridges whose errors agree to
-    about 1e-4 (either is then as good)."""
+    copy of the rows) and the sum in float64. With ``about`` = (s_x, s_z), shifts exact in that
+    precision (the moments' own), the rows are taken about them,
+
+    .. math::
+
+        (X - s_x) W^\\top + (b + W s_x - s_z) - (Z - s_z),
+
+    so that float32 rounds products of the rows' spread rather than of their mean. It only ranks
+    candidate ridges: rounding can swap two whose errors nearly agree (either is then as good)."""
     dtype = product_dtype(x)
     weight_t = weight.T.to(dtype)
-    shift = bias.to(dtype) if bias is not None else torch.zeros((), dtype=dtype, device=x.device)
+    offset = bias if bias is not None else weight.new_zeros(weight.shape[0])
+    if about is not None:
+        offset = offset + weight @ about[0].to(weight) - about[1].to(weight)
+    offset = offset.to(dtype)
     error = 0.0
     for start in range(0, len(x), chunk):
         rows, goal = x[start : start + chunk].to(dtype), z[start : start + chunk].to(dtype)
-        residual = torch.addmm(shift, rows, weight_t).sub_(goal)
+        if about is not None:
+            rows, goal = rows - about[0].to(dtype), goal - about[1].to(dtype)
+        residual = torch.addmm(offset, rows, weight_t).sub_(goal)
         error += float(residual.square_().sum(dtype=torch.float64))
     return error
 
