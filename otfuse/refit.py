@@ -604,9 +604,13 @@ def solve_split(
         scoring = Moments.of(x_held, z_held, shift, chunk=chunk)
         fitting = Moments.of(x_fit, z_fit, shift, chunk=chunk, overwrite=overwrite)
 
+    # the moments' own shift (the rows' mean with an intercept; without one it is zero)
+    about = (
+        (scoring.shift_x, scoring.shift_z) if intercept and isinstance(scoring, Moments) else None
+    )
+
     def held_out_error(ridge: float) -> float:
         weight, bias = fitting.solve(w0, intercept=intercept, ridge=ridge)
-        about = (scoring.shift_x, scoring.shift_z) if isinstance(scoring, Moments) else None
         return _squared_error(x_held, z_held, weight, bias, chunk, about=about)
 
     ridge = ridges[_descend(held_out_error, ridges)]
@@ -639,11 +643,12 @@ def _squared_error(
     if about is not None:
         offset = offset + weight @ about[0].to(weight) - about[1].to(weight)
     offset = offset.to(dtype)
+    low = None if about is None else (about[0].to(dtype), about[1].to(dtype))
     error = 0.0
     for start in range(0, len(x), chunk):
         rows, goal = x[start : start + chunk].to(dtype), z[start : start + chunk].to(dtype)
-        if about is not None:
-            rows, goal = rows - about[0].to(dtype), goal - about[1].to(dtype)
+        if low is not None:
+            rows, goal = rows - low[0], goal - low[1]
         residual = torch.addmm(offset, rows, weight_t).sub_(goal)
         error += float(residual.square_().sum(dtype=torch.float64))
     return error
